@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh clone:
+#   make run    - run kvtierd on embedded defaults (CPU + disk tiers under ./kvtier-data)
+#   make test   - install what the tests need into .venv and run the whole suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: run test bench venv clean
+
+$(VENV)/.installed: pyproject.toml setup.py proto/v1/kvtier.proto
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "setuptools>=69" wheel "grpcio-tools>=1.66"
+	$(PIP) install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(VENV)/bin/kvtierd $(if $(CONFIG),-c $(CONFIG))
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info proto/v1/*_pb2*.py proto/v1/*_pb2*.pyi

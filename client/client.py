@@ -1,0 +1,352 @@
+"""Client implementation: request builders shared by the sync and asyncio classes."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import grpc
+import xxhash
+
+from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
+
+DEFAULT_SOCKET = "kvtier-data/kvtierd.sock"
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 64 << 20
+KvTierError = grpc.RpcError
+
+
+def block_checksum(data) -> int:
+    """The checksum the daemon verifies on commit (xxh3_64)."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def target_of(address: str) -> str:
+    """A socket path becomes unix:ABS; host:port stays as is."""
+    if address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return address
+    if "/" in address or address.endswith(".sock") or ":" not in address:
+        return f"unix:{os.path.abspath(address)}"
+    return address
+
+
+def _channel_args(token: str | None):
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return options, metadata
+
+
+def _credentials(tls_ca: str | None):
+    if not tls_ca:
+        return None
+    with open(tls_ca, "rb") as file:
+        return grpc.ssl_channel_credentials(root_certificates=file.read())
+
+
+class Arena:
+    """A read/write mapping of the daemon's shared-memory arena."""
+
+    def __init__(self, info: pb.ArenaInfoResponse):
+        fd = os.open(info.path, os.O_RDWR)
+        try:
+            self._mmap = mmap.mmap(fd, info.size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.generation = info.generation
+        self.slot_bytes = info.slot_bytes
+        self.slot_count = info.slot_count
+        self.path = info.path
+        self._view = memoryview(self._mmap)
+
+    def view(self, slot: int) -> memoryview:
+        if not 0 <= slot < self.slot_count:
+            raise IndexError(f"slot {slot} outside the arena's {self.slot_count} slots")
+        start = slot * self.slot_bytes
+        return self._view[start:start + self.slot_bytes]
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with the process
+
+
+@dataclass
+class Allocation:
+    id: int
+    slots: list[int]
+    deadline_unix_ms: int
+
+
+@dataclass
+class Lease:
+    id: int                       # 0 when nothing was found (nothing to release)
+    blocks: list[pb.AcquiredBlock]
+    deadline_unix_ms: int
+
+
+# -- request builders (one place for the wire shapes) ---------------------------------------
+def _commit_request(allocation_id, namespace, entries, wait_durable):
+    return pb.CommitRequest(allocation_id=allocation_id, namespace=namespace, wait_durable=wait_durable,
+                            entries=[pb.CommitEntry(key=k, parent=p, slot=s, length=n, checksum=c)
+                                     for k, p, s, n, c in entries])
+
+
+def _put_messages(namespace, key, data, parent, wait_durable):
+    view = memoryview(data).cast("B")
+    yield pb.PutRequest(header=pb.PutHeader(namespace=namespace, key=key, parent=parent, length=len(view),
+                                            checksum=block_checksum(view), wait_durable=wait_durable))
+    for start in range(0, len(view), CHUNK_BYTES):
+        yield pb.PutRequest(chunk=bytes(view[start:start + CHUNK_BYTES]))
+
+
+def _stage(arena: Arena, slots, blocks) -> list[tuple]:
+    """Copies each (key, parent, data) into its slot; returns commit entries."""
+    entries = []
+    for slot, (key, parent, data) in zip(slots, blocks):
+        src = memoryview(data).cast("B")
+        if len(src) > arena.slot_bytes:
+            raise ValueError(f"block of {len(src)} bytes exceeds the slot size {arena.slot_bytes}")
+        arena.view(slot)[:len(src)] = src
+        entries.append((key, parent, slot, len(src), block_checksum(src)))
+    return entries
+
+
+def _copy_out(arena: Arena, blocks) -> list[bytes | None]:
+    return [bytes(arena.view(b.slot)[:b.length]) if b.found else None for b in blocks]
+
+
+class Client:
+    """Synchronous client. `address`: a socket path (default) or host:port with a token."""
+
+    def __init__(self, address: str = DEFAULT_SOCKET, token: str | None = None, tls_ca: str | None = None):
+        options, self._metadata = _channel_args(token)
+        creds = _credentials(tls_ca)
+        target = target_of(address)
+        self._channel = (grpc.secure_channel(target, creds, options) if creds
+                         else grpc.insecure_channel(target, options))
+        self.stub = pb_grpc.KvTierStub(self._channel)
+        self._arena: Arena | None = None
+
+    def close(self) -> None:
+        if self._arena is not None:
+            self._arena.close()
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method, request, timeout=None):
+        return method(request, metadata=self._metadata, timeout=timeout)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    # namespaces, lookup
+    def register_namespace(self, name: str, attributes: dict[str, str] | None = None) -> bool:
+        return self._call(self.stub.RegisterNamespace,
+                          pb.RegisterNamespaceRequest(name=name, attributes=attributes or {})).created
+
+    def list_namespaces(self):
+        return list(self._call(self.stub.ListNamespaces, pb.ListNamespacesRequest()).namespaces)
+
+    def lookup(self, namespace: str, keys: Sequence[bytes]) -> pb.LookupResponse:
+        return self._call(self.stub.Lookup, pb.LookupRequest(namespace=namespace, keys=keys))
+
+    # zero-copy path
+    def arena(self, generation: str | None = None) -> Arena:
+        """The mapped arena, remapped when the daemon restarted (generation changed)."""
+        if self._arena is None or (generation and generation != self._arena.generation):
+            if self._arena is not None:
+                self._arena.close()
+            self._arena = Arena(self._call(self.stub.ArenaInfo, pb.ArenaInfoRequest()))
+        return self._arena
+
+    def allocate(self, count: int, wait_ms: int = 5000, lease_ms: int = 0) -> Allocation:
+        r = self._call(self.stub.Allocate, pb.AllocateRequest(count=count, wait_ms=wait_ms, lease_ms=lease_ms))
+        self.arena(r.generation)
+        return Allocation(r.allocation_id, list(r.slots), r.deadline_unix_ms)
+
+    def commit(self, allocation_id: int, namespace: str, entries: Iterable[tuple], wait_durable=False):
+        """entries: (key, parent, slot, length, checksum). Returns a CommitStatus per entry."""
+        return list(self._call(self.stub.Commit, _commit_request(allocation_id, namespace, entries,
+                                                                 wait_durable)).status)
+
+    def abort(self, allocation_id: int) -> None:
+        self._call(self.stub.Abort, pb.AbortRequest(allocation_id=allocation_id))
+
+    def acquire(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0) -> Lease:
+        r = self._call(self.stub.Acquire, pb.AcquireRequest(namespace=namespace, keys=keys, lease_ms=lease_ms))
+        self.arena(r.generation)
+        return Lease(r.lease_id, list(r.blocks), r.deadline_unix_ms)
+
+    def release(self, lease_id: int) -> None:
+        self._call(self.stub.Release, pb.ReleaseRequest(lease_id=lease_id))
+
+    def put_blocks(self, namespace: str, blocks: Sequence[tuple[bytes, bytes, object]], wait_durable=False,
+                   wait_ms: int = 5000):
+        """Stores (key, parent, data) blocks through shared memory; returns a CommitStatus per block."""
+        allocation = self.allocate(len(blocks), wait_ms)
+        try:
+            entries = _stage(self.arena(), allocation.slots, blocks)
+            return self.commit(allocation.id, namespace, entries, wait_durable)
+        except BaseException:
+            try:  # a refused commit leaves the allocation open: give its slots back now
+                self.abort(allocation.id)
+            except grpc.RpcError:
+                pass  # already gone (expired, or the daemon is down)
+            raise
+
+    def get_blocks(self, namespace: str, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Copies blocks out of shared memory; None for a miss."""
+        lease = self.acquire(namespace, keys)
+        try:
+            return _copy_out(self.arena(), lease.blocks)
+        finally:
+            if lease.id:
+                self.release(lease.id)
+
+    # streamed fallback
+    def put(self, namespace: str, key: bytes, data, parent: bytes = b"", wait_durable=False) -> int:
+        return self.stub.Put(_put_messages(namespace, key, data, parent, wait_durable),
+                             metadata=self._metadata).status
+
+    def get(self, namespace: str, key: bytes) -> tuple[pb.BlockInfo, bytes]:
+        stream = self.stub.Get(pb.GetRequest(namespace=namespace, key=key), metadata=self._metadata)
+        info, parts = None, []
+        for message in stream:
+            if message.WhichOneof("part") == "info":
+                info = message.info
+            else:
+                parts.append(message.chunk)
+        return info, b"".join(parts)
+
+    # inventory and admin
+    def inventory(self, namespace="", tier_mask=0, page_size=0, page_token=b"") -> pb.InventoryResponse:
+        return self._call(self.stub.Inventory, pb.InventoryRequest(
+            namespace=namespace, tier_mask=tier_mask, page_size=page_size, page_token=page_token))
+
+    def iter_inventory(self, namespace="", tier_mask=0, page_size=0):
+        token = b""
+        while True:
+            page = self.inventory(namespace, tier_mask, page_size, token)
+            yield from page.blocks
+            token = page.next_page_token
+            if not token:
+                return
+
+    def stat(self, namespace: str, key: bytes) -> pb.BlockInfo:
+        return self._call(self.stub.Stat, pb.StatRequest(namespace=namespace, key=key))
+
+    def stats(self) -> pb.StatsResponse:
+        return self._call(self.stub.Stats, pb.StatsRequest())
+
+    def delete(self, namespace: str, keys: Sequence[bytes]) -> pb.DeleteResponse:
+        return self._call(self.stub.Delete, pb.DeleteRequest(namespace=namespace, keys=keys))
+
+    def clear(self, namespace: str) -> int:
+        return self._call(self.stub.Clear, pb.ClearRequest(namespace=namespace)).deleted
+
+    def watch(self, from_seq: int = 0, namespace: str = ""):
+        """A cancellable iterator of Events (call .cancel() on it to stop)."""
+        return self.stub.Watch(pb.WatchRequest(from_seq=from_seq, namespace=namespace), metadata=self._metadata)
+
+
+class AsyncClient:
+    """asyncio client with the same methods as Client (awaitables)."""
+
+    def __init__(self, address: str = DEFAULT_SOCKET, token: str | None = None, tls_ca: str | None = None):
+        options, self._metadata = _channel_args(token)
+        creds = _credentials(tls_ca)
+        target = target_of(address)
+        self._channel = (grpc.aio.secure_channel(target, creds, options) if creds
+                         else grpc.aio.insecure_channel(target, options))
+        self.stub = pb_grpc.KvTierStub(self._channel)
+        self._arena: Arena | None = None
+
+    async def close(self) -> None:
+        if self._arena is not None:
+            self._arena.close()
+        await self._channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def _call(self, method, request):
+        return await method(request, metadata=self._metadata)
+
+    async def register_namespace(self, name: str, attributes: dict[str, str] | None = None) -> bool:
+        return (await self._call(self.stub.RegisterNamespace,
+                                 pb.RegisterNamespaceRequest(name=name, attributes=attributes or {}))).created
+
+    async def lookup(self, namespace: str, keys: Sequence[bytes]) -> pb.LookupResponse:
+        return await self._call(self.stub.Lookup, pb.LookupRequest(namespace=namespace, keys=keys))
+
+    async def arena(self, generation: str | None = None) -> Arena:
+        if self._arena is None or (generation and generation != self._arena.generation):
+            if self._arena is not None:
+                self._arena.close()
+            self._arena = Arena(await self._call(self.stub.ArenaInfo, pb.ArenaInfoRequest()))
+        return self._arena
+
+    async def allocate(self, count: int, wait_ms: int = 5000, lease_ms: int = 0) -> Allocation:
+        r = await self._call(self.stub.Allocate, pb.AllocateRequest(count=count, wait_ms=wait_ms,
+                                                                    lease_ms=lease_ms))
+        await self.arena(r.generation)
+        return Allocation(r.allocation_id, list(r.slots), r.deadline_unix_ms)
+
+    async def commit(self, allocation_id: int, namespace: str, entries: Iterable[tuple], wait_durable=False):
+        return list((await self._call(self.stub.Commit, _commit_request(allocation_id, namespace, entries,
+                                                                        wait_durable))).status)
+
+    async def abort(self, allocation_id: int) -> None:
+        await self._call(self.stub.Abort, pb.AbortRequest(allocation_id=allocation_id))
+
+    async def acquire(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0) -> Lease:
+        r = await self._call(self.stub.Acquire, pb.AcquireRequest(namespace=namespace, keys=keys,
+                                                                  lease_ms=lease_ms))
+        await self.arena(r.generation)
+        return Lease(r.lease_id, list(r.blocks), r.deadline_unix_ms)
+
+    async def release(self, lease_id: int) -> None:
+        await self._call(self.stub.Release, pb.ReleaseRequest(lease_id=lease_id))
+
+    async def put_blocks(self, namespace, blocks, wait_durable=False, wait_ms: int = 5000):
+        allocation = await self.allocate(len(blocks), wait_ms)
+        try:
+            entries = _stage(await self.arena(), allocation.slots, blocks)
+            return await self.commit(allocation.id, namespace, entries, wait_durable)
+        except BaseException:
+            try:
+                await self.abort(allocation.id)
+            except grpc.RpcError:
+                pass
+            raise
+
+    async def get_blocks(self, namespace, keys) -> list[bytes | None]:
+        lease = await self.acquire(namespace, keys)
+        try:
+            return _copy_out(await self.arena(), lease.blocks)
+        finally:
+            if lease.id:
+                await self.release(lease.id)
+
+    async def stats(self) -> pb.StatsResponse:
+        return await self._call(self.stub.Stats, pb.StatsRequest())
+
+    async def stat(self, namespace: str, key: bytes) -> pb.BlockInfo:
+        return await self._call(self.stub.Stat, pb.StatRequest(namespace=namespace, key=key))
+
+    def watch(self, from_seq: int = 0, namespace: str = ""):
+        return self.stub.Watch(pb.WatchRequest(from_seq=from_seq, namespace=namespace), metadata=self._metadata)

@@ -1,0 +1,1 @@
+"""kvtier.daemon: kvtierd, the per-node block store service (config, block store, gRPC API, metrics)."""

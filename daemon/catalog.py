@@ -1,0 +1,163 @@
+"""The catalog: every block the daemon knows, by namespace and key, and which tiers hold it.
+
+Contract: the single source of truth for Lookup, Stat and Inventory. Event loop only (no locks).
+Tier bits are set only once a tier really holds a verified copy (disk: after fdatasync + index).
+Restart: rebuilt from the disk tier's index; namespaces from namespaces.json in the data dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from sortedcontainers import SortedDict
+
+from kvtier.proto.v1 import kvtier_pb2 as pb
+
+from .errors import exhausted, not_found, precondition
+
+TIER_NAMES = {pb.TIER_GPU: "gpu", pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk", pb.TIER_S3: "s3"}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Block:
+    namespace: str
+    key: bytes
+    parent: bytes
+    length: int
+    checksum: int
+    created_ms: int
+    last_access_ms: int = 0
+    hits: int = 0
+    tiers: int = 0
+    readers: int = 0
+    write_pending: bool = False
+
+    @property
+    def id(self) -> tuple[str, bytes]:
+        return (self.namespace, self.key)
+
+    def info(self) -> pb.BlockInfo:
+        return pb.BlockInfo(namespace=self.namespace, key=self.key, parent=self.parent, length=self.length,
+                            checksum=self.checksum, tiers=self.tiers, created_unix_ms=self.created_ms,
+                            last_access_unix_ms=self.last_access_ms, hits=self.hits, readers=self.readers,
+                            write_pending=self.write_pending)
+
+
+@dataclasses.dataclass(slots=True)
+class Namespace:
+    name: str
+    attributes: dict[str, str]
+    blocks: SortedDict = dataclasses.field(default_factory=SortedDict)
+    bytes: int = 0
+
+
+class Catalog:
+    def __init__(self, data_dir: str, max_namespaces: int):
+        self._path = os.path.join(data_dir, "namespaces.json")
+        self._max_namespaces = max_namespaces
+        self.namespaces: dict[str, Namespace] = {}
+        self.blocks = 0
+        self.bytes = 0
+
+    # -- namespaces -------------------------------------------------------------------------
+    def load_namespaces(self) -> None:
+        try:
+            with open(self._path, encoding="utf-8") as file:
+                saved = json.load(file)
+        except FileNotFoundError:
+            return
+        for name, attributes in saved.items():
+            self.namespaces[name] = Namespace(name, dict(attributes))
+
+    def register(self, name: str, attributes: dict[str, str]) -> bool:
+        existing = self.namespaces.get(name)
+        if existing is not None:
+            if existing.attributes != attributes:
+                raise precondition(f"namespace {name!r} exists with attributes {existing.attributes}; "
+                                   f"got {attributes}: two engines disagree on what the namespace holds")
+            return False
+        if len(self.namespaces) >= self._max_namespaces:
+            raise exhausted(f"namespace limit reached ({self._max_namespaces}); raise limits.max_namespaces")
+        self.namespaces[name] = Namespace(name, dict(attributes))
+        self._save()
+        return True
+
+    def adopt_namespace(self, name: str) -> Namespace:
+        """A namespace seen on disk but missing from namespaces.json (e.g. the file was lost)."""
+        if name not in self.namespaces:
+            self.namespaces[name] = Namespace(name, {})
+            self._save()
+        return self.namespaces[name]
+
+    def _save(self) -> None:
+        tmp = self._path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as file:
+            json.dump({n.name: n.attributes for n in self.namespaces.values()}, file, sort_keys=True)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, self._path)
+
+    def namespace(self, name: str) -> Namespace:
+        found = self.namespaces.get(name)
+        if found is None:
+            raise not_found(f"unknown namespace {name!r}: call RegisterNamespace first")
+        return found
+
+    # -- blocks -----------------------------------------------------------------------------
+    def get(self, namespace: str, key: bytes) -> Block | None:
+        found = self.namespaces.get(namespace)
+        return None if found is None else found.blocks.get(key)
+
+    def add(self, block: Block) -> None:
+        ns = self.namespaces[block.namespace]
+        assert block.key not in ns.blocks
+        ns.blocks[block.key] = block
+        ns.bytes += block.length
+        self.blocks += 1
+        self.bytes += block.length
+
+    def discard(self, block: Block) -> None:
+        ns = self.namespaces[block.namespace]
+        if ns.blocks.pop(block.key, None) is block:
+            ns.bytes -= block.length
+            self.blocks -= 1
+            self.bytes -= block.length
+
+    def lookup(self, namespace: str, keys) -> bytes:
+        """Tier masks of the longest stored prefix of keys."""
+        blocks = self.namespace(namespace).blocks
+        tiers = bytearray()
+        for key in keys:
+            block = blocks.get(key)
+            if block is None:
+                break
+            tiers.append(block.tiers)
+        return bytes(tiers)
+
+    def page(self, namespace: str, tier_mask: int, page_size: int, token: bytes) -> tuple[list[Block], bytes]:
+        """Blocks in (namespace, key) order after token; returns (page, next token or b"")."""
+        start_ns, _, start_key = token.partition(b"\0") if token else (b"", b"", b"")
+        names = [namespace] if namespace else sorted(self.namespaces)
+        out: list[Block] = []
+        for name in names:
+            if name.encode() < start_ns:
+                continue
+            blocks = self.namespace(name).blocks
+            skip_through = start_key if name.encode() == start_ns else None
+            keys = blocks.irange(minimum=skip_through, inclusive=(False, True)) if skip_through else iter(blocks)
+            for key in keys:
+                block = blocks[key]
+                if tier_mask and not block.tiers & tier_mask:
+                    continue
+                if len(out) == page_size:
+                    last = out[-1]
+                    return out, last.namespace.encode() + b"\0" + last.key
+                out.append(block)
+        return out, b""

@@ -1,0 +1,214 @@
+"""kvtierd configuration: TOML with embedded defaults, validated up front with clear errors.
+
+Every bound the daemon enforces lives here, so an operator can see and change it in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from typing import Any
+
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message names the key and what is expected."""
+
+
+def parse_size(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like 512MiB, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ConfigError(f"{key}: expected a size like 512MiB or 8GiB, got {value!r}")
+        size = int(match.group(1)) * _UNITS[match.group(2).lower()]
+    if size < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return size
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    socket: str = "kvtier-data/kvtierd.sock"
+    socket_mode: int = 0o660
+    tcp: str = ""               # "host:port"; off by default
+    tcp_token_file: str = ""    # required when tcp is set: clients send "authorization: Bearer <token>"
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_message_bytes: int = 4 << 20
+
+
+@dataclasses.dataclass
+class CpuConfig:
+    capacity: int = 1 << 30
+    slot_bytes: int = 2 << 20
+    shm_dir: str = "/dev/shm"
+    arena_mode: int = 0o600
+    policy: str = "lru"
+
+
+@dataclasses.dataclass
+class DiskConfig:
+    enabled: bool = True
+    capacity: int = 8 << 30
+    segment_bytes: int = 256 << 20
+    align: int = 4096
+    o_direct: bool = False
+    queue_blocks: int = 1024    # bound on the write-through backlog
+    batch_blocks: int = 64      # blocks per fdatasync
+    readers: int = 4            # threads serving disk reads
+
+
+@dataclasses.dataclass
+class LimitsConfig:
+    max_keys_per_request: int = 4096
+    max_key_bytes: int = 32
+    max_namespace_bytes: int = 128
+    max_namespaces: int = 4096
+    max_attributes: int = 32
+    max_page_size: int = 1000
+    default_lease_ms: int = 30_000
+    max_lease_ms: int = 600_000
+    max_wait_ms: int = 30_000
+    max_active_leases: int = 65536
+    max_watchers: int = 64
+    put_chunk_bytes: int = 1 << 20
+
+
+@dataclasses.dataclass
+class EventsConfig:
+    ring_size: int = 65536
+    watcher_queue: int = 8192   # a watcher this far behind is disconnected (RESOURCE_EXHAUSTED)
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    listen: str = ""            # e.g. "127.0.0.1:9477"; empty = off
+
+
+@dataclasses.dataclass
+class Config:
+    data_dir: str = "kvtier-data"
+    log_level: str = "info"
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    cpu: CpuConfig = dataclasses.field(default_factory=CpuConfig)
+    disk: DiskConfig = dataclasses.field(default_factory=DiskConfig)
+    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
+    events: EventsConfig = dataclasses.field(default_factory=EventsConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+
+    @property
+    def disk_dir(self) -> str:
+        return os.path.join(self.data_dir, "disk")
+
+
+_SIZE_KEYS = {"capacity", "slot_bytes", "segment_bytes", "max_message_bytes",
+              "put_chunk_bytes", "align"}
+_MODE_KEYS = {"socket_mode", "arena_mode"}
+
+
+def _fill(section_obj, table: dict, path: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section_obj)}
+    for key, value in table.items():
+        where = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key {where!r}; known: {', '.join(sorted(fields))}")
+        current = getattr(section_obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a [table]")
+            _fill(current, value, where)
+        elif key in _SIZE_KEYS:
+            setattr(section_obj, key, parse_size(value, where))
+        elif key in _MODE_KEYS:
+            setattr(section_obj, key, _parse_mode(value, where))
+        else:
+            setattr(section_obj, key, _typed(value, type(current), where))
+
+
+def _parse_mode(value, where: str) -> int:
+    try:
+        mode = int(value, 8) if isinstance(value, str) else int(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: expected an octal mode like \"0660\"") from exc
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{where}: mode out of range")
+    return mode
+
+
+def _typed(value, kind: type, where: str):
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> Config:
+    page = 4096
+    checks = [
+        (cfg.cpu.slot_bytes >= page and cfg.cpu.slot_bytes % page == 0,
+         f"cpu.slot_bytes must be a positive multiple of {page}"),
+        (cfg.cpu.capacity >= cfg.cpu.slot_bytes, "cpu.capacity must hold at least one slot"),
+        (cfg.cpu.policy in ("lru", "fifo"), "cpu.policy must be \"lru\" or \"fifo\""),
+        (cfg.disk.align >= 512 and cfg.disk.align & (cfg.disk.align - 1) == 0,
+         "disk.align must be a power of two >= 512"),
+        (not cfg.disk.enabled or cfg.disk.segment_bytes >= 4 * cfg.cpu.slot_bytes,
+         "disk.segment_bytes must hold at least 4 slots"),
+        (not cfg.disk.enabled or cfg.disk.capacity >= 2 * cfg.disk.segment_bytes,
+         "disk.capacity must hold at least 2 segments"),
+        (not cfg.disk.enabled or cfg.disk.capacity >= cfg.cpu.capacity,
+         "disk.capacity must not be smaller than cpu.capacity: with write-through every CPU block is also on disk"),
+        (1 <= cfg.disk.batch_blocks <= cfg.disk.queue_blocks <= 1 << 20,
+         "need 1 <= disk.batch_blocks <= disk.queue_blocks <= 1048576"),
+        (1 <= cfg.disk.readers <= 64, "disk.readers must be 1..64"),
+        (1 <= cfg.limits.max_key_bytes <= 32, "limits.max_key_bytes must be 1..32"),
+        (1 <= cfg.limits.max_keys_per_request <= 65536, "limits.max_keys_per_request must be 1..65536"),
+        (1 <= cfg.limits.max_page_size <= 10000, "limits.max_page_size must be 1..10000"),
+        (0 < cfg.limits.default_lease_ms <= cfg.limits.max_lease_ms, "need 0 < default_lease_ms <= max_lease_ms"),
+        (1024 <= cfg.events.ring_size <= 1 << 24, "events.ring_size must be 1024..16777216"),
+        (64 << 10 <= cfg.server.max_message_bytes <= 256 << 20, "server.max_message_bytes must be 64KiB..256MiB"),
+        (4096 <= cfg.limits.put_chunk_bytes < cfg.server.max_message_bytes,
+         "limits.put_chunk_bytes must be >= 4096 and below server.max_message_bytes"),
+        (not cfg.server.tcp or cfg.server.tcp_token_file,
+         "server.tcp needs server.tcp_token_file: nothing on TCP is served without authentication"),
+        (bool(cfg.server.tls_cert) == bool(cfg.server.tls_key), "server.tls_cert and server.tls_key go together"),
+        (not cfg.server.tcp or cfg.server.tls_cert or _is_loopback(cfg.server.tcp),
+         "server.tcp on a non-loopback address needs server.tls_cert/tls_key (the token would travel in clear)"),
+        (cfg.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def load(path: str | None = None, overrides: dict | None = None) -> Config:
+    """Embedded defaults, then the TOML file (if any), then overrides; validated."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path, "rb") as file:
+                table = tomllib.load(file)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        _fill(cfg, table, "")
+    if overrides:
+        _fill(cfg, overrides, "")
+    return validate(cfg)

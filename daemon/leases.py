@@ -1,0 +1,58 @@
+"""Write allocations and read leases, each with a deadline, so a crashed client cannot pin memory.
+
+Contract: ids are unique for the daemon's lifetime; take() removes and returns an entry exactly
+once (a second take is None: double release is detectable); expired() hands each expired entry
+out once. Event loop only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import time
+
+
+@dataclasses.dataclass(slots=True)
+class Held:
+    id: int
+    items: list           # slots for an allocation, block ids for a read lease
+    deadline: float       # time.monotonic()
+    namespace: str = ""
+
+
+class LeaseTable:
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._held: dict[int, Held] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def full(self) -> bool:
+        return len(self._held) >= self._limit
+
+    def add(self, items: list, lease_ms: int, namespace: str = "") -> Held:
+        assert not self.full()
+        held = Held(next(self._ids), items, time.monotonic() + lease_ms / 1000, namespace)
+        self._held[held.id] = held
+        heapq.heappush(self._deadlines, (held.deadline, held.id))
+        return held
+
+    def get(self, held_id: int) -> Held | None:
+        return self._held.get(held_id)
+
+    def take(self, held_id: int) -> Held | None:
+        return self._held.pop(held_id, None)
+
+    def expired(self, now: float | None = None) -> list[Held]:
+        now = time.monotonic() if now is None else now
+        out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, held_id = heapq.heappop(self._deadlines)
+            held = self._held.pop(held_id, None)
+            if held is not None:
+                out.append(held)
+        return out

@@ -1,0 +1,44 @@
+"""Prometheus /metrics: a collector that reads the store's counters at scrape time.
+
+Reading plain ints from the HTTP thread is safe under the GIL; values are a snapshot, which is
+what a scrape wants. Nothing here is on the request path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class StoreCollector:
+    def __init__(self, store):
+        self.store = store
+
+    def collect(self):
+        store = self.store
+        for name, value in dataclasses.asdict(store.counters).items():
+            yield CounterMetricFamily(f"kvtier_{name}", f"kvtier {name.replace('_', ' ')}", value=value)
+        gauges = {"blocks": store.catalog.blocks, "bytes": store.catalog.bytes,
+                  "write_backlog": store.backlog, "active_leases": len(store.leases),
+                  "active_allocations": len(store.allocations), "event_seq": store.events.seq,
+                  "watchers": store.events.watchers}
+        for name, value in gauges.items():
+            yield GaugeMetricFamily(f"kvtier_{name}", f"kvtier {name.replace('_', ' ')}", value=value)
+        tier_blocks = GaugeMetricFamily("kvtier_tier_blocks", "blocks held per tier", labels=["tier"])
+        tier_bytes = GaugeMetricFamily("kvtier_tier_bytes", "bytes held per tier", labels=["tier"])
+        tier_capacity = GaugeMetricFamily("kvtier_tier_capacity_bytes", "capacity per tier", labels=["tier"])
+        for tier in store.stats().tiers:
+            tier_blocks.add_metric([tier.tier], tier.blocks)
+            tier_bytes.add_metric([tier.tier], tier.bytes)
+            tier_capacity.add_metric([tier.tier], tier.capacity_bytes)
+        yield from (tier_blocks, tier_bytes, tier_capacity)
+
+
+def serve_metrics(store, listen: str):
+    """Starts the /metrics HTTP endpoint on host:port; returns (server, thread)."""
+    host, _, port = listen.rpartition(":")
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(store))
+    return start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)

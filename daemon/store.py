@@ -1,0 +1,541 @@
+"""BlockStore: the daemon's state machine over the catalog and the tiers.
+
+Contract
+- Runs on one asyncio event loop; every method must be called from it. Disk I/O runs on a
+  single writer thread (write-through, removals) and a pool of reader threads (promotions).
+- Commit returns once the blocks are in the CPU tier. Each stored block is then queued for
+  write-through to disk; it stays pinned in the CPU tier until it is durably on disk, so the CPU
+  tier never drops the only copy. The queue is bounded: Allocate waits while it is full.
+- Reads from the disk tier are verified; a block that fails verification is quarantined and
+  reported as a miss.
+- Leases and allocations expire; the reaper returns their slots and pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.tiers.arena import SharedArena
+from kvtier.tiers.block import BlockHeader, checksum
+from kvtier.tiers.cpu import CpuTier
+from kvtier.tiers.disk import DiskEntry, DiskTier
+from kvtier.tiers.eviction import POLICIES
+
+from .catalog import Block, Catalog, now_ms
+from .config import Config
+from .errors import exhausted, invalid, precondition
+from .events import EventLog
+from .leases import LeaseTable
+
+log = logging.getLogger("kvtier.store")
+CPU, DISK = pb.TIER_CPU, pb.TIER_DISK
+WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclasses.dataclass
+class Counters:
+    lookups: int = 0
+    lookup_keys: int = 0
+    lookup_hit_keys: int = 0
+    acquire_hits: int = 0
+    acquire_misses: int = 0
+    commits: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    cpu_reads: int = 0
+    cpu_writes: int = 0
+    cpu_read_bytes: int = 0
+    cpu_write_bytes: int = 0
+    disk_reads: int = 0
+    disk_writes: int = 0
+    disk_read_bytes: int = 0
+    disk_write_bytes: int = 0
+    disk_evictions: int = 0
+    disk_write_errors: int = 0
+    leases_expired: int = 0
+    allocations_expired: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class Staged:
+    """One block ready to commit: bytes already sit in `slot`."""
+    key: bytes
+    parent: bytes
+    slot: int
+    length: int
+    checksum: int
+
+
+class BlockStore:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.started = time.monotonic()
+        self.counters = Counters()
+        self.catalog = Catalog(cfg.data_dir, cfg.limits.max_namespaces)
+        self.events = EventLog(cfg.events.ring_size, cfg.events.watcher_queue, cfg.limits.max_watchers)
+        arena = SharedArena(cfg.cpu.shm_dir, _arena_prefix(cfg), cfg.cpu.capacity, cfg.cpu.slot_bytes,
+                            cfg.cpu.arena_mode)
+        self.cpu = CpuTier(arena, POLICIES[cfg.cpu.policy]())
+        self.disk: DiskTier | None = None
+        self.allocations = LeaseTable(cfg.limits.max_active_leases)
+        self.leases = LeaseTable(cfg.limits.max_active_leases)
+        self._backlog: deque[Block] = deque()
+        self._backlog_ready = asyncio.Event()
+        self._space_freed = asyncio.Event()
+        self._durable: dict[tuple, asyncio.Future] = {}
+        self._promotions: dict[tuple, asyncio.Future] = {}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvtier-disk-writer")
+        self._readers = ThreadPoolExecutor(cfg.disk.readers, thread_name_prefix="kvtier-disk-reader")
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+        self.disk_blocks = 0
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    @property
+    def arena(self) -> SharedArena:
+        return self.cpu.arena
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> str:
+        """Recovers the disk tier into the catalog; returns a one-line report."""
+        self.catalog.load_namespaces()
+        report = "disk tier disabled"
+        if self.cfg.disk.enabled:
+            self.disk = DiskTier(self.cfg.disk_dir, capacity_bytes=self.cfg.disk.capacity,
+                                 segment_bytes=self.cfg.disk.segment_bytes, align=self.cfg.disk.align,
+                                 o_direct=self.cfg.disk.o_direct)
+            recovery = await self._on_writer(self.disk.recover)
+            entries = await self._on_writer(lambda: list(self.disk.entries()))
+            for entry in entries:
+                self._adopt(entry)
+            report = recovery.summary()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._write_through(), name="write-through"),
+                       loop.create_task(self._reap(), name="lease-reaper")]
+        return report
+
+    def _adopt(self, entry: DiskEntry) -> None:
+        self.catalog.adopt_namespace(entry.namespace)
+        block = Block(entry.namespace, entry.key, entry.parent, entry.length, entry.checksum,
+                      entry.created_unix_ms, entry.created_unix_ms, tiers=DISK)
+        self.catalog.add(block)
+        self.disk_blocks += 1
+
+    async def close(self, drain_timeout_s: float) -> int:
+        """Drains the write-through backlog (bounded), stops tasks, closes tiers; returns blocks left undrained."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self._backlog and time.monotonic() < deadline and self.disk is not None:
+            await asyncio.sleep(0.02)
+        left = len(self._backlog) if self.disk is not None else 0
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        if self.disk is not None:
+            self.disk.close()
+        self.arena.close()
+        return left
+
+    async def _on_writer(self, fn):
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
+
+    # -- namespaces and lookup ----------------------------------------------------------------
+    def register_namespace(self, name: str, attributes: dict[str, str]) -> bool:
+        return self.catalog.register(name, attributes)
+
+    def lookup(self, namespace: str, keys) -> bytes:
+        tiers = self.catalog.lookup(namespace, keys)
+        self.counters.lookups += 1
+        self.counters.lookup_keys += len(keys)
+        self.counters.lookup_hit_keys += len(tiers)
+        return tiers
+
+    # -- write path ---------------------------------------------------------------------------
+    async def allocate(self, count: int, wait_ms: int, lease_ms: int):
+        if count > self.arena.slot_count:
+            raise invalid(f"count {count} exceeds the arena's {self.arena.slot_count} slots")
+        if self.allocations.full():
+            raise exhausted("too many open allocations; commit or abort some first")
+        slots = await self._reserve(count, wait_ms)
+        return self.allocations.add(slots, lease_ms)
+
+    async def _reserve(self, count: int, wait_ms: int) -> list[int]:
+        deadline = time.monotonic() + wait_ms / 1000
+        while True:
+            if len(self._backlog) < self.cfg.disk.queue_blocks:
+                slots, evicted = self.cpu.reserve(count)
+                if slots:
+                    self._evicted_from_cpu(evicted)
+                    return slots
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closing:
+                raise exhausted(self._why_full(count))
+            self._space_freed.clear()
+            try:
+                await asyncio.wait_for(self._space_freed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def _why_full(self, count: int) -> str:
+        return (f"no room for {count} blocks in the CPU tier: {self.arena.free_count()} slots free, "
+                f"{len(self._backlog)} blocks waiting for write-through (limit {self.cfg.disk.queue_blocks}), "
+                f"{len(self.leases)} read leases and {len(self.allocations)} allocations open; retry later")
+
+    def _signal_space(self) -> None:
+        self._space_freed.set()
+
+    async def commit(self, allocation_id: int, namespace: str, staged: list[Staged], wait_durable: bool):
+        """Commits staged blocks of one allocation; returns a CommitStatus per entry."""
+        held = self.allocations.get(allocation_id)
+        if held is None:
+            raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
+        self.catalog.namespace(namespace)
+        self._check_staged(held.items, staged)
+        self.allocations.take(allocation_id)
+        statuses, stored = self._install(namespace, staged)
+        leftover = set(held.items) - {s.slot for s, st in zip(staged, statuses) if st == pb.STORED}
+        self.cpu.unreserve(sorted(leftover))
+        self._signal_space()
+        if wait_durable:
+            await self._wait_durable(stored)
+        return statuses
+
+    def _check_staged(self, slots: list[int], staged: list[Staged]) -> None:
+        """Validates every entry before anything changes, so a bad entry commits nothing."""
+        owned = set(slots)
+        seen: set[int] = set()
+        for index, entry in enumerate(staged):
+            if entry.slot not in owned:
+                raise invalid(f"entry {index}: slot {entry.slot} is not part of this allocation")
+            if entry.slot in seen:
+                raise invalid(f"entry {index}: slot {entry.slot} used twice")
+            seen.add(entry.slot)
+            if not 0 <= entry.length <= self.arena.slot_bytes:
+                raise invalid(f"entry {index}: length {entry.length} exceeds slot size {self.arena.slot_bytes}")
+            data = self.arena.view(entry.slot)[:entry.length]
+            if checksum(data) != entry.checksum:
+                raise invalid(f"entry {index} (key {entry.key.hex()}): checksum does not match the bytes in "
+                              f"slot {entry.slot}; nothing was committed")
+
+    def _install(self, namespace: str, staged: list[Staged]):
+        statuses, stored = [], []
+        created = now_ms()
+        for entry in staged:
+            if self.catalog.get(namespace, entry.key) is not None:
+                statuses.append(pb.DUPLICATE)
+                self.counters.duplicates += 1
+                continue
+            block = Block(namespace, entry.key, entry.parent, entry.length, entry.checksum, created, created,
+                          tiers=CPU)
+            self.catalog.add(block)
+            self.cpu.install(block.id, entry.slot, entry.length)
+            self.events.emit(pb.BLOCK_STORED, namespace, block.key, CPU, length=block.length, parent=block.parent)
+            self.counters.cpu_writes += 1
+            self.counters.cpu_write_bytes += block.length
+            if self.disk is not None:
+                self._queue_write(block)
+            statuses.append(pb.STORED)
+            stored.append(block)
+        self.counters.commits += len(staged)
+        return statuses, stored
+
+    def abort(self, allocation_id: int) -> None:
+        held = self.allocations.take(allocation_id)
+        if held is None:
+            raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
+        self.cpu.unreserve(held.items)
+        self._signal_space()
+
+    async def put(self, namespace: str, key: bytes, parent: bytes, data_chunks, length: int, expected: int,
+                  wait_ms: int, wait_durable: bool) -> int:
+        """Streamed put: bytes go straight into a reserved slot, then the normal commit path."""
+        self.catalog.namespace(namespace)
+        if length > self.arena.slot_bytes:
+            raise invalid(f"block of {length} bytes exceeds the slot size {self.arena.slot_bytes}")
+        held = await self.allocate(1, wait_ms, self.cfg.limits.default_lease_ms)
+        try:
+            view, filled = self.arena.view(held.items[0]), 0
+            async for chunk in data_chunks:
+                if filled + len(chunk) > length:
+                    raise invalid(f"stream sent more than the {length} bytes its header announced")
+                view[filled:filled + len(chunk)] = chunk
+                filled += len(chunk)
+            if filled != length:
+                raise invalid(f"stream ended after {filled} of {length} bytes")
+        except BaseException:
+            if self.allocations.get(held.id) is not None:
+                self.abort(held.id)
+            raise
+        staged = [Staged(key, parent, held.items[0], length, expected)]
+        try:
+            return (await self.commit(held.id, namespace, staged, wait_durable))[0]
+        except BaseException:
+            if self.allocations.get(held.id) is not None:
+                self.abort(held.id)
+            raise
+
+    # -- write-through ------------------------------------------------------------------------
+    def _queue_write(self, block: Block) -> None:
+        block.write_pending = True
+        self.cpu.pin(block.id)
+        self._backlog.append(block)
+        self._backlog_ready.set()
+
+    async def _wait_durable(self, blocks: list[Block]) -> None:
+        loop = asyncio.get_running_loop()
+        waits = []
+        for block in blocks:
+            if block.write_pending:
+                waits.append(self._durable.setdefault(block.id, loop.create_future()))
+        if waits:
+            await asyncio.gather(*waits)
+
+    async def _write_through(self) -> None:
+        failures = 0
+        while True:
+            await self._backlog_ready.wait()
+            batch = [self._backlog[i] for i in range(min(len(self._backlog), self.cfg.disk.batch_blocks))]
+            if not batch:
+                self._backlog_ready.clear()
+                continue
+            records = [(BlockHeader(b.namespace, b.key, b.parent, b.length, b.checksum, b.created_ms),
+                        self.cpu.view(b.id)) for b in batch]
+            try:
+                written, evicted = await self._on_writer(lambda: self.disk.write_batch(records))
+            except OSError as exc:
+                self.counters.disk_write_errors += 1
+                delay = WRITE_RETRY_S[min(failures, len(WRITE_RETRY_S) - 1)]
+                failures += 1
+                log.error("disk write-through failed (%s); %d blocks waiting, retrying in %.1fs",
+                          exc, len(self._backlog), delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for _ in batch:
+                self._backlog.popleft()
+            self._evicted_from_disk(evicted)
+            for block, entry in zip(batch, written):
+                self._landed_on_disk(block, entry)
+            self._signal_space()
+
+    def _landed_on_disk(self, block: Block, entry: DiskEntry) -> None:
+        assert entry.key == block.key and entry.checksum == block.checksum
+        block.write_pending = False
+        block.tiers |= DISK
+        self.disk_blocks += 1
+        self.cpu.unpin(block.id)
+        self.counters.disk_writes += 1
+        self.counters.disk_write_bytes += block.length
+        self.events.emit(pb.BLOCK_STORED, block.namespace, block.key, DISK, length=block.length,
+                         parent=block.parent)
+        waiter = self._durable.pop(block.id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _evicted_from_disk(self, entries: list[DiskEntry]) -> None:
+        for entry in entries:
+            block = self.catalog.get(entry.namespace, entry.key)
+            if block is None or not block.tiers & DISK:
+                continue
+            self.counters.disk_evictions += 1
+            self._drop_tier(block, DISK)
+
+    def _evicted_from_cpu(self, block_ids) -> None:
+        for namespace, key in block_ids:
+            block = self.catalog.get(namespace, key)
+            assert block is not None and not block.write_pending
+            self._drop_tier(block, CPU, already_removed=True)
+
+    def _drop_tier(self, block: Block, tier: int, already_removed: bool = False) -> None:
+        """The block left `tier`; when no tier keeps it, it leaves the catalog."""
+        if tier == CPU and not already_removed:
+            self.cpu.remove(block.id)
+        block.tiers &= ~tier
+        self.disk_blocks -= tier == DISK
+        self.events.emit(pb.BLOCK_REMOVED, block.namespace, block.key, tier, length=block.length)
+        if not block.tiers:
+            self.catalog.discard(block)
+
+    # -- read path ----------------------------------------------------------------------------
+    async def acquire(self, namespace: str, keys: list[bytes], lease_ms: int):
+        """Pins each found block in the CPU tier (promoting from disk); returns (lease or None, blocks)."""
+        self.catalog.namespace(namespace)
+        if self.leases.full():
+            raise exhausted("too many open read leases; release some first")
+        found: list[Block | None] = []
+        for key in keys:
+            block = await self._pin_in_cpu(namespace, key)
+            found.append(block)
+        pinned = [b.id for b in found if b is not None]
+        hits = len(pinned)
+        self.counters.acquire_hits += hits
+        self.counters.acquire_misses += len(keys) - hits
+        if not pinned:
+            return None, found
+        return self.leases.add(pinned, lease_ms, namespace), found
+
+    async def _pin_in_cpu(self, namespace: str, key: bytes) -> Block | None:
+        block = self.catalog.get(namespace, key)
+        if block is None:
+            return None
+        if not block.tiers & CPU:
+            block = await self._promote(block)
+            if block is None:
+                return None
+        self.cpu.pin(block.id)
+        self.cpu.touch(block.id)
+        block.readers += 1
+        block.hits += 1
+        block.last_access_ms = now_ms()
+        self.counters.cpu_reads += 1
+        self.counters.cpu_read_bytes += block.length
+        return block
+
+    async def _promote(self, block: Block) -> Block | None:
+        """Copies a disk-only block into a CPU slot, verified; concurrent callers share one read."""
+        pending = self._promotions.get(block.id)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._promotions[block.id] = pending
+            try:
+                pending.set_result(await self._read_from_disk(block))
+            except BaseException as exc:
+                pending.set_exception(exc)
+                raise
+            finally:
+                del self._promotions[block.id]
+        return await asyncio.shield(pending)
+
+    async def _read_from_disk(self, block: Block) -> Block | None:
+        entry = self.disk.get_entry(block.namespace, block.key) if self.disk is not None else None
+        if entry is None:
+            return None
+        slots = await self._reserve(1, self.cfg.limits.max_wait_ms)
+        view = self.arena.view(slots[0])
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._readers, self.disk.read_into, entry, view)
+        current = self.catalog.get(block.namespace, block.key)
+        if not ok or current is not block or block.tiers & CPU:
+            self.cpu.unreserve(slots)
+            self._signal_space()
+            if not ok and current is block:
+                self._quarantined(block, DISK)
+            return block if ok and current is block else None
+        self.cpu.install(block.id, slots[0], block.length)
+        block.tiers |= CPU
+        self.counters.disk_reads += 1
+        self.counters.disk_read_bytes += block.length
+        self.events.emit(pb.BLOCK_MOVED, block.namespace, block.key, CPU, from_tier=DISK, length=block.length)
+        return block
+
+    def _quarantined(self, block: Block, tier: int) -> None:
+        log.error("block %s/%s failed verification on %s: quarantined, served as a miss",
+                  block.namespace, block.key.hex(), "disk" if tier == DISK else tier)
+        self.counters.quarantined += 1
+        self.events.emit(pb.BLOCK_QUARANTINED, block.namespace, block.key, tier, length=block.length)
+        self._drop_tier(block, tier)
+
+    def release(self, lease_id: int) -> None:
+        held = self.leases.take(lease_id)
+        if held is None:
+            raise precondition(f"lease {lease_id} is not held (already released, expired, or never granted)")
+        self._unpin_readers(held.items)
+
+    def _unpin_readers(self, block_ids) -> None:
+        for namespace, key in block_ids:
+            block = self.catalog.get(namespace, key)
+            if block is not None and block.id in self.cpu:
+                block.readers -= 1
+                self.cpu.unpin(block.id)
+        self._signal_space()
+
+    # -- admin --------------------------------------------------------------------------------
+    async def delete(self, namespace: str, keys) -> tuple[int, int]:
+        """Removes blocks from every tier; blocks held by a reader or the write-through are busy."""
+        self.catalog.namespace(namespace)
+        deleted = busy = 0
+        for key in keys:
+            block = self.catalog.get(namespace, key)
+            if block is None:
+                continue
+            if block.readers or block.write_pending:
+                busy += 1
+                continue
+            await self._delete_block(block)
+            deleted += 1
+        self._signal_space()
+        return deleted, busy
+
+    async def _delete_block(self, block: Block) -> None:
+        if block.tiers & DISK:
+            await self._on_writer(lambda: self.disk.remove(block.namespace, block.key))
+        for tier in (CPU, DISK):
+            if block.tiers & tier and self.catalog.get(block.namespace, block.key) is block:
+                self._drop_tier(block, tier)
+
+    async def clear(self, namespace: str) -> int:
+        names = sorted(self.catalog.namespaces) if namespace == "*" else [self.catalog.namespace(namespace).name]
+        deleted = 0
+        for name in names:
+            blocks = list(self.catalog.namespaces[name].blocks.values())
+            for block in blocks:
+                if not (block.readers or block.write_pending):
+                    await self._delete_block(block)
+                    deleted += 1
+            self.events.emit(pb.ALL_CLEARED, name)
+        self._signal_space()
+        return deleted
+
+    # -- leases -------------------------------------------------------------------------------
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            for held in self.allocations.expired():
+                self.counters.allocations_expired += 1
+                log.warning("allocation %d expired uncommitted: %d slots returned", held.id, len(held.items))
+                self.cpu.unreserve(held.items)
+                self._signal_space()
+            for held in self.leases.expired():
+                self.counters.leases_expired += 1
+                log.warning("read lease %d on %s expired unreleased: %d blocks unpinned",
+                            held.id, held.namespace, len(held.items))
+                self._unpin_readers(held.items)
+
+    # -- stats --------------------------------------------------------------------------------
+    def stats(self) -> pb.StatsResponse:
+        c = self.counters
+        tiers = [pb.TierStats(tier="cpu", blocks=len(self.cpu), bytes=self.cpu.used_bytes,
+                              capacity_bytes=self.arena.size_bytes, reads=c.cpu_reads, writes=c.cpu_writes,
+                              read_bytes=c.cpu_read_bytes, write_bytes=c.cpu_write_bytes,
+                              evictions=self.cpu.evictions)]
+        if self.disk is not None:
+            tiers.append(pb.TierStats(tier="disk", blocks=self.disk_blocks, bytes=self.disk.used_bytes(),
+                                      capacity_bytes=self.disk.capacity_bytes, reads=c.disk_reads,
+                                      writes=c.disk_writes, read_bytes=c.disk_read_bytes,
+                                      write_bytes=c.disk_write_bytes, evictions=c.disk_evictions))
+        return pb.StatsResponse(
+            blocks=self.catalog.blocks, bytes=self.catalog.bytes, lookups=c.lookups, lookup_keys=c.lookup_keys,
+            lookup_hit_keys=c.lookup_hit_keys, acquire_hits=c.acquire_hits, acquire_misses=c.acquire_misses,
+            duplicates=c.duplicates, quarantined=c.quarantined, write_backlog=len(self._backlog),
+            active_leases=len(self.leases), active_allocations=len(self.allocations), tiers=tiers,
+            event_seq=self.events.seq, uptime_s=time.monotonic() - self.started)
+
+
+
+def _arena_prefix(cfg: Config) -> str:
+    """One arena name per data dir, so stale arenas of a crashed daemon are found and removed."""
+    import hashlib
+    import os
+    digest = hashlib.sha256(os.path.abspath(cfg.data_dir).encode()).hexdigest()[:12]
+    return f"kvtier-{digest}"

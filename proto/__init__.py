@@ -1,0 +1,1 @@
+"""Generated gRPC code for the kvtier.v1 API lives here; see proto/v1/kvtier.proto."""

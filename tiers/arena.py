@@ -1,0 +1,97 @@
+"""Shared-memory arena: a file in /dev/shm cut into fixed-size slots that same-node clients mmap.
+
+Contract: the arena owns the mapping; `view(slot)` lends a memoryview valid until close(). Slot
+bookkeeping is not thread-safe: the daemon calls it from its event loop only. Restart: the arena
+is volatile; each daemon start creates a fresh file (new generation) and removes stale ones.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import mmap
+import os
+import uuid
+
+log = logging.getLogger("kvtier.arena")
+PAGE = mmap.PAGESIZE
+
+
+class SharedArena:
+    def __init__(self, shm_dir: str, prefix: str, size_bytes: int, slot_bytes: int, mode: int = 0o600):
+        assert slot_bytes > 0 and slot_bytes % PAGE == 0, "slot size must be a multiple of the page size"
+        assert size_bytes >= slot_bytes, "arena smaller than one slot"
+        self.slot_bytes = slot_bytes
+        self.slot_count = size_bytes // slot_bytes
+        self.size_bytes = self.slot_count * slot_bytes
+        self.generation = uuid.uuid4().hex[:16]
+        self._remove_stale(shm_dir, prefix)
+        self.path = os.path.join(shm_dir, f"{prefix}-{self.generation}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.fchmod(fd, mode)  # umask must not widen or narrow what the operator configured
+            os.ftruncate(fd, self.size_bytes)
+            self._mmap = mmap.mmap(fd, self.size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._mmap)
+        self._free = list(range(self.slot_count - 1, -1, -1))
+        self.pinned = _try_cuda_host_register(self._mmap, self.size_bytes)
+
+    @staticmethod
+    def _remove_stale(shm_dir: str, prefix: str) -> None:
+        for stale in glob.glob(os.path.join(shm_dir, f"{prefix}-*")):
+            log.info("removing stale arena %s from an earlier run", stale)
+            try:
+                os.remove(stale)
+            except OSError as exc:
+                log.warning("cannot remove stale arena %s: %s", stale, exc)
+
+    def free_count(self) -> int:
+        return len(self._free)
+
+    def take(self, count: int) -> list[int]:
+        """Takes up to count free slots (fewer when fewer are free)."""
+        taken = self._free[-count:] if count else []
+        del self._free[len(self._free) - len(taken):]
+        return taken
+
+    def give_back(self, slots) -> None:
+        for slot in slots:
+            assert 0 <= slot < self.slot_count
+            self._free.append(slot)
+        assert len(self._free) <= self.slot_count, "slot returned twice"
+
+    def view(self, slot: int) -> memoryview:
+        assert 0 <= slot < self.slot_count, f"slot {slot} out of range"
+        start = slot * self.slot_bytes
+        return self._view[start:start + self.slot_bytes]
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            log.warning("arena still borrowed at close; leaving the mapping to process exit")
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _try_cuda_host_register(buffer, size: int) -> bool:
+    """Pins the arena for fast DMA when CUDA is present; a no-op elsewhere."""
+    try:
+        import torch  # noqa: PLC0415 - optional, heavy
+    except ImportError:
+        return False
+    if not torch.cuda.is_available():
+        return False
+    import ctypes
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    result = torch.cuda.cudart().cudaHostRegister(address, size, 0)
+    if result != 0:
+        log.warning("cudaHostRegister failed (%s): arena stays pageable", result)
+        return False
+    log.info("arena pinned with cudaHostRegister (%d bytes)", size)
+    return True
