@@ -27,7 +27,7 @@ from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskEntry, DiskTier
 from kvtier.tiers.eviction import POLICIES
 
-from .catalog import Block, Catalog, now_ms
+from .catalog import TIER_NAMES, Block, Catalog, now_ms
 from .config import Config
 from .errors import exhausted, invalid, precondition
 from .events import EventLog
@@ -313,11 +313,13 @@ class BlockStore:
                         self.cpu.view(b.id)) for b in batch]
             try:
                 written, evicted = await self._on_writer(lambda: self.disk.write_batch(records))
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - the write-through must outlive any one batch
+                if self._drop_modified(batch):
+                    continue
                 self.counters.disk_write_errors += 1
                 delay = WRITE_RETRY_S[min(failures, len(WRITE_RETRY_S) - 1)]
                 failures += 1
-                log.error("disk write-through failed (%s); %d blocks waiting, retrying in %.1fs",
+                log.error("disk write-through failed (%r); %d blocks waiting, retrying in %.1fs",
                           exc, len(self._backlog), delay)
                 await asyncio.sleep(delay)
                 continue
@@ -328,6 +330,21 @@ class BlockStore:
             for block, entry in zip(batch, written):
                 self._landed_on_disk(block, entry)
             self._signal_space()
+
+    def _drop_modified(self, batch: list[Block]) -> bool:
+        """Quarantines blocks whose arena bytes changed after commit (a client wrote into a slot it
+        no longer owned); returns whether any was found. Such bytes never reach the disk."""
+        modified = [b for b in batch if checksum(self.cpu.view(b.id)[:b.length]) != b.checksum]
+        for block in modified:
+            self._backlog.remove(block)
+            block.write_pending = False
+            self.cpu.unpin(block.id)
+            self._quarantined(block, CPU)
+            waiter = self._durable.pop(block.id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(precondition(f"block {block.key.hex()} was modified in shared memory "
+                                                  "after commit; quarantined"))
+        return bool(modified)
 
     def _landed_on_disk(self, block: Block, entry: DiskEntry) -> None:
         assert entry.key == block.key and entry.checksum == block.checksum
@@ -440,8 +457,8 @@ class BlockStore:
         return block
 
     def _quarantined(self, block: Block, tier: int) -> None:
-        log.error("block %s/%s failed verification on %s: quarantined, served as a miss",
-                  block.namespace, block.key.hex(), "disk" if tier == DISK else tier)
+        log.error("block %s/%s failed verification on the %s tier: quarantined, served as a miss",
+                  block.namespace, block.key.hex(), TIER_NAMES[tier])
         self.counters.quarantined += 1
         self.events.emit(pb.BLOCK_QUARANTINED, block.namespace, block.key, tier, length=block.length)
         self._drop_tier(block, tier)

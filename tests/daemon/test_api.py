@@ -219,3 +219,4 @@ def test_many_clients_in_parallel(client, daemon):
         t.join(30)
     assert not errors
     assert client.stats().blocks == 160
+

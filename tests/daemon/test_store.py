@@ -1,0 +1,69 @@
+"""BlockStore in-process, where the test controls when the write-through task gets to run."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvtier.daemon import config
+from kvtier.daemon.errors import ApiError
+from kvtier.daemon.store import BlockStore, Staged
+from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.tiers.block import checksum
+
+
+def make_store(tmp_path) -> BlockStore:
+    cfg = config.load(overrides={"data_dir": str(tmp_path / "data"), "cpu": {
+        "capacity": "1MiB", "slot_bytes": "64KiB", "shm_dir": str(tmp_path)},
+        "disk": {"capacity": "64MiB", "segment_bytes": "4MiB"}})
+    (tmp_path / "data").mkdir()
+    return BlockStore(cfg)
+
+
+async def stage(store: BlockStore, blobs: list[bytes]) -> tuple[int, list[Staged]]:
+    held = await store.allocate(len(blobs), 0, 5000)
+    staged = []
+    for i, (slot, blob) in enumerate(zip(held.items, blobs)):
+        store.arena.view(slot)[:len(blob)] = blob
+        staged.append(Staged(bytes([i]) * 32, b"", slot, len(blob), checksum(blob)))
+    return held.id, staged
+
+
+def test_bytes_modified_after_commit_are_quarantined_not_written(tmp_path):
+    async def scenario():
+        store = make_store(tmp_path)
+        await store.start()
+        store.register_namespace("ns", {})
+        allocation, staged = await stage(store, [b"a" * 5000, b"b" * 5000])
+        await store.commit(allocation, "ns", staged, wait_durable=False)
+        store.arena.view(staged[0].slot)[10] ^= 0xFF  # before the writer task runs
+        with pytest.raises(ApiError, match="modified in shared memory"):
+            await store._wait_durable([store.catalog.get("ns", staged[0].key)])
+        await store._wait_durable([store.catalog.get("ns", staged[1].key)])
+        assert store.catalog.get("ns", staged[0].key) is None
+        assert store.catalog.get("ns", staged[1].key).tiers == pb.TIER_CPU | pb.TIER_DISK
+        assert store.counters.quarantined == 1 and store.backlog == 0
+        assert not store.disk.contains("ns", staged[0].key)
+        await store.close(5)
+    asyncio.run(scenario())
+
+
+def test_promotion_of_a_disk_only_block_is_shared_by_concurrent_readers(tmp_path):
+    async def scenario():
+        store = make_store(tmp_path)
+        await store.start()
+        store.register_namespace("ns", {})
+        allocation, staged = await stage(store, [b"z" * 7000])
+        await store.commit(allocation, "ns", staged, wait_durable=True)
+        block = store.catalog.get("ns", staged[0].key)
+        store._drop_tier(block, pb.TIER_CPU)  # as if evicted
+        results = await asyncio.gather(*(store.acquire("ns", [block.key], 5000) for _ in range(4)))
+        assert store.counters.disk_reads == 1  # one disk read served all four
+        assert all(found[0] is block for _, found in results)
+        assert block.readers == 4 and bytes(store.cpu.view(block.id)[:7000]) == b"z" * 7000
+        for held, _ in results:
+            store.release(held.id)
+        assert block.readers == 0
+        await store.close(5)
+    asyncio.run(scenario())
