@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -12,6 +11,7 @@ import xxhash
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
+from kvtier.tiers.arena import map_shared_file
 
 DEFAULT_SOCKET = "kvtier-data/kvtierd.sock"
 CHUNK_BYTES = 1 << 20
@@ -51,11 +51,7 @@ class Arena:
     """A read/write mapping of the daemon's shared-memory arena."""
 
     def __init__(self, info: pb.ArenaInfoResponse):
-        fd = os.open(info.path, os.O_RDWR)
-        try:
-            self._mmap = mmap.mmap(fd, info.size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
+        self._mmap = map_shared_file(info.path, info.size_bytes)
         self.generation = info.generation
         self.slot_bytes = info.slot_bytes
         self.slot_count = info.slot_count

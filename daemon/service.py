@@ -7,6 +7,8 @@ traceback and returned as INTERNAL without killing the daemon.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -78,36 +80,34 @@ class Validator:
         return dict(attributes)
 
 
+@contextlib.asynccontextmanager
+async def _status_on_error(context, name: str):
+    """ApiError becomes its status; anything unexpected is logged and becomes INTERNAL."""
+    try:
+        yield
+    except ApiError as exc:
+        await context.abort(exc.code, exc.message)
+    except (grpc.aio.AbortError, grpc.aio.UsageError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("%s failed", name)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{name} failed inside the daemon; see its log")
+
+
 def _unary(method):
-    """Maps ApiError to its status and unexpected errors to INTERNAL (logged), for unary calls."""
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        try:
+        async with _status_on_error(context, method.__name__):
             return await method(self, request, context)
-        except ApiError as exc:
-            await context.abort(exc.code, exc.message)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the daemon; see its log")
     return wrapper
 
 
 def _streaming(method):
-    """Like _unary, for server-streaming calls (async generators)."""
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        try:
+        async with _status_on_error(context, method.__name__):
             async for item in method(self, request, context):
                 yield item
-        except ApiError as exc:
-            await context.abort(exc.code, exc.message)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the daemon; see its log")
     return wrapper
 
 
@@ -184,21 +184,16 @@ class KvTierService(pb_grpc.KvTierServicer):
         self.store.release(request.lease_id)
         return pb.ReleaseResponse()
 
+    @_unary
     async def Put(self, request_iterator, context):
-        try:
-            first = await request_iterator.__anext__()
-        except StopAsyncIteration:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty Put stream: send a header first")
-        try:
-            if first.WhichOneof("part") != "header":
-                raise invalid("the first Put message must be a header")
-            h = first.header
-            status = await self.store.put(
-                self.check.namespace(h.namespace), self.check.key(h.key), self.check.key(h.parent, "parent", True),
-                _chunks(request_iterator), h.length, h.checksum, self.limits.max_wait_ms, h.wait_durable)
-            return pb.PutResponse(status=status)
-        except ApiError as exc:
-            await context.abort(exc.code, exc.message)
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise invalid("a Put stream starts with a header message")
+        h = first.header
+        status = await self.store.put(
+            self.check.namespace(h.namespace), self.check.key(h.key), self.check.key(h.parent, "parent", True),
+            _chunks(request_iterator), h.length, h.checksum, self.limits.max_wait_ms, h.wait_durable)
+        return pb.PutResponse(status=status)
 
     @_streaming
     async def Get(self, request, context):

@@ -29,13 +29,14 @@ from kvtier.tiers.eviction import POLICIES
 
 from .catalog import TIER_NAMES, Block, Catalog, now_ms
 from .config import Config
-from .errors import exhausted, invalid, precondition
+from .errors import ApiError, exhausted, invalid, precondition
 from .events import EventLog
 from .leases import LeaseTable
 
 log = logging.getLogger("kvtier.store")
 CPU, DISK = pb.TIER_CPU, pb.TIER_DISK
 WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+PROMOTION_WAIT_MS = 2000  # a reader waits this long for CPU room, then takes a miss
 
 
 @dataclasses.dataclass
@@ -390,26 +391,25 @@ class BlockStore:
         self.catalog.namespace(namespace)
         if self.leases.full():
             raise exhausted("too many open read leases; release some first")
-        found: list[Block | None] = []
-        for key in keys:
-            block = await self._pin_in_cpu(namespace, key)
-            found.append(block)
+        found: list[Block | None] = [None] * len(keys)
+        lower: list[tuple[int, Block]] = []
+        for index, key in enumerate(keys):
+            block = self.catalog.get(namespace, key)
+            if block is not None and block.tiers & CPU:
+                found[index] = self._pin_reader(block)  # pinned first: promotions below cannot evict it
+            elif block is not None:
+                lower.append((index, block))
+        promoted = await asyncio.gather(*(self._promote_and_pin(block) for _, block in lower))
+        for (index, _), block in zip(lower, promoted):
+            found[index] = block
         pinned = [b.id for b in found if b is not None]
-        hits = len(pinned)
-        self.counters.acquire_hits += hits
-        self.counters.acquire_misses += len(keys) - hits
+        self.counters.acquire_hits += len(pinned)
+        self.counters.acquire_misses += len(keys) - len(pinned)
         if not pinned:
             return None, found
         return self.leases.add(pinned, lease_ms, namespace), found
 
-    async def _pin_in_cpu(self, namespace: str, key: bytes) -> Block | None:
-        block = self.catalog.get(namespace, key)
-        if block is None:
-            return None
-        if not block.tiers & CPU:
-            block = await self._promote(block)
-            if block is None:
-                return None
+    def _pin_reader(self, block: Block) -> Block:
         self.cpu.pin(block.id)
         self.cpu.touch(block.id)
         block.readers += 1
@@ -418,6 +418,21 @@ class BlockStore:
         self.counters.cpu_reads += 1
         self.counters.cpu_read_bytes += block.length
         return block
+
+    async def _promote_and_pin(self, block: Block) -> Block | None:
+        """Promotes and pins; a block evicted again before this reader resumed is promoted again
+        (bounded), and no room in the CPU tier is a miss, not an error."""
+        for _ in range(3):
+            try:
+                promoted = await self._promote(block)
+            except ApiError as exc:
+                log.warning("promotion of %s/%s skipped: %s", block.namespace, block.key.hex(), exc.message)
+                return None
+            if promoted is None:
+                return None
+            if promoted.tiers & CPU and self.catalog.get(block.namespace, block.key) is promoted:
+                return self._pin_reader(promoted)
+        return None
 
     async def _promote(self, block: Block) -> Block | None:
         """Copies a disk-only block into a CPU slot, verified; concurrent callers share one read."""
@@ -429,6 +444,7 @@ class BlockStore:
                 pending.set_result(await self._read_from_disk(block))
             except BaseException as exc:
                 pending.set_exception(exc)
+                pending.exception()  # retrieved: other readers may or may not be waiting on it
                 raise
             finally:
                 del self._promotions[block.id]
@@ -438,7 +454,7 @@ class BlockStore:
         entry = self.disk.get_entry(block.namespace, block.key) if self.disk is not None else None
         if entry is None:
             return None
-        slots = await self._reserve(1, self.cfg.limits.max_wait_ms)
+        slots = await self._reserve(1, PROMOTION_WAIT_MS)
         view = self.arena.view(slots[0])
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._readers, self.disk.read_into, entry, view)

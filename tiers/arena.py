@@ -31,9 +31,9 @@ class SharedArena:
         try:
             os.fchmod(fd, mode)  # umask must not widen or narrow what the operator configured
             os.ftruncate(fd, self.size_bytes)
-            self._mmap = mmap.mmap(fd, self.size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        self._mmap = map_shared_file(self.path, self.size_bytes)
         self._view = memoryview(self._mmap)
         self._free = list(range(self.slot_count - 1, -1, -1))
         self.pinned = _try_cuda_host_register(self._mmap, self.size_bytes)
@@ -77,6 +77,15 @@ class SharedArena:
             os.remove(self.path)
         except FileNotFoundError:
             pass
+
+
+def map_shared_file(path: str, size: int) -> mmap.mmap:
+    """Maps a shared-memory file read/write; the daemon and its clients map the same file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
 
 
 def _try_cuda_host_register(buffer, size: int) -> bool:

@@ -67,3 +67,33 @@ def test_promotion_of_a_disk_only_block_is_shared_by_concurrent_readers(tmp_path
         assert block.readers == 0
         await store.close(5)
     asyncio.run(scenario())
+
+
+def test_acquire_larger_than_the_cpu_tier_serves_what_fits_and_misses_the_rest(tmp_path):
+    async def scenario():
+        store = make_store(tmp_path)  # 16 slots of 64 KiB
+        await store.start()
+        store.register_namespace("ns", {})
+        keys = []
+        for start in range(0, 24, 8):
+            allocation, staged = await stage(store, [bytes([start + i]) * 1000 for i in range(8)])
+            staged = [Staged(bytes([start + i + 1]) * 32, b"", s.slot, s.length, s.checksum)
+                      for i, s in enumerate(staged)]
+            await store.commit(allocation, "ns", staged, wait_durable=True)
+            keys += [s.key for s in staged]
+        for key in keys:  # evict everything from the CPU tier: disk-only now
+            block = store.catalog.get("ns", key)
+            if block.tiers & pb.TIER_CPU:
+                store._drop_tier(block, pb.TIER_CPU)
+        held, found = await store.acquire("ns", keys, 5000)
+        hits = [b for b in found if b is not None]
+        assert len(hits) == 16 and store.arena.free_count() == 0
+        for block in hits:
+            assert bytes(store.cpu.view(block.id)[:1000]) == bytes([block.key[0] - 1]) * 1000
+        store.release(held.id)
+        assert all(b.readers == 0 for b in hits) and not any(store.cpu.pinned(b.id) for b in hits)
+        held, found = await store.acquire("ns", keys[:4], 5000)  # memory is usable again
+        assert all(found) and held is not None
+        store.release(held.id)
+        await store.close(5)
+    asyncio.run(scenario())
