@@ -1,0 +1,74 @@
+"""Runs one vLLM engine (CPU) in this process on a list of prompts, in sequence; writes JSON results.
+
+python _vllm_engine.py SPEC.json OUT.json
+
+SPEC: {"model": dir, "socket": kvtierd socket or null (no connector), "hash_algo": "sha256",
+       "max_tokens": 8, "prompts": [{"tokens": [...], "salt": optional str}, ...]}
+OUT:  {"results": [{"tokens": [...], "num_cached_tokens": n}, ...], "stats": connector worker stats}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def block_keys(spec: dict, tokens: list[int], block_size: int = 32) -> list[str]:
+    """vLLM's block hashes of an unsalted text prompt (the kvtier keys), hex; the engine runs in this
+    process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so NONE_HASH is the engine's."""
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import hash_block_tokens
+    hash_fn = get_hash_fn_by_name(spec.get("hash_algo", "sha256"))
+    keys, parent = [], None
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = hash_block_tokens(hash_fn, parent, tokens[start:start + block_size], None)
+        keys.append(bytes(parent).hex())
+    return keys
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.load(open(spec_path))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    kv_transfer_config = None
+    if spec.get("socket"):
+        kv_transfer_config = KVTransferConfig(
+            kv_connector="KvtierConnector", kv_connector_module_path="kvtier.connectors.vllm",
+            kv_role="kv_both", kv_load_failure_policy="recompute",
+            kv_connector_extra_config={"socket": spec["socket"]})
+    started = time.monotonic()
+    llm = LLM(model=spec["model"], tokenizer=spec["model"], dtype="float32", block_size=32, max_model_len=1024,
+              kv_cache_memory_bytes=64 << 20, enforce_eager=True, enable_prefix_caching=True,
+              prefix_caching_hash_algo=spec.get("hash_algo", "sha256"), seed=0, max_num_seqs=8,
+              kv_transfer_config=kv_transfer_config)
+    ready = time.monotonic()
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), ignore_eos=True)
+    results = []
+    for prompt in spec["prompts"]:
+        request = TokensPrompt(prompt_token_ids=prompt["tokens"])
+        if prompt.get("salt"):
+            request["cache_salt"] = prompt["salt"]
+        (output,) = llm.generate([request], params, use_tqdm=False)
+        results.append({"tokens": list(output.outputs[0].token_ids),
+                        "num_cached_tokens": output.num_cached_tokens or 0,
+                        "keys": None if prompt.get("salt") else block_keys(spec, prompt["tokens"])})
+    stats = None
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+        if has_kv_transfer_group():
+            stats = get_kv_transfer_group().stats
+    except Exception:  # noqa: BLE001 - stats are informational
+        pass
+    with open(out_path, "w") as out:
+        json.dump({"results": results, "stats": stats, "startup_s": ready - started,
+                   "run_s": time.monotonic() - ready}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,216 @@
+"""The vLLM connector against a real vLLM engine on CPU and a real kvtierd.
+
+Every engine runs in its own process (`_vllm_engine.py`, in-process engine core, PYTHONHASHSEED=0) on a
+tiny random Llama generated here (no download). Greedy tokens are compared with a reference engine that
+runs without the connector; `num_cached_tokens` and the connector's counters show what was loaded.
+Prompts are 100 tokens: 3 full blocks of 32 plus 4 tokens.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from kvtier.client import block_checksum
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BLOCK = 32
+DAEMON = {"cpu.capacity": "64MiB", "cpu.slot_bytes": "64KiB", "disk.capacity": "256MiB"}
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed "
+                                "(requirements/engines.txt)")
+
+
+def _tokens(seed: int, n: int = 100) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 2000) for _ in range(n)]
+
+
+A = _tokens(1)
+B = A[:2 * BLOCK] + _tokens(2, 36)  # shares A's first two blocks only
+S = _tokens(3)
+C, E, F = _tokens(4), _tokens(5), _tokens(6)
+ALL = {"A": A, "B": B, "S": S, "C": C, "E": E, "F": F}
+
+
+def _engine_env(hash_seed: str | None = "0") -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONHASHSEED", None)
+    if hash_seed is not None:
+        env["PYTHONHASHSEED"] = hash_seed
+    return env
+
+
+def run_engine(tmp_path, model: str, prompts: list, socket: str | None, name: str, hash_algo: str = "sha256",
+               hash_seed: str | None = "0", check: bool = True):
+    """Runs prompts (name or (name, salt)) in sequence in a fresh engine process; returns (results, stats, log)."""
+    items = [(p, None) if isinstance(p, str) else p for p in prompts]
+    spec = {"model": model, "socket": socket, "hash_algo": hash_algo, "max_tokens": 8,
+            "prompts": [{"tokens": ALL[p], "salt": salt} for p, salt in items]}
+    spec_path, out_path = tmp_path / f"{name}.spec.json", tmp_path / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_vllm_engine.py"), str(spec_path), str(out_path)],
+                          env=_engine_env(hash_seed), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    if not check:
+        return proc.returncode, log
+    assert proc.returncode == 0, f"engine {name} failed:\n{log[-6000:]}"
+    out = json.loads(out_path.read_text())
+    return out["results"], out["stats"], log
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Two tiny random Llamas (seeds 0 and 1) with the same tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    paths = [str(root / "llama-seed0"), str(root / "llama-seed1")]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import _tiny_model as m; "
+            "m.build(sys.argv[2], 0); m.build(sys.argv[3], 1)")
+    subprocess.run([sys.executable, "-c", code, HERE, *paths], check=True, env=_engine_env(), capture_output=True,
+                   timeout=300)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def reference(models, tmp_path_factory):
+    """Greedy tokens of every prompt from an engine without the connector."""
+    results, stats, _ = run_engine(tmp_path_factory.mktemp("ref"), models[0], list(ALL), None, "reference")
+    assert stats is None
+    return {name: r["tokens"] for name, r in zip(ALL, results)}
+
+
+def _namespaces(daemon):
+    with daemon.client() as c:
+        return {n.name: dict(n.attributes) for n in c.list_namespaces()}
+
+
+@needs_vllm
+def test_a_second_engine_loads_what_the_first_stored(make_daemon, models, reference, tmp_path):
+    daemon = make_daemon(DAEMON)
+    first, stats1, _ = run_engine(tmp_path, models[0], ["A", ("S", "tenant-1")], daemon.socket, "e1")
+    assert [r["num_cached_tokens"] for r in first] == [0, 0]
+    assert [r["tokens"] for r in first] == [reference["A"], reference["S"]]
+    assert stats1["saved_blocks"] == 6 and stats1["loaded_blocks"] == 0
+    (namespace, attributes), = _namespaces(daemon).items()
+    assert namespace.startswith("vllm.") and attributes["model"] == models[0]
+    assert attributes["hash_algo"] == "sha256" and attributes["kv_dtype"] == "float32"
+    assert attributes["block_size"] == "32" and attributes["tp_rank"] == "0" and attributes["platform"] == "cpu"
+
+    # A fresh process: its own prefix cache is empty, so every hit comes from kvtier.
+    second, stats2, _ = run_engine(tmp_path, models[0], ["B", "A", ("S", "tenant-2"), ("S", "tenant-1")],
+                                   daemon.socket, "e2")
+    b, a, s_other_salt, s_same_salt = second
+    assert b["num_cached_tokens"] == 2 * BLOCK      # only the two blocks B shares with A
+    assert a["num_cached_tokens"] == 3 * BLOCK      # 2 now local (from B's load) + 1 from kvtier
+    assert s_other_salt["num_cached_tokens"] == 0   # cache_salt is in the block hashes: no hit
+    assert s_same_salt["num_cached_tokens"] == 3 * BLOCK
+    assert [r["tokens"] for r in second] == [reference["B"], reference["A"], reference["S"], reference["S"]]
+    assert stats2["loaded_blocks"] == 2 + 1 + 3 and stats2["load_errors"] == 0
+    assert stats2["saved_blocks"] == 1 + 3          # B's own third block, S under the other salt
+
+    # Another model (same architecture and tokenizer, other weights): another namespace, no hits.
+    third, stats3, _ = run_engine(tmp_path, models[1], ["A"], daemon.socket, "e3")
+    assert third[0]["num_cached_tokens"] == 0 and stats3["loaded_blocks"] == 0 and stats3["saved_blocks"] == 3
+    namespaces = _namespaces(daemon)
+    assert len(namespaces) == 2
+    assert sorted(n["model"] for n in namespaces.values()) == sorted(models)
+    with daemon.client() as c:
+        assert {ns: len(list(c.iter_inventory(ns))) for ns in namespaces} == {namespace: 10, **{
+            ns: 3 for ns in namespaces if ns != namespace}}
+
+
+def _flip_on_disk(daemon, data: bytes) -> None:
+    for path in glob.glob(os.path.join(daemon.data_dir, "disk", "segments", "*")):
+        buf = bytearray(open(path, "rb").read())
+        at = buf.find(data)
+        if at >= 0:
+            buf[at + len(data) // 2] ^= 0xFF
+            open(path, "r+b").write(buf)
+            return
+    raise AssertionError("block not found in any segment file")
+
+
+@needs_vllm
+def test_restart_corruption_and_outage_never_change_tokens(make_daemon, models, reference, tmp_path):
+    daemon = make_daemon(DAEMON)
+    first, _, _ = run_engine(tmp_path, models[0], ["C", "E", "F"], daemon.socket, "e1")
+    keys = {name: [bytes.fromhex(k) for k in r["keys"]] for name, r in zip("CEF", first)}
+    (namespace,) = _namespaces(daemon)
+    with daemon.client() as c:
+        assert c.lookup(namespace, keys["C"] + keys["E"] + keys["F"]).matched == 9  # the engine's keys
+        c_middle = c.get_blocks(namespace, [keys["C"][1]])[0]
+    assert daemon.stop() == 0                      # drains the write-through: every block is on disk
+    _flip_on_disk(daemon, c_middle)                # C's block 1: the disk tier quarantines it on read
+    daemon.start()
+    with daemon.client() as c:                     # E's block 1: corrupt the CPU copy behind the daemon's back
+        lease = c.acquire(namespace, [keys["E"][1]])
+        view = c.arena().view(lease.blocks[0].slot)
+        view[100] = view[100] ^ 0xFF
+        del view
+        c.release(lease.id)
+
+    second, stats, log = run_engine(tmp_path, models[0], ["F", "C", "E"], daemon.socket, "e2")
+    f, c_, e = second
+    assert f["num_cached_tokens"] == 3 * BLOCK     # survived the daemon restart (disk tier)
+    assert [r["tokens"] for r in second] == [reference["F"], reference["C"], reference["E"]]
+    # C and E: blocks 0 and 2 load, block 1 fails (missing / checksum) and vLLM recomputes from there.
+    assert stats["loaded_blocks"] == 3 + 2 + 2 and stats["load_errors"] == 2
+    assert "checksum" in log
+    assert stats["saved_blocks"] == 2              # the two bad blocks, recomputed, stored again
+    with daemon.client() as c:
+        assert c.stats().quarantined == 1
+        every = keys["C"] + keys["E"] + keys["F"]
+        for key, data in zip(every, c.get_blocks(namespace, every)):
+            assert data is not None and block_checksum(data) == c.stat(namespace, key).checksum
+
+    daemon.kill()                                   # no daemon at all: the engine serves alone
+    third, stats3, log3 = run_engine(tmp_path, models[0], ["F", "C"], daemon.socket, "e3")
+    assert [r["num_cached_tokens"] for r in third] == [0, 0]
+    assert [r["tokens"] for r in third] == [reference["F"], reference["C"]]
+    assert stats3["loaded_blocks"] == 0 and stats3["save_errors"] > 0
+    assert "kvtier: lookup failed" in log3
+
+
+@needs_vllm
+def test_random_root_hash_is_refused(make_daemon, models, tmp_path):
+    """xxhash without PYTHONHASHSEED: vLLM seeds NONE_HASH randomly per process; the connector refuses."""
+    daemon = make_daemon(DAEMON)
+    code, log = run_engine(tmp_path, models[0], ["A"], daemon.socket, "xx", hash_algo="xxhash", hash_seed=None,
+                           check=False)
+    assert code != 0
+    assert "HashSeedError" in log and "Set PYTHONHASHSEED" in log
+    assert _namespaces(daemon) == {}
+
+
+def test_block_layout_round_trips_any_block_major_layout():
+    torch = pytest.importorskip("torch")
+    from kvtier.connectors._layout import BlockLayout
+
+    num_blocks = 6
+    caches = {
+        "l1": torch.randn(num_blocks, 2, 32, 64),                         # CPU: (blocks, heads, tokens, 2*head)
+        "l0": torch.randn(2, num_blocks, 32, 2, 16),                      # K/V split first
+        "l2": torch.randn(num_blocks * 2, 4, 8).to(torch.bfloat16),       # two kernel blocks per block
+        "l3": torch.randn(num_blocks, 32, 2, 16).permute(0, 2, 1, 3),     # strided (head-major view)
+    }
+    layout = BlockLayout(caches, num_blocks)
+    assert [p.name for p in layout.parts] == ["l0/k", "l0/v", "l1", "l2", "l3"]
+    assert layout.block_bytes == 2 * 32 * 2 * 16 * 4 + 2 * 32 * 64 * 4 + 2 * 4 * 8 * 2 + 32 * 2 * 16 * 4
+    buffer = bytearray(layout.block_bytes)
+    layout.pack(3, memoryview(buffer))
+    before = {name: t.clone() for name, t in caches.items()}
+    layout.unpack(memoryview(buffer), 5)
+    assert torch.equal(caches["l1"][5], before["l1"][3]) and torch.equal(caches["l1"][:5], before["l1"][:5])
+    assert torch.equal(caches["l0"][:, 5], before["l0"][:, 3])
+    assert torch.equal(caches["l2"][10:12], before["l2"][6:8])
+    assert torch.equal(caches["l3"][5], before["l3"][3])
+    assert bytes(buffer[:8]) == caches["l0"][0, 3].contiguous().view(torch.uint8).flatten()[:8].numpy().tobytes()
+    with pytest.raises(ValueError, match="blocks"):
+        BlockLayout({"x": torch.zeros(7, 3)}, num_blocks)
