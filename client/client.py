@@ -35,7 +35,11 @@ def target_of(address: str) -> str:
 
 def _channel_args(token: str | None):
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               # A restarted daemon is back within a second or two; gRPC's default backoff (up to
+               # 2 min) would turn that into minutes of misses for a long-running engine.
+               ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+               ("grpc.max_reconnect_backoff_ms", 2000)]
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     return options, metadata
 
@@ -55,6 +59,7 @@ class Arena:
         self.generation = info.generation
         self.slot_bytes = info.slot_bytes
         self.slot_count = info.slot_count
+        self.max_keys_per_request = info.max_keys_per_request
         self.path = info.path
         self._view = memoryview(self._mmap)
 
@@ -118,9 +123,12 @@ def _copy_out(arena: Arena, blocks) -> list[bytes | None]:
 
 
 class Client:
-    """Synchronous client. `address`: a socket path (default) or host:port with a token."""
+    """Synchronous client. `address`: a socket path (default) or host:port with a token.
+    `timeout`: deadline in seconds for every unary call (None: no deadline)."""
 
-    def __init__(self, address: str = DEFAULT_SOCKET, token: str | None = None, tls_ca: str | None = None):
+    def __init__(self, address: str = DEFAULT_SOCKET, token: str | None = None, tls_ca: str | None = None,
+                 timeout: float | None = None):
+        self.timeout = timeout
         options, self._metadata = _channel_args(token)
         creds = _credentials(tls_ca)
         target = target_of(address)
@@ -140,22 +148,23 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, method, request, timeout=None):
-        return method(request, metadata=self._metadata, timeout=timeout)
+    def call(self, method, request):
+        """Any unary RPC (a stub method) with this client's token and deadline."""
+        return method(request, metadata=self._metadata, timeout=self.timeout)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
 
     # namespaces, lookup
     def register_namespace(self, name: str, attributes: dict[str, str] | None = None) -> bool:
-        return self._call(self.stub.RegisterNamespace,
+        return self.call(self.stub.RegisterNamespace,
                           pb.RegisterNamespaceRequest(name=name, attributes=attributes or {})).created
 
     def list_namespaces(self):
-        return list(self._call(self.stub.ListNamespaces, pb.ListNamespacesRequest()).namespaces)
+        return list(self.call(self.stub.ListNamespaces, pb.ListNamespacesRequest()).namespaces)
 
     def lookup(self, namespace: str, keys: Sequence[bytes]) -> pb.LookupResponse:
-        return self._call(self.stub.Lookup, pb.LookupRequest(namespace=namespace, keys=keys))
+        return self.call(self.stub.Lookup, pb.LookupRequest(namespace=namespace, keys=keys))
 
     # zero-copy path
     def arena(self, generation: str | None = None) -> Arena:
@@ -163,29 +172,29 @@ class Client:
         if self._arena is None or (generation and generation != self._arena.generation):
             if self._arena is not None:
                 self._arena.close()
-            self._arena = Arena(self._call(self.stub.ArenaInfo, pb.ArenaInfoRequest()))
+            self._arena = Arena(self.call(self.stub.ArenaInfo, pb.ArenaInfoRequest()))
         return self._arena
 
     def allocate(self, count: int, wait_ms: int = 5000, lease_ms: int = 0) -> Allocation:
-        r = self._call(self.stub.Allocate, pb.AllocateRequest(count=count, wait_ms=wait_ms, lease_ms=lease_ms))
+        r = self.call(self.stub.Allocate, pb.AllocateRequest(count=count, wait_ms=wait_ms, lease_ms=lease_ms))
         self.arena(r.generation)
         return Allocation(r.allocation_id, list(r.slots), r.deadline_unix_ms)
 
     def commit(self, allocation_id: int, namespace: str, entries: Iterable[tuple], wait_durable=False):
         """entries: (key, parent, slot, length, checksum). Returns a CommitStatus per entry."""
-        return list(self._call(self.stub.Commit, _commit_request(allocation_id, namespace, entries,
+        return list(self.call(self.stub.Commit, _commit_request(allocation_id, namespace, entries,
                                                                  wait_durable)).status)
 
     def abort(self, allocation_id: int) -> None:
-        self._call(self.stub.Abort, pb.AbortRequest(allocation_id=allocation_id))
+        self.call(self.stub.Abort, pb.AbortRequest(allocation_id=allocation_id))
 
     def acquire(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0) -> Lease:
-        r = self._call(self.stub.Acquire, pb.AcquireRequest(namespace=namespace, keys=keys, lease_ms=lease_ms))
+        r = self.call(self.stub.Acquire, pb.AcquireRequest(namespace=namespace, keys=keys, lease_ms=lease_ms))
         self.arena(r.generation)
         return Lease(r.lease_id, list(r.blocks), r.deadline_unix_ms)
 
     def release(self, lease_id: int) -> None:
-        self._call(self.stub.Release, pb.ReleaseRequest(lease_id=lease_id))
+        self.call(self.stub.Release, pb.ReleaseRequest(lease_id=lease_id))
 
     def put_blocks(self, namespace: str, blocks: Sequence[tuple[bytes, bytes, object]], wait_durable=False,
                    wait_ms: int = 5000):
@@ -227,7 +236,7 @@ class Client:
 
     # inventory and admin
     def inventory(self, namespace="", tier_mask=0, page_size=0, page_token=b"") -> pb.InventoryResponse:
-        return self._call(self.stub.Inventory, pb.InventoryRequest(
+        return self.call(self.stub.Inventory, pb.InventoryRequest(
             namespace=namespace, tier_mask=tier_mask, page_size=page_size, page_token=page_token))
 
     def iter_inventory(self, namespace="", tier_mask=0, page_size=0):
@@ -240,16 +249,16 @@ class Client:
                 return
 
     def stat(self, namespace: str, key: bytes) -> pb.BlockInfo:
-        return self._call(self.stub.Stat, pb.StatRequest(namespace=namespace, key=key))
+        return self.call(self.stub.Stat, pb.StatRequest(namespace=namespace, key=key))
 
     def stats(self) -> pb.StatsResponse:
-        return self._call(self.stub.Stats, pb.StatsRequest())
+        return self.call(self.stub.Stats, pb.StatsRequest())
 
     def delete(self, namespace: str, keys: Sequence[bytes]) -> pb.DeleteResponse:
-        return self._call(self.stub.Delete, pb.DeleteRequest(namespace=namespace, keys=keys))
+        return self.call(self.stub.Delete, pb.DeleteRequest(namespace=namespace, keys=keys))
 
     def clear(self, namespace: str) -> int:
-        return self._call(self.stub.Clear, pb.ClearRequest(namespace=namespace)).deleted
+        return self.call(self.stub.Clear, pb.ClearRequest(namespace=namespace)).deleted
 
     def watch(self, from_seq: int = 0, namespace: str = ""):
         """A cancellable iterator of Events (call .cancel() on it to stop)."""
@@ -259,7 +268,9 @@ class Client:
 class AsyncClient:
     """asyncio client with the same methods as Client (awaitables)."""
 
-    def __init__(self, address: str = DEFAULT_SOCKET, token: str | None = None, tls_ca: str | None = None):
+    def __init__(self, address: str = DEFAULT_SOCKET, token: str | None = None, tls_ca: str | None = None,
+                 timeout: float | None = None):
+        self.timeout = timeout
         options, self._metadata = _channel_args(token)
         creds = _credentials(tls_ca)
         target = target_of(address)
@@ -279,44 +290,45 @@ class AsyncClient:
     async def __aexit__(self, *exc):
         await self.close()
 
-    async def _call(self, method, request):
-        return await method(request, metadata=self._metadata)
+    async def call(self, method, request):
+        """Any unary RPC (a stub method) with this client's token and deadline."""
+        return await method(request, metadata=self._metadata, timeout=self.timeout)
 
     async def register_namespace(self, name: str, attributes: dict[str, str] | None = None) -> bool:
-        return (await self._call(self.stub.RegisterNamespace,
+        return (await self.call(self.stub.RegisterNamespace,
                                  pb.RegisterNamespaceRequest(name=name, attributes=attributes or {}))).created
 
     async def lookup(self, namespace: str, keys: Sequence[bytes]) -> pb.LookupResponse:
-        return await self._call(self.stub.Lookup, pb.LookupRequest(namespace=namespace, keys=keys))
+        return await self.call(self.stub.Lookup, pb.LookupRequest(namespace=namespace, keys=keys))
 
     async def arena(self, generation: str | None = None) -> Arena:
         if self._arena is None or (generation and generation != self._arena.generation):
             if self._arena is not None:
                 self._arena.close()
-            self._arena = Arena(await self._call(self.stub.ArenaInfo, pb.ArenaInfoRequest()))
+            self._arena = Arena(await self.call(self.stub.ArenaInfo, pb.ArenaInfoRequest()))
         return self._arena
 
     async def allocate(self, count: int, wait_ms: int = 5000, lease_ms: int = 0) -> Allocation:
-        r = await self._call(self.stub.Allocate, pb.AllocateRequest(count=count, wait_ms=wait_ms,
+        r = await self.call(self.stub.Allocate, pb.AllocateRequest(count=count, wait_ms=wait_ms,
                                                                     lease_ms=lease_ms))
         await self.arena(r.generation)
         return Allocation(r.allocation_id, list(r.slots), r.deadline_unix_ms)
 
     async def commit(self, allocation_id: int, namespace: str, entries: Iterable[tuple], wait_durable=False):
-        return list((await self._call(self.stub.Commit, _commit_request(allocation_id, namespace, entries,
+        return list((await self.call(self.stub.Commit, _commit_request(allocation_id, namespace, entries,
                                                                         wait_durable))).status)
 
     async def abort(self, allocation_id: int) -> None:
-        await self._call(self.stub.Abort, pb.AbortRequest(allocation_id=allocation_id))
+        await self.call(self.stub.Abort, pb.AbortRequest(allocation_id=allocation_id))
 
     async def acquire(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0) -> Lease:
-        r = await self._call(self.stub.Acquire, pb.AcquireRequest(namespace=namespace, keys=keys,
+        r = await self.call(self.stub.Acquire, pb.AcquireRequest(namespace=namespace, keys=keys,
                                                                   lease_ms=lease_ms))
         await self.arena(r.generation)
         return Lease(r.lease_id, list(r.blocks), r.deadline_unix_ms)
 
     async def release(self, lease_id: int) -> None:
-        await self._call(self.stub.Release, pb.ReleaseRequest(lease_id=lease_id))
+        await self.call(self.stub.Release, pb.ReleaseRequest(lease_id=lease_id))
 
     async def put_blocks(self, namespace, blocks, wait_durable=False, wait_ms: int = 5000):
         allocation = await self.allocate(len(blocks), wait_ms)
@@ -339,10 +351,10 @@ class AsyncClient:
                 await self.release(lease.id)
 
     async def stats(self) -> pb.StatsResponse:
-        return await self._call(self.stub.Stats, pb.StatsRequest())
+        return await self.call(self.stub.Stats, pb.StatsRequest())
 
     async def stat(self, namespace: str, key: bytes) -> pb.BlockInfo:
-        return await self._call(self.stub.Stat, pb.StatRequest(namespace=namespace, key=key))
+        return await self.call(self.stub.Stat, pb.StatRequest(namespace=namespace, key=key))
 
     def watch(self, from_seq: int = 0, namespace: str = ""):
         return self.stub.Watch(pb.WatchRequest(from_seq=from_seq, namespace=namespace), metadata=self._metadata)

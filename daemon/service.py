@@ -141,7 +141,9 @@ class KvTierService(pb_grpc.KvTierServicer):
     async def ArenaInfo(self, request, context):
         arena = self.store.arena
         return pb.ArenaInfoResponse(path=arena.path, size_bytes=arena.size_bytes, slot_bytes=arena.slot_bytes,
-                                    slot_count=arena.slot_count, generation=arena.generation)
+                                    slot_count=arena.slot_count, generation=arena.generation,
+                                    max_keys_per_request=self.limits.max_keys_per_request,
+                                    max_key_bytes=self.limits.max_key_bytes)
 
     @_unary
     async def Allocate(self, request, context):

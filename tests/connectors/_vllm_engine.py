@@ -3,7 +3,8 @@
 python _vllm_engine.py SPEC.json OUT.json
 
 SPEC: {"model": dir, "socket": kvtierd socket or null (no connector), "hash_algo": "sha256",
-       "max_tokens": 8, "prompts": [{"tokens": [...], "salt": optional str}, ...]}
+       "max_tokens": 8, "max_num_batched_tokens": 1024 (smaller: chunked prefill),
+       "prompts": [{"tokens": [...], "salt": optional str}, ...]}
 OUT:  {"results": [{"tokens": [...], "num_cached_tokens": n}, ...], "stats": connector worker stats}
 """
 
@@ -46,7 +47,7 @@ def main(spec_path: str, out_path: str) -> None:
     llm = LLM(model=spec["model"], tokenizer=spec["model"], dtype="float32", block_size=32, max_model_len=1024,
               kv_cache_memory_bytes=64 << 20, enforce_eager=True, enable_prefix_caching=True,
               prefix_caching_hash_algo=spec.get("hash_algo", "sha256"), seed=0, max_num_seqs=8,
-              kv_transfer_config=kv_transfer_config)
+              max_num_batched_tokens=spec.get("max_num_batched_tokens", 1024), kv_transfer_config=kv_transfer_config)
     ready = time.monotonic()
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), ignore_eos=True)
     results = []
@@ -57,7 +58,8 @@ def main(spec_path: str, out_path: str) -> None:
         (output,) = llm.generate([request], params, use_tqdm=False)
         results.append({"tokens": list(output.outputs[0].token_ids),
                         "num_cached_tokens": output.num_cached_tokens or 0,
-                        "keys": None if prompt.get("salt") else block_keys(spec, prompt["tokens"])})
+                        "keys": None if prompt.get("salt") or not spec.get("keys", True)
+                        else block_keys(spec, prompt["tokens"])})
     stats = None
     try:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group

@@ -1,0 +1,561 @@
+"""vLLM (v1) KV connector backed by the node's kvtierd.
+
+    KVTransferConfig(kv_connector="KvtierConnector", kv_connector_module_path="kvtier.connectors.vllm",
+                     kv_role="kv_both", kv_load_failure_policy="recompute",
+                     kv_connector_extra_config={"socket": "/path/to/kvtierd.sock"})
+
+One kvtier block = one full engine block: the concatenation, over layers in sorted name order, of each
+layer's slice for that block (see ``_layout``). Keys are vLLM's own block hashes
+(``request.block_hashes``, 32 bytes, each chaining its parent, ``cache_salt`` included), scoped by a
+namespace derived from everything that makes two engines' KV bytes comparable: model, dtypes, block
+size, KV layout and shape, parallel rank and the prefix-caching hash algorithm.
+
+Scheduler side: one ``Lookup`` per new request (per parallel rank: one with TP=1) decides how many
+full blocks beyond the local prefix-cache hit to load; at least one prompt token is always left to
+compute. Worker side: loads are one ``Acquire`` per step, each block checksum-verified in shared
+memory before it is copied into the KV cache, then one ``Release``; saves are one ``Allocate``, copies
+into the arena, one ``Commit``. Loads are synchronous (done in ``start_load_kv`` before the forward).
+Every daemon failure degrades to a cache miss: a failed load is reported through
+``get_block_ids_with_load_errors`` and vLLM recomputes those tokens (set
+``kv_load_failure_policy="recompute"``); a failed save is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvtier.client.client import DEFAULT_SOCKET, Client, block_checksum
+from kvtier.connectors._layout import BlockLayout
+from kvtier.proto.v1 import kvtier_pb2 as pb
+
+try:
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError:  # older vLLM
+    CacheHitSource = None
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+# Under "vllm." so that vLLM's log handler prints it.
+logger = logging.getLogger("vllm.kvtier")
+
+MAX_KEYS_PER_CALL = 4096  # the daemon's default limits.max_keys_per_request
+
+
+class HashSeedError(RuntimeError):
+    """vLLM's block hashes are random per process: no two engines could ever share a block."""
+
+
+# -- configuration-derived identity ----------------------------------------------------------------
+def check_reproducible_block_hashes(vllm_config: "VllmConfig") -> None:
+    """Raises HashSeedError when vLLM derives its root block hash (NONE_HASH) from a random seed.
+
+    vLLM >= 0.1x: ``resolve_none_hash_seed(hash_fn)`` returns PYTHONHASHSEED when set, a fixed seed for
+    cryptographic algorithms (sha256, sha256_cbor), and fresh random bytes for xxhash/xxhash_cbor.
+    Resolving it twice tells the two apart without depending on that list. Older vLLMs derived
+    NONE_HASH from ``hash(...)`` or ``os.urandom`` unless PYTHONHASHSEED was set.
+    """
+    algo = vllm_config.cache_config.prefix_caching_hash_algo
+    if os.environ.get("PYTHONHASHSEED") not in (None, "", "random"):
+        return
+    from vllm.v1.core import kv_cache_utils
+    resolve = getattr(kv_cache_utils, "resolve_none_hash_seed", None)
+    if resolve is not None:
+        from vllm.utils.hashing import get_hash_fn_by_name
+        hash_fn = get_hash_fn_by_name(algo)
+        if resolve(hash_fn) == resolve(hash_fn):
+            return
+    raise HashSeedError(
+        f"kvtier: vLLM's root block hash (NONE_HASH) is random in every process with "
+        f"prefix_caching_hash_algo={algo!r} and PYTHONHASHSEED unset, so no block stored by one engine "
+        f"could ever be found by another. Set PYTHONHASHSEED to the same value for every engine "
+        f"(e.g. PYTHONHASHSEED=0), or use a hash algorithm whose root does not depend on it "
+        f"(--prefix-caching-hash-algo sha256 or sha256_cbor).")
+
+
+def _clip(value: Any, limit: int = 256) -> str:
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    return text[-(limit - 17):] + "#" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def namespace_attributes(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> dict[str, str]:
+    """Fields that decide whether two engines' blocks are interchangeable (rank fields excluded).
+
+    Only configuration is used, so the scheduler and every worker derive the same attributes."""
+    from vllm.platforms import current_platform
+
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    parallel = vllm_config.parallel_config
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(f"kvtier: models with {len(groups)} KV cache groups (hybrid attention) are not "
+                         "supported; the connector handles one uniform attention group")
+    spec = groups[0].kv_cache_spec
+    layout = getattr(kv_cache_config, "kv_cache_layout", None)
+    if layout is None:
+        try:
+            from vllm.v1.attention.backends.utils import get_kv_cache_layout
+            layout = get_kv_cache_layout()
+        except Exception:  # noqa: BLE001 - layout helper moved; the shape fields still separate layouts
+            layout = "unknown"
+    return {
+        "engine": "vllm",
+        "model": _clip(model.model),
+        "revision": _clip(model.revision or ""),
+        "model_dtype": str(model.dtype).removeprefix("torch."),
+        "kv_dtype": str(getattr(spec, "dtype", cache.cache_dtype)).removeprefix("torch."),
+        "cache_dtype": str(cache.cache_dtype),
+        "block_size": str(cache.block_size),
+        "hash_block_size": str(getattr(kv_cache_config, "hash_block_size", None) or cache.block_size),
+        "hash_algo": str(cache.prefix_caching_hash_algo),
+        "platform": str(current_platform.device_type),
+        "kv_layout": str(getattr(layout, "name", layout)),
+        "kv_spec": type(spec).__name__,
+        "num_kv_heads": str(getattr(spec, "num_kv_heads", "")),
+        "head_size": str(getattr(spec, "head_size", "")),
+        "num_layers": str(len(groups[0].layer_names)),
+        "page_size_bytes": str(getattr(spec, "page_size_bytes", "")),
+        "tp_size": str(parallel.tensor_parallel_size),
+        "pp_size": str(parallel.pipeline_parallel_size),
+    }
+
+
+def namespace_for(base: dict[str, str], tp_rank: int, pp_rank: int) -> tuple[str, dict[str, str]]:
+    attributes = {**base, "tp_rank": str(tp_rank), "pp_rank": str(pp_rank)}
+    digest = hashlib.sha256(json.dumps(attributes, sort_keys=True).encode()).hexdigest()[:16]
+    return f"vllm.{digest}", attributes
+
+
+# -- metadata (scheduler -> worker; pickled) ------------------------------------------------------------
+@dataclass
+class LoadWork:
+    req_id: str
+    block_ids: list[int]
+    keys: list[bytes]
+
+
+@dataclass
+class SaveWork:
+    req_id: str
+    block_ids: list[int]
+    keys: list[bytes]
+    parents: list[bytes]
+
+
+@dataclass
+class KvtierConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadWork] = field(default_factory=list)
+    saves: list[SaveWork] = field(default_factory=list)
+
+
+@dataclass
+class _RequestState:
+    request: "Request"
+    saved_upto: int = 0  # blocks [0, saved_upto) are stored (or being saved) in kvtier
+
+
+class _RateLimitedLog:
+    def __init__(self, interval_s: float = 30.0):
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e9) >= self.interval_s:
+            skipped = self.suppressed.pop(kind, 0)
+            suffix = f" ({skipped} similar messages suppressed)" if skipped else ""
+            logger.warning("kvtier: " + message + suffix, *args)
+            self._last[kind] = now
+        else:
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+
+
+class _Daemon:
+    """The client plus per-call deadlines and lazy namespace registration."""
+
+    def __init__(self, socket: str, timeout_s: float, namespaces: dict[str, dict[str, str]]):
+        self.client = Client(socket, timeout=timeout_s)
+        self.namespaces = namespaces
+        self._registered: set[str] = set()
+
+    def call(self, name: str, request):
+        return self.client.call(getattr(self.client.stub, name), request)
+
+    def ensure_namespaces(self, force: bool = False) -> None:
+        for name, attributes in self.namespaces.items():
+            if force or name not in self._registered:
+                self.call("RegisterNamespace", pb.RegisterNamespaceRequest(name=name, attributes=attributes))
+                self._registered.add(name)
+
+    def with_namespace(self, fn):
+        """Runs fn(); on NOT_FOUND (the daemon lost the namespace) registers again and retries once."""
+        self.ensure_namespaces()
+        try:
+            return fn()
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            self.ensure_namespaces(force=True)
+            return fn()
+
+    def arena(self, generation: str):
+        return self.client.arena(generation)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, grpc.RpcError):
+        return f"{error.code().name}: {error.details()}"
+    return repr(error)
+
+
+class KvtierConnector(KVConnectorBase_V1):
+    """vLLM v1 connector: kvtier as a node-wide, restart-surviving prefix cache."""
+
+    if CacheHitSource is not None:
+        _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig | None" = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        check_reproducible_block_hashes(vllm_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self._socket = str(extra.get("socket") or os.environ.get("KVTIER_SOCKET") or DEFAULT_SOCKET)
+        self._timeout_s = float(extra.get("timeout_s", 5.0))
+        self._allocate_wait_ms = int(extra.get("allocate_wait_ms", 200))
+        self._block_size = vllm_config.cache_config.block_size
+        hash_block_size = getattr(kv_cache_config, "hash_block_size", None) or self._block_size
+        if self._block_size % hash_block_size:
+            raise ValueError(f"kvtier: block_size {self._block_size} is not a multiple of the hash block size "
+                             f"{hash_block_size}")
+        self._hashes_per_block = self._block_size // hash_block_size
+        self._log = _RateLimitedLog(float(extra.get("warning_interval_s", 30.0)))
+        policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
+        if policy != "recompute" and role == KVConnectorRole.SCHEDULER:
+            logger.warning("kvtier: kv_load_failure_policy=%r: a block lost or corrupted in the daemon fails the "
+                           "request; set kv_load_failure_policy='recompute' to recompute it instead", policy)
+
+        base = namespace_attributes(vllm_config, kv_cache_config)
+        parallel = vllm_config.parallel_config
+        if role == KVConnectorRole.SCHEDULER:
+            # Every rank stores its own shard; a block is a hit only when every rank has it.
+            shards = [(tp, pp) for pp in range(parallel.pipeline_parallel_size)
+                      for tp in range(parallel.tensor_parallel_size)]
+        else:
+            from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+            shards = [(get_tp_group().rank_in_group, get_pp_group().rank_in_group)]
+        namespaces = dict(namespace_for(base, tp, pp) for tp, pp in shards)
+        self._namespaces = list(namespaces)
+        self._daemon = _Daemon(self._socket, self._timeout_s, namespaces)
+        logger.info("kvtier: %s connector on %s, namespaces %s (%s)", role.name.lower(), self._socket,
+                    self._namespaces, base)
+
+        # scheduler state
+        self._requests: dict[str, _RequestState] = {}
+        self._lookups: dict[str, tuple[int, int, int]] = {}  # req_id -> (start, hit blocks, stored prefix)
+        self._pending_loads: dict[str, LoadWork] = {}
+        # worker state
+        self._layout: BlockLayout | None = None
+        self._load_errors: set[int] = set()
+        self._failed_reqs: set[str] = set()
+        self.stats = {"lookups": 0, "hit_blocks": 0, "loaded_blocks": 0, "load_errors": 0,
+                      "saved_blocks": 0, "duplicate_blocks": 0, "save_errors": 0}
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is just a future miss
+
+    # ===================================== scheduler side =====================================
+    def _keys(self, request: "Request", start: int = 0, stop: int | None = None) -> list[bytes]:
+        """kvtier keys of the request's full blocks [start, stop): vLLM's hash of each block's last
+        hash-block (the block hash itself when hash and cache block sizes agree)."""
+        hashes = request.block_hashes
+        k = self._hashes_per_block
+        count = len(hashes) // k
+        stop = count if stop is None else min(stop, count)
+        if k == 1:
+            return list(hashes[start:stop])
+        return [hashes[(i + 1) * k - 1] for i in range(start, stop)]
+
+    def _num_keys(self, request: "Request") -> int:
+        return len(request.block_hashes) // self._hashes_per_block
+
+    def _stored_prefix(self, keys: list[bytes]) -> int:
+        """Longest prefix of keys stored in every namespace (one Lookup per namespace and 4096 keys)."""
+        matched = len(keys)
+        for namespace in self._namespaces:
+            count = 0
+            for start in range(0, matched, MAX_KEYS_PER_CALL):
+                chunk = keys[start:min(start + MAX_KEYS_PER_CALL, matched)]
+                got = self._daemon.with_namespace(
+                    lambda: self._daemon.call("Lookup", pb.LookupRequest(namespace=namespace, keys=chunk))).matched
+                count += got
+                if got < len(chunk):
+                    break
+            matched = min(matched, count)
+            if matched == 0:
+                break
+        return matched
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        usable = min(self._num_keys(request), (request.num_tokens - 1) // self._block_size)  # >= 1 token left
+        start = num_computed_tokens // self._block_size
+        if usable <= start:
+            return 0, False
+        keys = self._keys(request, 0, usable)
+        try:
+            stored = self._stored_prefix(keys)
+            if stored >= start:
+                hit = stored - start
+            else:  # the daemon lost blocks vLLM still has locally: is what follows there?
+                hit = self._stored_prefix(keys[start:])
+        except Exception as error:  # noqa: BLE001 - the daemon never fails a request: serve without it
+            self._log.warning("lookup", "lookup failed, serving from the engine alone (%s)", _error_text(error))
+            return 0, False
+        self.stats["lookups"] += 1
+        self._lookups[request.request_id] = (start, hit, stored)
+        return hit * self._block_size, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        state = self._requests.setdefault(request.request_id, _RequestState(request))
+        state.request = request
+        start, hit, stored = self._lookups.pop(request.request_id, (0, 0, 0))
+        state.saved_upto = stored
+        count = min(num_external_tokens // self._block_size, hit)
+        if count <= 0:
+            return
+        block_ids = blocks.get_block_ids()[0]
+        self._pending_loads[request.request_id] = LoadWork(
+            request.request_id, list(block_ids[start:start + count]), self._keys(request, start, start + count))
+        self.stats["hit_blocks"] += count
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = KvtierConnectorMetadata(loads=list(self._pending_loads.values()))
+        self._pending_loads.clear()
+
+        scheduled: list[tuple[str, int]] = [(r.req_id, r.num_computed_tokens)
+                                            for r in scheduler_output.scheduled_new_reqs]
+        cached = scheduler_output.scheduled_cached_reqs
+        scheduled += list(zip(cached.req_ids, cached.num_computed_tokens))
+        step_keys: set[bytes] = set()
+        for req_id, computed_before in scheduled:
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            if computed_before < state.saved_upto * self._block_size:
+                # vLLM recomputes blocks it was told were stored (a failed load): store them again.
+                state.saved_upto = computed_before // self._block_size
+            done = min((computed_before + scheduler_output.num_scheduled_tokens.get(req_id, 0))
+                       // self._block_size, self._num_keys(state.request))
+            if done <= state.saved_upto:
+                continue
+            block_ids = self._block_ids(req_id)
+            first = state.saved_upto
+            keys = self._keys(state.request, max(first - 1, 0), min(done, len(block_ids)))
+            offset = first - max(first - 1, 0)  # keys[offset + j] is block first + j; keys[offset-1] its parent
+            work = SaveWork(req_id, [], [], [])
+            for j, i in enumerate(range(first, min(done, len(block_ids)))):
+                key = keys[offset + j]
+                if key in step_keys:
+                    continue
+                step_keys.add(key)
+                work.block_ids.append(block_ids[i])
+                work.keys.append(key)
+                work.parents.append(keys[offset + j - 1] if i else b"")
+            state.saved_upto = done
+            if work.keys:
+                meta.saves.append(work)
+        return meta
+
+    def _block_ids(self, req_id: str) -> list[int]:
+        assert self._kv_cache_manager is not None, "bind_kv_cache_manager was not called"
+        return list(self._kv_cache_manager.get_block_ids(req_id)[0])
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._requests.pop(request.request_id, None)
+        self._lookups.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        return False, None
+
+    # ====================================== worker side =======================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self._layout = BlockLayout(kv_caches, self._kv_cache_config.num_blocks)
+        logger.info("kvtier: %d KV tensors, %d bytes per block, layout %s", len(kv_caches),
+                    self._layout.block_bytes, self._layout.describe())
+        try:
+            info = self._daemon.call("ArenaInfo", pb.ArenaInfoRequest())
+        except grpc.RpcError as error:
+            self._log.warning("arena", "daemon unreachable at start (%s); will retry", _error_text(error))
+            return
+        if self._layout.block_bytes > info.slot_bytes:
+            logger.error("kvtier: a block is %d bytes but the daemon's slots hold %d: nothing will be stored "
+                         "(raise cpu.slot_bytes to at least the block size)", self._layout.block_bytes,
+                         info.slot_bytes)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvtierConnectorMetadata)
+        if not meta.loads:
+            return
+        layout = self._layout
+        wanted = [(work.req_id, b, k) for work in meta.loads for b, k in zip(work.block_ids, work.keys)]
+        if layout is None:
+            self._fail_loads(wanted, "no KV caches registered")
+            return
+        unique = list(dict.fromkeys(k for _, _, k in wanted))
+        namespace = self._namespaces[0]
+        leases: list[int] = []
+        found: dict[bytes, pb.AcquiredBlock] = {}
+        corrupt: set[bytes] = set()
+        try:
+            for start in range(0, len(unique), MAX_KEYS_PER_CALL):
+                chunk = unique[start:start + MAX_KEYS_PER_CALL]
+                reply = self._daemon.with_namespace(lambda: self._daemon.call(
+                    "Acquire", pb.AcquireRequest(namespace=namespace, keys=chunk)))
+                if reply.lease_id:
+                    leases.append(reply.lease_id)
+                arena = self._daemon.arena(reply.generation)
+                found.update(zip(chunk, reply.blocks))
+            failed: list[tuple[str, int, bytes]] = []
+            for req_id, block_id, key in wanted:
+                block = found.get(key)
+                reason = self._check(block, arena if found else None, layout)
+                if reason:
+                    failed.append((req_id, block_id, key))
+                    if block is not None and block.found:
+                        corrupt.add(key)
+                    self._log.warning(f"load:{reason.split()[0]}", "block %s not loaded (%s); vLLM recomputes it",
+                                      key.hex()[:16], reason)
+                    continue
+                layout.unpack(arena.view(block.slot), block_id)
+                self.stats["loaded_blocks"] += 1
+            if failed:
+                self._fail_loads(failed, None)
+        except Exception as error:  # noqa: BLE001 - never fail the step: recompute instead
+            self._log.warning("load", "load of %d blocks failed (%s); vLLM recomputes them", len(wanted),
+                              _error_text(error))
+            self._fail_loads(wanted, None)
+        finally:
+            for lease_id in leases:
+                try:
+                    self._daemon.call("Release", pb.ReleaseRequest(lease_id=lease_id))
+                except grpc.RpcError:
+                    pass  # the lease expires on its own
+            if corrupt:  # drop the bad copies so that the recomputed blocks are stored again
+                try:
+                    self._daemon.call("Delete", pb.DeleteRequest(namespace=namespace, keys=sorted(corrupt)))
+                except grpc.RpcError as error:
+                    self._log.warning("delete", "could not delete %d corrupt blocks (%s)", len(corrupt),
+                                      _error_text(error))
+
+    @staticmethod
+    def _check(block, arena, layout: BlockLayout) -> str | None:
+        if block is None or not block.found or arena is None:
+            return "not found"
+        if block.length != layout.block_bytes:
+            return f"length {block.length} bytes, expected {layout.block_bytes}"
+        got = block_checksum(arena.view(block.slot)[:block.length])
+        if got != block.checksum:
+            return f"checksum {got:#x} != {block.checksum:#x}"
+        return None
+
+    def _fail_loads(self, failed, reason: str | None) -> None:
+        if reason:
+            self._log.warning("load", "%d blocks not loaded (%s); vLLM recomputes them", len(failed), reason)
+        for req_id, block_id, _ in failed:
+            self._load_errors.add(block_id)
+            self._failed_reqs.add(req_id)
+        self.stats["load_errors"] += len(failed)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
+                      **kwargs: Any) -> None:
+        return  # all layers are saved together in wait_for_save: one block = every layer
+
+    def wait_for_save(self):
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvtierConnectorMetadata)
+        failed_reqs, self._failed_reqs = self._failed_reqs, set()
+        # A request whose load failed this step computed its later tokens against a missing block: its KV
+        # from this step is not stored (vLLM recomputes it, and the scheduler schedules the save again).
+        work = [(b, k, p) for w in meta.saves if w.req_id not in failed_reqs
+                for b, k, p in zip(w.block_ids, w.keys, w.parents)]
+        if not work or self._layout is None:
+            return
+        for start in range(0, len(work), MAX_KEYS_PER_CALL):
+            self._save(work[start:start + MAX_KEYS_PER_CALL])
+
+    def _save(self, work: list[tuple[int, bytes, bytes]]) -> None:
+        layout = self._layout
+        namespace = self._namespaces[0]
+        try:
+            self._daemon.ensure_namespaces()
+            reply = self._daemon.call("Allocate", pb.AllocateRequest(count=len(work),
+                                                                     wait_ms=self._allocate_wait_ms))
+        except grpc.RpcError as error:
+            self.stats["save_errors"] += len(work)
+            self._log.warning("save", "%d blocks not stored (%s)", len(work), _error_text(error))
+            return
+        try:
+            arena = self._daemon.arena(reply.generation)
+            if layout.block_bytes > arena.slot_bytes:
+                raise ValueError(f"block of {layout.block_bytes} bytes exceeds the slot size {arena.slot_bytes}")
+            entries = []
+            for slot, (block_id, key, parent) in zip(reply.slots, work):
+                view = arena.view(slot)
+                layout.pack(block_id, view)
+                entries.append(pb.CommitEntry(key=key, parent=parent, slot=slot, length=layout.block_bytes,
+                                              checksum=block_checksum(view[:layout.block_bytes])))
+            statuses = self._daemon.with_namespace(lambda: self._daemon.call("Commit", pb.CommitRequest(
+                allocation_id=reply.allocation_id, namespace=namespace, entries=entries)).status)
+            stored = sum(1 for s in statuses if s == pb.STORED)
+            self.stats["saved_blocks"] += stored
+            self.stats["duplicate_blocks"] += len(statuses) - stored
+        except Exception as error:  # noqa: BLE001 - a dropped save is only a future miss
+            self.stats["save_errors"] += len(work)
+            self._log.warning("save", "%d blocks not stored (%s)", len(work), _error_text(error))
+            try:
+                self._daemon.call("Abort", pb.AbortRequest(allocation_id=reply.allocation_id))
+            except grpc.RpcError:
+                pass  # the allocation expires on its own
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self):
+        logger.info("kvtier: %s connector stats %s", self._role.name.lower(), self.stats)
+        self._daemon.close()

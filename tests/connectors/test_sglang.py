@@ -1,0 +1,397 @@
+"""SGLang HiCache storage backend against a real kvtierd.
+
+The backend is loaded the way SGLang loads it (``StorageBackendFactory.create_backend("dynamic", ...)``
+then ``register_mem_pool_host``) over real SGLang host KV pools (``MHATokenToKVPoolHost`` /
+``MLATokenToKVPoolHost``) built on CPU from real SGLang device pools, with page keys from SGLang's own
+page hash (``get_hash_str``). Needs the sglang wheel (requirements/sglang.txt); skipped without it.
+"""
+
+from __future__ import annotations
+
+import enum
+import glob
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import struct
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("sglang.srt.mem_cache.hicache_storage", reason="sglang is not installed")
+
+import torch  # noqa: E402
+
+from kvtier.client import Client  # noqa: E402
+from kvtier.connectors.sglang import KvtierHiCacheStorage, page_key  # noqa: E402
+from kvtier.proto.v1 import kvtier_pb2 as pb  # noqa: E402
+
+PAGE = 8  # tokens per page
+
+
+# -- SGLang objects ------------------------------------------------------------------------------------
+def _torchvision_shim() -> dict[str, types.ModuleType]:
+    """Import-time names sglang's multimodal configs take from torchvision (InternVL/DeepSeek-OCR image
+    transforms, never called here). PyPI's torchvision is a CUDA build that breaks the CPU torch this
+    venv shares with vLLM, so it is not installed; these modules stand in while sglang imports."""
+    def module(name, package=False):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package)
+        if package:
+            mod.__path__ = []
+        return mod
+    tv, transforms = module("torchvision", True), module("torchvision.transforms", True)
+    functional = module("torchvision.transforms.functional")
+
+    class InterpolationMode(enum.Enum):
+        NEAREST = "nearest"
+        BILINEAR = "bilinear"
+        BICUBIC = "bicubic"
+    functional.InterpolationMode = transforms.InterpolationMode = InterpolationMode
+    transforms.functional, tv.transforms = functional, transforms
+    return {"torchvision": tv, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
+
+
+@pytest.fixture(scope="module")
+def sgl():
+    shim = {}
+    if importlib.util.find_spec("torchvision") is None:
+        import transformers  # noqa: F401 - decides torchvision availability before the shim exists
+        shim = _torchvision_shim()
+        for name, mod in shim.items():
+            sys.modules.setdefault(name, mod)
+    try:
+        from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig, HiCacheStorageExtraInfo
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
+        from sglang.srt.mem_cache.pool_host.mha import get_mha_host_pool_cls
+        from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
+        from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+        from sglang.srt.mem_cache.utils import get_hash_str
+        from sglang.srt.observability.metrics_collector import StorageMetrics
+    finally:
+        for name, mod in shim.items():
+            if sys.modules.get(name) is mod:
+                del sys.modules[name]
+    return SimpleNamespace(**locals())
+
+
+def host_pool(sgl, layout="page_first", mla=False, layers=2, heads=4, head_dim=32, dtype=torch.bfloat16,
+              seed=0):
+    """A real SGLang device pool on CPU and its host pool (as SGLang's pool assembler builds it, with
+    pinned memory off: there is no CUDA here), filled with random bytes."""
+    if mla:
+        device = sgl.MLATokenToKVPool(256, PAGE, dtype, 64, 16, layers, "cpu", False, start_layer=0,
+                                      end_layer=layers - 1)
+    else:
+        device = sgl.MHATokenToKVPool(256, PAGE, dtype, heads, head_dim, layers, "cpu", False, start_layer=0,
+                                      end_layer=layers - 1)
+    info = device.get_device_pool_infos()[0].buffer_info
+    common = dict(host_to_device_ratio=2.0, host_size=0, page_size=PAGE, layout=layout, pin_memory=False,
+                  device="cpu", device_capacity_tokens=device.size, start_layer=device.start_layer,
+                  end_layer=device.end_layer)
+    if mla:
+        pool = sgl.MLATokenToKVPoolHost(info, target_layer_num=device.layer_num,
+                                        override_kv_cache_dim=device.kv_cache_dim, **common)
+    else:
+        pool = sgl.get_mha_host_pool_cls(info)(info, write_back_staging=device.hicache_write_back_staging, **common)
+    raw = pool.kv_buffer.view(torch.uint8)
+    raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)))
+    return pool
+
+
+def page_bytes(pool, host_indices: torch.Tensor, page: int) -> bytes:
+    index = int(host_indices[page * PAGE])
+    return bytes(pool.get_data_page(index, flat=True).view(torch.uint8).numpy())
+
+
+def make_backend(sgl, socket, pool=None, model="org/tiny-model", tp_rank=0, tp_size=1, mla=False, **extra):
+    """What SGLang's HiCacheController.attach_storage_backend does for --hicache-storage-backend dynamic."""
+    config = sgl.HiCacheStorageConfig(
+        tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+        is_mla_model=mla, enable_storage_metrics=extra.pop("enable_storage_metrics", False),
+        is_page_first_layout=getattr(pool, "layout", None) == "page_first", model_name=model,
+        extra_config={"backend_name": "kvtier", "module_path": "kvtier.connectors.sglang",
+                      "class_name": "KvtierHiCacheStorage", "interface_v1": 1, "socket": socket,
+                      "timeout_s": 3, **extra})
+    backend = sgl.StorageBackendFactory.create_backend("dynamic", config, pool)
+    if pool is not None:
+        backend.register_mem_pool_host(pool)
+    backend.on_host_pools_registered()
+    return backend
+
+
+def chain(sgl, tokens: list[int]) -> list[str]:
+    """SGLang's storage page keys of a token sequence (no extra key / cache salt)."""
+    return sgl.get_hash_str(tokens, None, page_size=PAGE)
+
+
+def tokens(n_pages: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 150_000, (n_pages * PAGE,), generator=g).tolist()
+
+
+class RpcCounter:
+    """Counts the client calls a backend makes."""
+
+    def __init__(self, backend):
+        self.counts: dict[str, int] = {}
+        client = backend._client
+        for name in ("lookup", "acquire", "release", "allocate", "commit", "abort"):
+            original = getattr(client, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.counts[_name] = self.counts.get(_name, 0) + 1
+                return _original(*args, **kwargs)
+            setattr(client, name, counted)
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+def test_factory_loads_the_backend_and_namespaces_it(sgl, daemon):
+    pool = host_pool(sgl, "page_first")
+    backend = make_backend(sgl, daemon.socket, pool)
+    assert isinstance(backend, KvtierHiCacheStorage)
+    assert backend.page_bytes == 2 * 2 * PAGE * 4 * 32 * 2
+    assert backend.batch_exists(chain(sgl, tokens(2))) == 0  # registers the namespace
+    with Client(daemon.socket) as c:
+        (ns,) = c.list_namespaces()
+    assert ns.name == backend.namespace and ns.name.startswith("sglang.")
+    attrs = dict(ns.attributes)
+    assert attrs["model"] == "org/tiny-model" and attrs["tp_rank"] == "0" and attrs["mla"] == "false"
+    assert attrs["layout"] == "page_first" and attrs["kv_dtype"] == "bfloat16" and attrs["page_size"] == str(PAGE)
+    assert attrs["page_bytes"] == str(backend.page_bytes) and attrs["pool"] == "MHATokenToKVPoolHost"
+
+
+def test_page_keys_are_sglang_sha256_chains(sgl):
+    toks = tokens(3)
+    keys = chain(sgl, toks)
+    digest = b""
+    for p in range(3):  # SHA-256 over the previous digest and the page's tokens as little-endian uint32
+        digest = hashlib.sha256(digest + struct.pack(f"<{PAGE}I", *toks[p * PAGE:(p + 1) * PAGE])).digest()
+        assert keys[p] == digest.hex() and page_key(keys[p]) == digest
+    assert page_key("not-a-hash") == hashlib.sha256(b"not-a-hash").digest()
+
+
+def test_tensor_set_exists_get_round_trip(sgl, daemon):
+    backend = make_backend(sgl, daemon.socket, interface_v1=0)
+    keys = chain(sgl, tokens(4))
+    values = [torch.randn(2, PAGE, 16, dtype=torch.bfloat16) for _ in keys]
+    assert not backend.exists(keys[0])
+    assert backend.get(keys[0], torch.empty(2 * PAGE * 16, dtype=torch.bfloat16)) is None
+    assert backend.set(keys[0], values[0])
+    assert backend.exists(keys[0])
+    target = torch.empty(2 * PAGE * 16, dtype=torch.bfloat16)
+    got = backend.get(keys[0], target)
+    assert got is target and torch.equal(got.view(values[0].shape), values[0])
+    assert backend.batch_set(keys[1:], values[1:])
+    targets = [torch.zeros_like(v) for v in values]
+    got = backend.batch_get(keys, targets)
+    assert all(g is t for g, t in zip(got, targets))
+    assert all(torch.equal(t, v) for t, v in zip(targets, values))
+    plain = backend.get(keys[2])  # no target: a new uint8 tensor
+    assert bytes(plain.numpy()) == bytes(values[2].view(torch.uint8).reshape(-1).numpy())
+    assert backend.batch_get([keys[0], "ff" * 32], [torch.empty(0)] * 2) == [None, None]  # wrong size; absent
+    assert backend.batch_exists(keys) == 4
+
+
+def test_batch_exists_counts_leading_hits(sgl, daemon):
+    pool = host_pool(sgl)
+    backend = make_backend(sgl, daemon.socket, pool)
+    keys = chain(sgl, tokens(8))
+    idx = pool.alloc(8 * PAGE)
+
+    def store(pages):
+        sel = torch.cat([idx[p * PAGE:(p + 1) * PAGE] for p in pages])
+        assert backend.batch_set_v1([keys[p] for p in pages], sel) == [True] * len(pages)
+    store(range(5))
+    assert backend.batch_exists(keys) == 5
+    store([6, 7])  # a gap at page 5
+    assert backend.batch_exists(keys) == 5
+    assert backend.batch_exists(keys[6:]) == 2
+    store([5])
+    assert backend.batch_exists(keys) == 8
+    assert backend.batch_exists(keys[:3] + chain(sgl, tokens(1, seed=9)) + keys[4:]) == 3
+
+
+@pytest.mark.parametrize("layout,mla", [("layer_first", False), ("page_first", False), ("page_first_direct", False),
+                                        ("page_head", False), ("layer_first", True), ("page_first", True)])
+def test_v1_round_trip_through_host_pools_is_byte_exact(sgl, daemon, layout, mla):
+    """One engine backs pages up, another engine (own host pool, fresh indices) loads them."""
+    writer_pool, reader_pool = host_pool(sgl, layout, mla, seed=1), host_pool(sgl, layout, mla, seed=2)
+    writer = make_backend(sgl, daemon.socket, writer_pool, mla=mla)
+    reader = make_backend(sgl, daemon.socket, reader_pool, mla=mla)
+    assert writer.namespace == reader.namespace
+    keys = chain(sgl, tokens(6, seed=3))
+    src = writer_pool.alloc(6 * PAGE)
+    reader_pool.alloc(3 * PAGE)  # the reader's pages land elsewhere in its pool
+    dst = reader_pool.alloc(6 * PAGE)
+    want = [page_bytes(writer_pool, src, p) for p in range(6)]
+    assert want[0] != page_bytes(reader_pool, dst, 0)
+
+    rpcs = RpcCounter(writer)
+    assert writer.batch_set_v1(keys, src) == [True] * 6
+    assert rpcs.counts == {"lookup": 1, "allocate": 1, "commit": 1}  # one batch, no per-page RPC
+    assert writer.batch_set_v1(keys, src) == [True] * 6  # already stored: skipped after one Lookup
+    assert rpcs.counts == {"lookup": 2, "allocate": 1, "commit": 1}
+
+    rpcs = RpcCounter(reader)
+    assert reader.batch_exists(keys) == 6
+    assert reader.batch_get_v1(keys, dst) == [True] * 6
+    assert rpcs.counts == {"lookup": 1, "acquire": 1, "release": 1}
+    assert [page_bytes(reader_pool, dst, p) for p in range(6)] == want
+
+    missing = chain(sgl, tokens(2, seed=4))
+    assert reader.batch_get_v1([keys[0], missing[0]], dst[:2 * PAGE]) == [True, False]
+
+
+def test_shared_prefix_hits_and_parents_chain(sgl, daemon):
+    pool = host_pool(sgl)
+    backend = make_backend(sgl, daemon.socket, pool)
+    first = tokens(8, seed=5)
+    second = first[:5 * PAGE] + tokens(3, seed=6)  # shares 5 pages, then diverges
+    keys_a, keys_b = chain(sgl, first), chain(sgl, second)
+    assert keys_a[:5] == keys_b[:5] and keys_a[5] != keys_b[5]
+    idx = pool.alloc(8 * PAGE)
+    # SGLang backs a sequence up in batches; prefix_keys names the pages before each batch.
+    assert backend.batch_set_v1(keys_a[:4], idx[:4 * PAGE]) == [True] * 4
+    assert backend.batch_set_v1(keys_a[4:], idx[4 * PAGE:],
+                                sgl.HiCacheStorageExtraInfo(prefix_keys=keys_a[:4])) == [True] * 4
+    assert backend.batch_exists(keys_b) == 5
+    with Client(daemon.socket) as c:
+        assert c.stat(backend.namespace, page_key(keys_a[0])).parent == b""
+        for p in range(1, 8):
+            assert c.stat(backend.namespace, page_key(keys_a[p])).parent == page_key(keys_a[p - 1])
+
+
+def test_models_and_tp_ranks_do_not_share_pages_mla_ranks_do(sgl, daemon):
+    keys = chain(sgl, tokens(3, seed=7))
+    pool = host_pool(sgl)
+    idx = pool.alloc(3 * PAGE)
+    rank0 = make_backend(sgl, daemon.socket, pool, tp_rank=0, tp_size=2)
+    assert rank0.batch_set_v1(keys, idx) == [True] * 3
+    assert make_backend(sgl, daemon.socket, pool, tp_rank=0, tp_size=2).batch_exists(keys) == 3
+    assert make_backend(sgl, daemon.socket, pool, tp_rank=1, tp_size=2).batch_exists(keys) == 0
+    assert make_backend(sgl, daemon.socket, pool, tp_rank=0, tp_size=1).batch_exists(keys) == 0
+    assert make_backend(sgl, daemon.socket, pool, model="org/other-model", tp_rank=0,
+                        tp_size=2).batch_exists(keys) == 0
+    assert make_backend(sgl, daemon.socket, host_pool(sgl, "layer_first"), tp_rank=0,
+                        tp_size=2).batch_exists(keys) == 0  # another page format
+    # MLA KV is the same on every TP rank: rank 1 finds what rank 0 stored.
+    mla_pool = host_pool(sgl, mla=True)
+    mla_idx = mla_pool.alloc(3 * PAGE)
+    assert make_backend(sgl, daemon.socket, mla_pool, mla=True, tp_rank=0, tp_size=2).batch_set_v1(
+        keys, mla_idx) == [True] * 3
+    assert make_backend(sgl, daemon.socket, mla_pool, mla=True, tp_rank=1, tp_size=2).batch_exists(keys) == 3
+    assert make_backend(sgl, daemon.socket, pool, tp_rank=1, tp_size=2).batch_exists(keys) == 0
+
+
+def test_daemon_down_degrades_to_misses(sgl, make_daemon, tmp_path):
+    pool = host_pool(sgl)
+    idx = pool.alloc(4 * PAGE)
+    keys = chain(sgl, tokens(4, seed=8))
+    # No daemon at all: the backend still loads.
+    nowhere = make_backend(sgl, str(tmp_path / "absent.sock"), pool)
+    assert nowhere.batch_exists(keys) == 0
+    assert nowhere.batch_get_v1(keys, idx) == [False] * 4
+    assert nowhere.batch_set_v1(keys, idx) == [False] * 4
+
+    daemon = make_daemon()
+    backend = make_backend(sgl, daemon.socket, pool)
+    assert backend.batch_set_v1(keys, idx) == [True] * 4
+    daemon.kill()
+    assert backend.batch_exists(keys) == 0
+    assert backend.exists(keys[0]) is False
+    assert backend.batch_get_v1(keys, idx) == [False] * 4
+    assert backend.batch_set_v1(keys, idx) == [False] * 4
+    assert backend.get(keys[0], torch.empty(8)) is None
+    assert backend.set(keys[0], torch.zeros(8)) is False
+    assert backend.batch_get(keys, None) == [None] * 4
+    assert backend.clear() is False
+    assert backend.stats["rpc_errors"] >= 8
+
+    daemon.start()  # the same backend recovers (new arena generation, namespace re-registered if lost)
+    for _ in range(100):
+        if backend.batch_set_v1(keys, idx) == [True] * 4:
+            break
+        import time
+        time.sleep(0.1)
+    assert backend.batch_exists(keys) == 4
+    assert backend.batch_get_v1(keys, idx) == [True] * 4
+
+
+def test_page_larger_than_an_arena_slot_fails_gracefully(sgl, make_daemon):
+    daemon = make_daemon({"cpu.slot_bytes": "4KiB"})
+    pool = host_pool(sgl)  # 8 KiB pages
+    backend = make_backend(sgl, daemon.socket, pool)
+    keys = chain(sgl, tokens(2))
+    assert backend.batch_set_v1(keys, pool.alloc(2 * PAGE)) == [False, False]
+    assert backend.batch_exists(keys) == 0
+
+
+def test_block_corrupted_on_disk_is_a_miss(sgl, make_daemon):
+    daemon = make_daemon()
+    pool = host_pool(sgl, seed=11)
+    backend = make_backend(sgl, daemon.socket, pool)
+    keys = chain(sgl, tokens(6, seed=12))
+    idx = pool.alloc(6 * PAGE)
+    want = [page_bytes(pool, idx, p) for p in range(6)]
+    assert backend.batch_set_v1(keys, idx) == [True] * 6
+    assert daemon.stop() == 0  # drains the write-through to disk
+    victim = want[3]
+    for path in sorted(glob.glob(os.path.join(daemon.data_dir, "disk", "segments", "*"))):
+        data = bytearray(open(path, "rb").read())
+        at = data.find(victim)
+        if at >= 0:
+            data[at + 100] ^= 0xFF
+            open(path, "r+b").write(data)
+            break
+    else:
+        raise AssertionError("page 3 not found in any segment file")
+    daemon.start()
+
+    fresh = host_pool(sgl, seed=13)
+    reader = make_backend(sgl, daemon.socket, fresh)
+    dst = fresh.alloc(6 * PAGE)
+    assert reader.batch_get_v1(keys, dst) == [True, True, True, False, True, True]
+    assert [page_bytes(fresh, dst, p) for p in (0, 1, 2, 4, 5)] == [want[p] for p in (0, 1, 2, 4, 5)]
+    assert page_bytes(fresh, dst, 3) != want[3]
+    assert reader.batch_exists(keys) == 3  # quarantined: gone from the index
+    with Client(daemon.socket) as c:
+        assert c.stats().quarantined == 1
+
+
+def test_checksum_mismatch_in_shared_memory_is_a_miss(sgl, daemon):
+    pool = host_pool(sgl)
+    backend = make_backend(sgl, daemon.socket, pool)
+    keys = chain(sgl, tokens(3, seed=14))
+    idx = pool.alloc(3 * PAGE)
+    assert backend.batch_set_v1(keys, idx) == [True] * 3
+    with Client(daemon.socket) as c:  # flip a byte of page 1 in the daemon's CPU tier
+        lease = c.acquire(backend.namespace, [page_key(keys[1])])
+        c.arena().view(lease.blocks[0].slot)[10] ^= 0x01
+        c.release(lease.id)
+    assert backend.batch_get_v1(keys, pool.alloc(3 * PAGE)) == [True, False, True]
+    assert backend.get(keys[1]) is None and backend.get(keys[0]) is not None
+    assert backend.stats["checksum_errors"] == 2
+
+
+def test_clear_and_storage_metrics(sgl, daemon):
+    pool = host_pool(sgl)
+    backend = make_backend(sgl, daemon.socket, pool, enable_storage_metrics=True)
+    other = make_backend(sgl, daemon.socket, pool, model="org/other-model")
+    keys = chain(sgl, tokens(4, seed=15))
+    idx = pool.alloc(4 * PAGE)
+    assert backend.batch_set_v1(keys, idx) == [True] * 4
+    assert other.batch_set_v1(keys, idx) == [True] * 4
+    assert backend.batch_get_v1(keys, idx) == [True] * 4
+    metrics = backend.get_stats()
+    assert isinstance(metrics, sgl.StorageMetrics)
+    assert metrics.backup_pgs == [4] and metrics.prefetch_pgs == [4]
+    assert len(metrics.backup_bandwidth) == 1 and metrics.backup_bandwidth[0] > 0
+    assert backend.get_stats().backup_pgs == []  # drained per call, like SGLang's other backends
+    assert backend.clear() is True
+    assert backend.batch_exists(keys) == 0
+    assert other.batch_exists(keys) == 4  # only this backend's namespace
+    backend.close()
