@@ -35,8 +35,8 @@ def toml_text(data_dir: str, overrides: dict, log_level: str = "info") -> str:
     def fmt(value):
         if isinstance(value, bool):
             return "true" if value else "false"
-        if isinstance(value, int):
-            return str(value)
+        if isinstance(value, (int, float)):
+            return repr(value)
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines = [f"{k} = {fmt(v)}" for k, v in top.items()]
@@ -55,7 +55,10 @@ class DaemonProcess:
         # Unix socket paths are limited to ~107 bytes: keep the socket in a short /tmp dir.
         self._sock_dir = tempfile.mkdtemp(prefix="kvt-", dir="/tmp")
         self.socket = os.path.join(self._sock_dir, "kvtierd.sock")
-        self.overrides = {"server.socket": self.socket, **(overrides or {})}
+        # Its own shared-memory dir: an arena left by a kill -9 is removed by cleanup(), not leaked
+        # into /dev/shm (the arena is resident memory).
+        self._shm_dir = tempfile.mkdtemp(prefix="kvt-", dir="/dev/shm")
+        self.overrides = {"server.socket": self.socket, "cpu.shm_dir": self._shm_dir, **(overrides or {})}
         self.config = self.work_dir / f"{name}.toml"
         self.config.write_text(toml_text(str(self.data_dir), self.overrides, log_level))
         self.log_path = self.work_dir / f"{name}.log"
@@ -121,7 +124,9 @@ class DaemonProcess:
             self.proc.wait(10)
 
     def cleanup(self, remove_data: bool = True) -> None:
+        """Removes the socket dir and the shared-memory dir (and the data dir unless told not to)."""
         shutil.rmtree(self._sock_dir, ignore_errors=True)
+        shutil.rmtree(self._shm_dir, ignore_errors=True)
         if remove_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
@@ -134,3 +139,4 @@ class DaemonProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        self.cleanup(remove_data=False)

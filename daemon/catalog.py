@@ -56,6 +56,7 @@ class Namespace:
     attributes: dict[str, str]
     blocks: SortedDict = dataclasses.field(default_factory=SortedDict)
     bytes: int = 0
+    adopted: bool = False  # found on disk or in S3 before anyone registered it here
 
 
 class Catalog:
@@ -78,6 +79,10 @@ class Catalog:
 
     def register(self, name: str, attributes: dict[str, str]) -> bool:
         existing = self.namespaces.get(name)
+        if existing is not None and existing.adopted:
+            existing.attributes, existing.adopted = dict(attributes), False  # first registration names it
+            self._save()
+            return False
         if existing is not None:
             if existing.attributes != attributes:
                 raise precondition(f"namespace {name!r} exists with attributes {existing.attributes}; "
@@ -92,8 +97,7 @@ class Catalog:
     def adopt_namespace(self, name: str) -> Namespace:
         """A namespace seen on disk but missing from namespaces.json (e.g. the file was lost)."""
         if name not in self.namespaces:
-            self.namespaces[name] = Namespace(name, {})
-            self._save()
+            self.namespaces[name] = Namespace(name, {}, adopted=True)
         return self.namespaces[name]
 
     def _save(self) -> None:

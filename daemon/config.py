@@ -67,6 +67,22 @@ class DiskConfig:
 
 
 @dataclasses.dataclass
+class S3TierConfig:
+    enabled: bool = False
+    write_through: bool = True      # false: read-only (serve what other nodes uploaded, upload nothing)
+    endpoint_url: str = ""          # empty: AWS; else MinIO/Ceph RGW/... e.g. "http://minio:9000"
+    bucket: str = ""
+    prefix: str = "kvtier"
+    region: str = ""
+    access_key_id: str = ""         # empty: the standard AWS chain (env, profile, instance role)
+    secret_access_key_file: str = ""  # the secret is read from a file, never from this config
+    max_concurrency: int = 8        # uploads/downloads in flight
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 10.0
+    list_interval_s: float = 60.0   # how often to list the bucket for blocks other nodes uploaded
+
+
+@dataclasses.dataclass
 class LimitsConfig:
     max_keys_per_request: int = 4096
     max_key_bytes: int = 32
@@ -100,6 +116,7 @@ class Config:
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     cpu: CpuConfig = dataclasses.field(default_factory=CpuConfig)
     disk: DiskConfig = dataclasses.field(default_factory=DiskConfig)
+    s3: S3TierConfig = dataclasses.field(default_factory=S3TierConfig)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
     events: EventsConfig = dataclasses.field(default_factory=EventsConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
@@ -148,6 +165,10 @@ def _typed(value, kind: type, where: str):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if kind is float:
+        return float(value)
     if kind is str and not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
@@ -185,6 +206,14 @@ def validate(cfg: Config) -> Config:
         (not cfg.server.tcp or cfg.server.tls_cert or _is_loopback(cfg.server.tcp),
          "server.tcp on a non-loopback address needs server.tls_cert/tls_key (the token would travel in clear)"),
         (cfg.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error"),
+        (not cfg.s3.enabled or cfg.s3.bucket, "s3.enabled needs s3.bucket"),
+        (not (cfg.s3.enabled and cfg.s3.write_through) or cfg.disk.enabled,
+         "s3.write_through needs disk.enabled: the disk tier keeps each block until it is uploaded"),
+        (bool(cfg.s3.access_key_id) == bool(cfg.s3.secret_access_key_file),
+         "s3.access_key_id and s3.secret_access_key_file go together (or leave both empty for the AWS chain)"),
+        (1 <= cfg.s3.max_concurrency <= 256, "s3.max_concurrency must be 1..256"),
+        (cfg.s3.connect_timeout_s > 0 and cfg.s3.read_timeout_s > 0 and cfg.s3.list_interval_s > 0,
+         "s3 timeouts and list_interval_s must be positive"),
     ]
     for ok, message in checks:
         if not ok:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,15 +27,17 @@ from kvtier.tiers.block import BlockHeader, checksum
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskEntry, DiskTier
 from kvtier.tiers.eviction import POLICIES
+from kvtier.tiers.s3 import S3Tier
 
 from .catalog import TIER_NAMES, Block, Catalog, now_ms
 from .config import Config
 from .errors import ApiError, exhausted, invalid, precondition
 from .events import EventLog
 from .leases import LeaseTable
+from .s3sync import S3Sync, tier_config
 
 log = logging.getLogger("kvtier.store")
-CPU, DISK = pb.TIER_CPU, pb.TIER_DISK
+CPU, DISK, S3 = pb.TIER_CPU, pb.TIER_DISK, pb.TIER_S3
 WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 PROMOTION_WAIT_MS = 2000  # a reader waits this long for CPU room, then takes a miss
 
@@ -84,6 +87,7 @@ class BlockStore:
                             cfg.cpu.arena_mode)
         self.cpu = CpuTier(arena, POLICIES[cfg.cpu.policy]())
         self.disk: DiskTier | None = None
+        self.s3sync: S3Sync | None = None
         self.allocations = LeaseTable(cfg.limits.max_active_leases)
         self.leases = LeaseTable(cfg.limits.max_active_leases)
         self._backlog: deque[Block] = deque()
@@ -110,19 +114,29 @@ class BlockStore:
         """Recovers the disk tier into the catalog; returns a one-line report."""
         self.catalog.load_namespaces()
         report = "disk tier disabled"
+        if self.cfg.s3.enabled:
+            tier = await self._on_writer(lambda: S3Tier(tier_config(self.cfg.s3),
+                                                        os.path.join(self.cfg.data_dir, "s3-journal")))
+            self.s3sync = S3Sync(self, tier, self.cfg.s3)
         if self.cfg.disk.enabled:
             self.disk = DiskTier(self.cfg.disk_dir, capacity_bytes=self.cfg.disk.capacity,
                                  segment_bytes=self.cfg.disk.segment_bytes, align=self.cfg.disk.align,
-                                 o_direct=self.cfg.disk.o_direct)
+                                 o_direct=self.cfg.disk.o_direct, evictable=self._segment_evictable)
             recovery = await self._on_writer(self.disk.recover)
             entries = await self._on_writer(lambda: list(self.disk.entries()))
             for entry in entries:
                 self._adopt(entry)
             report = recovery.summary()
+        if self.s3sync is not None:
+            report += "; " + await self.s3sync.start()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._write_through(), name="write-through"),
                        loop.create_task(self._reap(), name="lease-reaper")]
         return report
+
+    def _segment_evictable(self, segment: int) -> bool:
+        """Disk writer thread: a segment holding blocks still to be uploaded to S3 stays."""
+        return self.s3sync is None or self.s3sync.segment_evictable(segment)
 
     def _adopt(self, entry: DiskEntry) -> None:
         self.catalog.adopt_namespace(entry.namespace)
@@ -143,6 +157,8 @@ class BlockStore:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        if self.s3sync is not None:
+            await self.s3sync.close()
         if self.disk is not None:
             self.disk.close()
         self.arena.close()
@@ -208,6 +224,8 @@ class BlockStore:
         leftover = set(held.items) - {s.slot for s, st in zip(staged, statuses) if st == pb.STORED}
         self.cpu.unreserve(sorted(leftover))
         self._signal_space()
+        if self.s3sync is not None:
+            await self.s3sync.journal(stored)  # durable obligation before the commit is acknowledged
         if wait_durable:
             await self._wait_durable(stored)
         return statuses
@@ -352,6 +370,8 @@ class BlockStore:
         block.write_pending = False
         block.tiers |= DISK
         self.disk_blocks += 1
+        if self.s3sync is not None:
+            self.s3sync.landed_on_disk(block, entry.segment)
         self.cpu.unpin(block.id)
         self.counters.disk_writes += 1
         self.counters.disk_write_bytes += block.length
@@ -381,6 +401,8 @@ class BlockStore:
             self.cpu.remove(block.id)
         block.tiers &= ~tier
         self.disk_blocks -= tier == DISK
+        if tier == S3:
+            self.s3sync.dropped(block)
         self.events.emit(pb.BLOCK_REMOVED, block.namespace, block.key, tier, length=block.length)
         if not block.tiers:
             self.catalog.discard(block)
@@ -441,7 +463,7 @@ class BlockStore:
             pending = asyncio.get_running_loop().create_future()
             self._promotions[block.id] = pending
             try:
-                pending.set_result(await self._read_from_disk(block))
+                pending.set_result(await self._read_from_lower(block))
             except BaseException as exc:
                 pending.set_exception(exc)
                 pending.exception()  # retrieved: other readers may or may not be waiting on it
@@ -450,27 +472,39 @@ class BlockStore:
                 del self._promotions[block.id]
         return await asyncio.shield(pending)
 
-    async def _read_from_disk(self, block: Block) -> Block | None:
-        entry = self.disk.get_entry(block.namespace, block.key) if self.disk is not None else None
-        if entry is None:
-            return None
+    async def _read_from_lower(self, block: Block) -> Block | None:
+        """Copies a block from the highest lower tier that has a good copy into a CPU slot."""
         slots = await self._reserve(1, PROMOTION_WAIT_MS)
         view = self.arena.view(slots[0])
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(self._readers, self.disk.read_into, entry, view)
+        source = 0
+        if block.tiers & DISK and await self._read_disk_into(block, view):
+            source = DISK
+        elif block.tiers & S3 and self.s3sync is not None and await self.s3sync.download(block, view):
+            source = S3
         current = self.catalog.get(block.namespace, block.key)
-        if not ok or current is not block or block.tiers & CPU:
+        if not source or current is not block or block.tiers & CPU:
             self.cpu.unreserve(slots)
             self._signal_space()
-            if not ok and current is block:
-                self._quarantined(block, DISK)
-            return block if ok and current is block else None
+            return block if source and current is block else None
         self.cpu.install(block.id, slots[0], block.length)
         block.tiers |= CPU
-        self.counters.disk_reads += 1
-        self.counters.disk_read_bytes += block.length
-        self.events.emit(pb.BLOCK_MOVED, block.namespace, block.key, CPU, from_tier=DISK, length=block.length)
+        self.events.emit(pb.BLOCK_MOVED, block.namespace, block.key, CPU, from_tier=source, length=block.length)
+        if source == S3 and self.disk is not None:
+            self._queue_write(block)  # keep a local copy: the next restart reads it from disk
         return block
+
+    async def _read_disk_into(self, block: Block, view: memoryview) -> bool:
+        entry = self.disk.get_entry(block.namespace, block.key) if self.disk is not None else None
+        if entry is None:
+            return False
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._readers, self.disk.read_into, entry, view)
+        if ok:
+            self.counters.disk_reads += 1
+            self.counters.disk_read_bytes += block.length
+        elif self.catalog.get(block.namespace, block.key) is block and block.tiers & DISK:
+            self._quarantined(block, DISK)
+        return ok
 
     def _quarantined(self, block: Block, tier: int) -> None:
         log.error("block %s/%s failed verification on the %s tier: quarantined, served as a miss",
@@ -513,7 +547,9 @@ class BlockStore:
     async def _delete_block(self, block: Block) -> None:
         if block.tiers & DISK:
             await self._on_writer(lambda: self.disk.remove(block.namespace, block.key))
-        for tier in (CPU, DISK):
+        if block.tiers & S3:
+            await self.s3sync.delete(block)
+        for tier in (CPU, DISK, S3):
             if block.tiers & tier and self.catalog.get(block.namespace, block.key) is block:
                 self._drop_tier(block, tier)
 
@@ -557,12 +593,18 @@ class BlockStore:
                                       capacity_bytes=self.disk.capacity_bytes, reads=c.disk_reads,
                                       writes=c.disk_writes, read_bytes=c.disk_read_bytes,
                                       write_bytes=c.disk_write_bytes, evictions=c.disk_evictions))
+        if self.s3sync is not None:
+            s3 = self.s3sync.counters
+            tiers.append(pb.TierStats(tier="s3", blocks=self.s3sync.blocks, reads=s3.downloads, writes=s3.uploads,
+                                      read_bytes=s3.download_bytes, write_bytes=s3.upload_bytes))
         return pb.StatsResponse(
             blocks=self.catalog.blocks, bytes=self.catalog.bytes, lookups=c.lookups, lookup_keys=c.lookup_keys,
             lookup_hit_keys=c.lookup_hit_keys, acquire_hits=c.acquire_hits, acquire_misses=c.acquire_misses,
             duplicates=c.duplicates, quarantined=c.quarantined, write_backlog=len(self._backlog),
             active_leases=len(self.leases), active_allocations=len(self.allocations), tiers=tiers,
-            event_seq=self.events.seq, uptime_s=time.monotonic() - self.started)
+            event_seq=self.events.seq, uptime_s=time.monotonic() - self.started,
+            upload_backlog=self.s3sync.backlog if self.s3sync else 0,
+            s3_reachable=self.s3sync.reachable if self.s3sync else False)
 
 
 

@@ -68,6 +68,9 @@ class SharedArena:
         return self._view[start:start + self.slot_bytes]
 
     def close(self) -> None:
+        if self.pinned:
+            _cuda_host_unregister(self._mmap)
+            self.pinned = False
         self._view.release()
         try:
             self._mmap.close()
@@ -90,17 +93,29 @@ def map_shared_file(path: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+def _buffer_address(buffer) -> int:
+    import ctypes
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def _cuda_host_unregister(buffer) -> None:
+    import torch  # noqa: PLC0415 - only reached when registration succeeded
+    result = torch.cuda.cudart().cudaHostUnregister(_buffer_address(buffer))
+    if result != 0:
+        log.warning("cudaHostUnregister failed (%s)", result)
+
+
 def _try_cuda_host_register(buffer, size: int) -> bool:
     """Pins the arena for fast DMA when CUDA is present; a no-op elsewhere."""
+    if not os.path.exists("/dev/nvidiactl"):
+        return False  # no NVIDIA driver: skip importing torch (seconds of start-up for nothing)
     try:
         import torch  # noqa: PLC0415 - optional, heavy
     except ImportError:
         return False
     if not torch.cuda.is_available():
         return False
-    import ctypes
-    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-    result = torch.cuda.cudart().cudaHostRegister(address, size, 0)
+    result = torch.cuda.cudart().cudaHostRegister(_buffer_address(buffer), size, 0)
     if result != 0:
         log.warning("cudaHostRegister failed (%s): arena stays pageable", result)
         return False

@@ -38,7 +38,7 @@ import resource
 import struct
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lmdb
 import numpy as np
@@ -120,7 +120,7 @@ class DiskTier:
 
     def __init__(self, directory: str, *, capacity_bytes: int, segment_bytes: int = 256 << 20,
                  align: int = 4096, o_direct: bool = False, fs: FileSystem | None = None,
-                 lmdb_map_bytes: int = 1 << 30):
+                 lmdb_map_bytes: int = 1 << 30, evictable: Callable[[int], bool] | None = None):
         if align < 512 or align > _MAX_ALIGN or align & (align - 1):
             raise ValueError(f"align must be a power of two in [512, {_MAX_ALIGN}], got {align}")
         header_area = align_up(MAX_HEADER_BYTES, align)
@@ -132,6 +132,9 @@ class DiskTier:
         if o_direct and not hasattr(os, "O_DIRECT"):
             raise ValueError("o_direct requested but this platform has no O_DIRECT")
         self._directory = directory
+        # Called from the writer thread with a segment id; False keeps the segment (e.g. it holds
+        # blocks not yet uploaded to S3). Must be cheap and thread-safe.
+        self._evictable = evictable or (lambda segment_id: True)
         self._segment_dir = os.path.join(directory, "segments")
         self._capacity = capacity_bytes
         self._segment_bytes = segment_bytes
@@ -398,7 +401,7 @@ class DiskTier:
             for sid in sorted(self._segments):
                 if remaining + growth <= self._capacity:
                     break
-                if sid != keep:
+                if sid != keep and self._evictable(sid):
                     evict.append(sid)
                     remaining -= self._segments[sid].size
             if remaining + growth <= self._capacity:

@@ -733,3 +733,23 @@ def test_model_writes_removes_reopen(ops):
                 assert tier.read_into(index[key], memoryview(dest)) and dest == payload
         finally:
             tier.close()
+
+
+def test_eviction_skips_segments_the_guard_keeps(tmp_path):
+    """Segments holding blocks not yet uploaded elsewhere must survive capacity pressure."""
+    kept: set[int] = set()
+    tier = DiskTier(str(tmp_path / "guarded"), capacity_bytes=6 * 65536, segment_bytes=2 * 65536,
+                    evictable=lambda sid: sid not in kept)
+    tier.recover()
+    first, _ = tier.write_batch([(BlockHeader("ns", b"a" * 32, b"", 4000, checksum(b"a" * 4000), 0),
+                                  memoryview(b"a" * 4000))])
+    kept.add(first[0].segment)
+    evicted_all = []
+    for i in range(120):
+        data = bytes([i]) * 4000
+        _, evicted = tier.write_batch([(BlockHeader("ns", bytes([i + 1]) * 32, b"", 4000, checksum(data), 0),
+                                        memoryview(data))])
+        evicted_all += evicted
+    assert evicted_all and all(e.segment != first[0].segment for e in evicted_all)
+    assert tier.contains("ns", b"a" * 32) and tier.used_bytes() <= 6 * 65536
+    tier.close()

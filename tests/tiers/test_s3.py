@@ -1,0 +1,489 @@
+"""Tests for kvtier.tiers.s3 against a real moto S3 server over HTTP on 127.0.0.1 (tests/s3server.py)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import logging
+import random
+import threading
+import time
+
+import botocore.exceptions
+import pytest
+
+from kvtier.tiers import s3 as s3mod
+from kvtier.tiers.block import BlockHeader, CorruptBlock, checksum, decode_header
+from kvtier.tiers.s3 import S3Config, S3Entry, S3Tier, S3Unavailable
+from s3server import CuttingProxy, make_bucket, s3_server  # noqa: F401  (s3_server is a fixture)
+
+BUCKET = "kvtier-test"
+SECRET = "kvtier-unit-test-secret-9f3c1a77"
+KEY_ID = "KVTIERTESTKEYID0042"
+
+
+def payload_for(namespace: str, key: bytes, length: int, seed: int = 0) -> bytes:
+    return random.Random(f"{namespace}/{key!r}/{length}/{seed}").randbytes(length)
+
+
+def header_for(namespace: str, key: bytes, payload: bytes, parent: bytes = b"",
+               created: int = 1_700_000_000_000) -> BlockHeader:
+    return BlockHeader(namespace, key, parent, len(payload), checksum(payload), created)
+
+
+def block(namespace: str, key: bytes, length: int = 4096, parent: bytes = b"", seed: int = 0):
+    payload = payload_for(namespace, key, length, seed)
+    return header_for(namespace, key, payload, parent), payload
+
+
+@pytest.fixture
+def tiers(s3_server, tmp_path):
+    """open(**config overrides) -> S3Tier on BUCKET of the test's moto server; closed at the end."""
+    make_bucket(s3_server, BUCKET)
+    opened: list[S3Tier] = []
+
+    def open_tier(journal: str = "journal", **overrides) -> S3Tier:
+        fields = dict(endpoint_url=s3_server.endpoint_url, bucket=BUCKET, region="us-east-1",
+                      access_key_id=KEY_ID, secret_access_key=SECRET)
+        fields.update(overrides)
+        tier = S3Tier(S3Config(**fields), str(tmp_path / journal), journal_map_bytes=16 << 20)
+        opened.append(tier)
+        return tier
+
+    yield open_tier
+    for tier in opened:
+        tier.close()
+
+
+@pytest.fixture
+def raw(s3_server):
+    client = s3_server.client()
+    yield client
+    client.close()
+
+
+def object_count(raw, prefix: str = "") -> int:
+    return sum(page.get("KeyCount", 0)
+               for page in raw.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix))
+
+
+# ---------------------------------------------------------------------- round trip and layout
+
+@pytest.mark.parametrize("length", [0, 1, 4095, 2 << 20])
+def test_upload_download_round_trip(tiers, length):
+    tier = tiers()
+    header, payload = block("model-a|tp0", b"\x01" * 32, length, parent=b"\x02" * 32)
+    assert tier.upload(header, payload) == "stored"
+    dest = bytearray(length + 100)
+    dest[:] = b"\xee" * len(dest)
+    assert tier.download_into("model-a|tp0", b"\x01" * 32, memoryview(dest)) == length
+    assert bytes(dest[:length]) == payload
+    assert tier.head("model-a|tp0", b"\x01" * 32) == (length, checksum(payload))
+    assert tier.quarantined_count() == 0
+
+
+def test_upload_takes_a_longer_slot_view(tiers, raw):
+    """Arena slots are longer than the payload: only payload_len bytes are sent."""
+    tier = tiers()
+    header, payload = block("ns", b"slot", 1000)
+    slot = bytearray(payload + b"\xee" * 3000)
+    assert tier.upload(header, memoryview(slot)) == "stored"
+    stored = raw.get_object(Bucket=BUCKET, Key=tier.object_key("ns", b"slot"))["Body"].read()
+    assert stored == header.encode() + payload
+
+
+def test_absent_block_is_a_miss(tiers):
+    tier = tiers()
+    assert tier.download_into("ns", b"nope", bytearray(10)) is None
+    assert tier.head("ns", b"nope") is None
+    assert tier.quarantined_count() == 0
+
+
+def test_object_key_layout(tiers, raw):
+    tier = tiers(prefix="cluster-a/kv")
+    namespace, key = "llama-8b|bf16|tp0", bytes(range(32))
+    h = hashlib.sha256(namespace.encode() + b"\0" + key).hexdigest()
+    ns_digest = hashlib.sha256(namespace.encode()).hexdigest()[:32]
+    expected = f"cluster-a/kv/{h[:2]}/{h[2:4]}/{ns_digest}/{key.hex()}"
+    assert tier.object_key(namespace, key) == expected
+    header, payload = block(namespace, key, 5000, parent=b"\x07" * 32)
+    tier.upload(header, payload)
+    keys = [o["Key"] for o in raw.list_objects_v2(Bucket=BUCKET)["Contents"]]
+    assert keys == [expected]
+    obj = raw.get_object(Bucket=BUCKET, Key=expected)
+    body = obj["Body"].read()
+    assert body == header.encode() + payload and decode_header(body) == header
+    assert base64.b64decode(obj["Metadata"]["kvtier-header"]) == header.encode()
+    # Same key in another namespace, or another key: different objects, spread over prefixes.
+    assert tier.object_key("other", key) != expected
+    spread = {tier.object_key(namespace, i.to_bytes(4, "big")).split("/")[2] for i in range(200)}
+    assert len(spread) > 100
+
+
+def test_conditional_write_keeps_one_object(tiers, raw):
+    tier = tiers()
+    header, payload = block("ns", b"k1", 10000)
+    assert tier.upload(header, payload) == "stored"
+    assert tier.upload(header, payload) == "exists"
+    # A different payload under the same key never overwrites the first writer's object.
+    other_header, other_payload = block("ns", b"k1", 10000, seed=1)
+    assert tier.upload(other_header, other_payload) == "exists"
+    assert object_count(raw) == 1
+    dest = bytearray(10000)
+    assert tier.download_into("ns", b"k1", dest) == 10000 and bytes(dest) == payload
+
+
+def test_concurrent_uploads_of_one_block_store_once(tiers, raw):
+    tier = tiers()
+    header, payload = block("ns", b"race", 256 << 10)
+    results, barrier = [], threading.Barrier(8)
+
+    def go():
+        barrier.wait()
+        results.append(tier.upload(header, payload))
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["exists"] * 7 + ["stored"]
+    assert object_count(raw) == 1
+
+
+def test_upload_refuses_a_payload_that_does_not_match_its_header(tiers, raw):
+    tier = tiers()
+    header, payload = block("ns", b"bad", 4096)
+    with pytest.raises(CorruptBlock):
+        tier.upload(header, payload[:-1] + bytes([payload[-1] ^ 1]))
+    with pytest.raises(ValueError):
+        tier.upload(header, payload[:100])
+    assert object_count(raw) == 0
+
+
+def test_threads_upload_and_download_concurrently(tiers):
+    tier = tiers(max_concurrency=4)
+    blocks = [block(f"ns{i % 3}", i.to_bytes(8, "big"), 64 << 10) for i in range(48)]
+    errors = []
+
+    def work(part):
+        try:
+            for header, payload in part:
+                assert tier.upload(header, payload) == "stored"
+            for header, payload in part:
+                dest = bytearray(64 << 10)
+                assert tier.download_into(header.namespace, header.key, dest) == len(payload)
+                assert bytes(dest) == payload
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(blocks[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_delete(tiers, raw):
+    tier = tiers()
+    header, payload = block("ns", b"gone", 100)
+    tier.upload(header, payload)
+    tier.delete("ns", b"gone")
+    tier.delete("ns", b"gone")  # absent: not an error
+    assert tier.download_into("ns", b"gone", bytearray(100)) is None
+    assert object_count(raw) == 0
+    assert tier.upload(header, payload) == "stored"
+
+
+# ---------------------------------------------------------------------- corruption
+
+def _corruptions(header: BlockHeader, payload: bytes, other: tuple[BlockHeader, bytes]) -> dict[str, bytes]:
+    good = header.encode() + payload
+    flipped_header = bytearray(good)
+    flipped_header[20] ^= 0x40
+    return {
+        "payload bit flip": good[:-10] + bytes([good[-10] ^ 1]) + good[-9:],
+        "header bit flip": bytes(flipped_header),
+        "truncated": good[:-1],
+        "extra bytes": good + b"\0",
+        "another block's object": other[0].encode() + other[1],
+        "garbage": b"\x00" * len(good),
+        "empty": b"",
+    }
+
+
+@pytest.mark.parametrize("kind", ["payload bit flip", "header bit flip", "truncated", "extra bytes",
+                                  "another block's object", "garbage", "empty"])
+def test_corrupt_object_is_quarantined_deleted_and_can_be_reuploaded(tiers, raw, kind, caplog):
+    tier = tiers()
+    header, payload = block("ns", b"victim", 50_000)
+    bad = _corruptions(header, payload, block("ns", b"someone-else", 50_000))[kind]
+    okey = tier.object_key("ns", b"victim")
+    assert tier.upload(header, payload) == "stored"
+    raw.put_object(Bucket=BUCKET, Key=okey, Body=bad)  # unconditional overwrite behind the tier's back
+    dest = bytearray(60_000)
+    with caplog.at_level(logging.WARNING, logger="kvtier.s3"):
+        assert tier.download_into("ns", b"victim", dest) is None
+    assert tier.quarantined_count() == 1
+    [(namespace, key, when, reason)] = tier.quarantined()
+    assert (namespace, key) == ("ns", b"victim") and when > 0 and reason
+    assert "quarantined" in caplog.text and okey in caplog.text
+    assert object_count(raw) == 0, "the bad object must be deleted so that a healthy node can re-upload"
+    # A healthy node uploads it again; now it verifies.
+    assert tier.upload(header, payload) == "stored"
+    assert tier.download_into("ns", b"victim", dest) == len(payload) and bytes(dest[:len(payload)]) == payload
+
+
+def test_head_without_metadata_reads_the_header(tiers, raw):
+    tier = tiers()
+    header, payload = block("ns", b"plain", 3000)
+    okey = tier.object_key("ns", b"plain")
+    raw.put_object(Bucket=BUCKET, Key=okey, Body=header.encode() + payload)  # e.g. copied by another tool
+    assert tier.head("ns", b"plain") == (3000, checksum(payload))
+    dest = bytearray(3000)
+    assert tier.download_into("ns", b"plain", dest) == 3000 and bytes(dest) == payload
+    # A corrupt header behind bogus metadata: head falls back to the object, quarantines it.
+    bad = bytearray(header.encode() + payload)
+    bad[0] ^= 0xFF
+    raw.put_object(Bucket=BUCKET, Key=okey, Body=bytes(bad), Metadata={"kvtier-header": "Zm9v"})
+    assert tier.head("ns", b"plain") is None
+    assert tier.quarantined_count() == 1 and object_count(raw) == 0
+
+
+def test_quarantine_never_deletes_a_copy_that_replaced_the_bad_one(tiers, raw):
+    tier = tiers()
+    header, payload = block("ns", b"k", 1000)
+    tier.upload(header, payload)
+    okey = tier.object_key("ns", b"k")
+    # The ETag seen by a reader of an older, bad version no longer matches: the object stays.
+    tier._reject("ns", b"k", okey, '"0123456789abcdef0123456789abcdef"', "test: stale etag")
+    assert object_count(raw) == 1
+    assert tier.download_into("ns", b"k", bytearray(1000)) == 1000
+
+
+def test_payload_larger_than_dest_is_a_miss_not_corruption(tiers, raw):
+    tier = tiers()
+    header, payload = block("ns", b"big", 8192)
+    tier.upload(header, payload)
+    assert tier.download_into("ns", b"big", bytearray(8191)) is None
+    assert tier.quarantined_count() == 0 and object_count(raw) == 1
+    with pytest.raises(ValueError):
+        tier.download_into("ns", b"big", bytes(9000))  # read-only dest
+
+
+def test_broken_transfer_is_retried_not_quarantined(s3_server, tiers, raw):
+    tier = tiers()
+    header, payload = block("ns", b"flaky", 1 << 20)
+    tier.upload(header, payload)
+    # Cut the first response 4 KiB into the body: a short read, then a clean retry.
+    proxy = CuttingProxy(s3_server.port, cut_after=4096, cuts=1)
+    try:
+        flaky = tiers(journal="j2", endpoint_url=proxy.endpoint_url)
+        dest = bytearray(1 << 20)
+        assert flaky.download_into("ns", b"flaky", dest) == 1 << 20 and bytes(dest) == payload
+        assert proxy.cut == 1
+        # Every attempt cut: S3Unavailable, and the (good) object is neither quarantined nor deleted.
+        proxy.cuts_left = 100
+        with pytest.raises(S3Unavailable):
+            flaky.download_into("ns", b"flaky", dest)
+        assert flaky.quarantined_count() == 0 and object_count(raw) == 1
+    finally:
+        proxy.close()
+
+
+# ---------------------------------------------------------------------- journal
+
+def test_journal_is_ordered_bounded_and_survives_reopen(tiers, tmp_path):
+    tier = tiers()
+    items = [(f"ns{i % 2}", i.to_bytes(4, "big")) for i in range(10)]
+    tier.journal_add(items[:6])
+    tier.journal_add(items[6:] + [items[0]])  # a pending item keeps its (oldest) place
+    assert tier.journal_size() == 10
+    assert tier.journal_pending(3) == items[:3]
+    assert tier.journal_pending(100) == items
+    assert tier.journal_pending(0) == []
+    tier.journal_done([items[1], items[4], ("ns9", b"never-added")])
+    tier.close()
+
+    again = tiers()  # same journal dir: a restarted daemon
+    left = [items[i] for i in (0, 2, 3, 5, 6, 7, 8, 9)]
+    assert again.journal_size() == 8 and again.journal_pending(100) == left
+    again.journal_add([items[1]])  # re-added after done: now the newest
+    assert again.journal_pending(100) == left + [items[1]]
+    again.journal_done(again.journal_pending(100))
+    assert again.journal_size() == 0 and again.journal_pending(10) == []
+    with pytest.raises(ValueError):
+        again.journal_add([("bad\0ns", b"k")])
+
+
+def test_quarantine_record_survives_reopen(tiers, raw):
+    tier = tiers()
+    header, payload = block("ns", b"q", 100)
+    tier.upload(header, payload)
+    raw.put_object(Bucket=BUCKET, Key=tier.object_key("ns", b"q"), Body=b"junk" * 50)
+    assert tier.download_into("ns", b"q", bytearray(100)) is None
+    tier.close()
+    assert tiers().quarantined_count() == 1
+
+
+# ---------------------------------------------------------------------- outages
+
+def test_paused_server_raises_s3_unavailable_within_timeouts(s3_server, tiers):
+    tier = tiers(connect_timeout_s=0.5, read_timeout_s=0.5, max_attempts=2)
+    header, payload = block("ns", b"before", 2 << 20)
+    assert tier.upload(header, payload) == "stored"
+    s3_server.pause()
+    try:
+        late_header, late_payload = block("ns", b"during", 2 << 20)
+        for call in (lambda: tier.upload(late_header, late_payload),
+                     lambda: tier.download_into("ns", b"before", bytearray(2 << 20)),
+                     lambda: tier.head("ns", b"before")):
+            start = time.monotonic()
+            with pytest.raises(S3Unavailable):
+                call()
+            assert time.monotonic() - start < 10
+        start = time.monotonic()
+        assert tier.reachable() is False
+        assert time.monotonic() - start < 3
+    finally:
+        s3_server.resume()
+    assert tier.reachable() is True
+    # The timed-out PUTs sat in the kernel's queue and may have landed on resume: either is correct.
+    assert tier.upload(late_header, late_payload) in ("stored", "exists")
+    assert tier.download_into("ns", b"during", bytearray(2 << 20)) == 2 << 20
+    dest = bytearray(2 << 20)
+    assert tier.download_into("ns", b"before", dest) == 2 << 20 and bytes(dest) == payload  # state kept
+    assert tier.quarantined_count() == 0
+
+
+def test_stopped_server_then_restart_loses_state(s3_server, tiers):
+    tier = tiers(connect_timeout_s=1.0, read_timeout_s=1.0, max_attempts=2)
+    header, payload = block("ns", b"x", 100)
+    s3_server.stop()
+    start = time.monotonic()
+    with pytest.raises(S3Unavailable):
+        tier.upload(header, payload)  # connection refused
+    assert time.monotonic() - start < 10
+    assert tier.reachable() is False
+    s3_server.start()
+    # moto lost the bucket: that is a client error and propagates as such, not as an outage.
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        tier.upload(header, payload)
+    assert info.value.response["Error"]["Code"] == "NoSuchBucket"
+    assert tier.reachable() is False
+    make_bucket(s3_server, BUCKET)
+    assert tier.reachable() is True and tier.upload(header, payload) == "stored"
+
+
+def test_bucket_is_created_only_when_asked(s3_server, tmp_path):
+    cfg = S3Config(s3_server.endpoint_url, "kvtier-fresh-bucket", region="us-east-1")
+    with S3Tier(cfg, str(tmp_path / "a")) as tier:
+        assert tier.reachable() is False
+        with pytest.raises(botocore.exceptions.ClientError) as info:
+            tier.download_into("ns", b"k", bytearray(10))
+        assert info.value.response["Error"]["Code"] == "NoSuchBucket"
+    with S3Tier(dataclasses.replace(cfg, create_bucket=True), str(tmp_path / "b")) as tier:
+        assert tier.reachable() is True
+    with S3Tier(dataclasses.replace(cfg, create_bucket=True), str(tmp_path / "c")) as tier:
+        assert tier.reachable() is True  # already there: fine
+
+
+# ---------------------------------------------------------------------- listing
+
+def test_list_pages_and_decodes_metadata(tiers, raw, monkeypatch):
+    monkeypatch.setattr(s3mod, "_LIST_PAGE", 4)  # force many S3 pages, not just many tier pages
+    tier = tiers()
+    expected: dict[tuple[str, bytes], S3Entry] = {}
+    for i in range(23):
+        namespace = "alpha" if i % 3 else "beta"
+        header, payload = block(namespace, i.to_bytes(2, "big"), 100 + i, parent=bytes([i]) * 32 if i else b"")
+        header = dataclasses.replace(header, created_unix_ms=1_700_000_000_000 + i)
+        tier.upload(header, payload)
+        expected[(namespace, header.key)] = S3Entry(namespace, header.key, header.parent, len(payload),
+                                                    checksum(payload), header.created_unix_ms,
+                                                    tier.object_key(namespace, header.key))
+    raw.put_object(Bucket=BUCKET, Key="kvtier/not-a-block", Body=b"x")        # foreign: skipped
+    raw.put_object(Bucket=BUCKET, Key="elsewhere/file", Body=b"x")            # outside the prefix
+    seen, token, pages = [], "", 0
+    while True:
+        entries, token = tier.list(start_after=token, limit=5)
+        assert len(entries) <= 5
+        seen += entries
+        pages += 1
+        if not token:
+            break
+    assert pages >= 5
+    assert [e.object_key for e in seen] == sorted(e.object_key for e in seen)
+    assert {(e.namespace, e.key): e for e in seen} == expected and len(seen) == len(expected)
+    beta, token = tier.list(namespace="beta", limit=1000)
+    assert token == "" and sorted(e.key for e in beta) == sorted(k for ns, k in expected if ns == "beta")
+    one, token = tier.list(namespace="beta", limit=1)
+    assert len(one) == 1 and token == one[0].object_key
+    assert tier.list(namespace="gamma") == ([], "")
+
+
+# ---------------------------------------------------------------------- config and credentials
+
+def test_config_repr_hides_the_secret_and_validates():
+    cfg = S3Config("http://127.0.0.1:1", "b-u-c", access_key_id=KEY_ID, secret_access_key=SECRET)
+    for text in (repr(cfg), str(cfg), f"{cfg}"):
+        assert SECRET not in text and KEY_ID not in text and "***" in text
+    with pytest.raises(ValueError):
+        S3Config(None, "bucket", prefix="/x")
+    with pytest.raises(ValueError):
+        S3Config(None, "bucket", prefix="")
+    with pytest.raises(ValueError):
+        S3Config(None, "bucket", access_key_id="only-the-id")
+    with pytest.raises(ValueError):
+        S3Config(None, "bucket", max_attempts=0)
+
+
+def test_credentials_never_logged(s3_server, tiers, raw, caplog):
+    caplog.set_level(logging.DEBUG)
+    for name in ("botocore", "boto3", "urllib3", "kvtier"):
+        caplog.set_level(logging.DEBUG, logger=name)  # even with the SDK at DEBUG
+    tier = tiers(max_attempts=1)
+    header, payload = block("ns", b"k", 1000)
+    tier.upload(header, payload)
+    tier.download_into("ns", b"k", bytearray(1000))
+    tier.head("ns", b"k")
+    tier.list()
+    raw.put_object(Bucket=BUCKET, Key=tier.object_key("ns", b"k"), Body=b"corrupt")
+    tier.download_into("ns", b"k", bytearray(1000))   # quarantine path logs a warning
+    errors = []
+    bad = tiers(journal="j3", bucket="no-such-bucket-here")
+    try:
+        bad.upload(header, payload)
+    except botocore.exceptions.ClientError as exc:
+        errors.append(exc)
+    s3_server.stop()
+    try:
+        tier.upload(*block("ns", b"k2", 10))
+    except S3Unavailable as exc:
+        errors.append(exc)
+    assert len(errors) == 2
+    assert any(r.name.startswith("botocore") for r in caplog.records), "the SDK's DEBUG logs were captured"
+    text = caplog.text + "".join(f"{e!r} {e}" for e in errors) + repr(tier.cfg)
+    assert SECRET not in text
+
+
+def test_sdk_loggers_are_kept_at_warning_unless_configured(tiers, monkeypatch):
+    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    logging.getLogger("urllib3").setLevel(logging.INFO)  # configured by the operator: left alone
+    tiers()
+    assert logging.getLogger("botocore").level == logging.WARNING
+    assert logging.getLogger("boto3").level == logging.WARNING
+    assert logging.getLogger("urllib3").level == logging.INFO
+
+
+def test_closed_tier_refuses_calls(tiers):
+    tier = tiers()
+    tier.close()
+    tier.close()
+    with pytest.raises(RuntimeError):
+        tier.journal_size()
+    with pytest.raises(RuntimeError):
+        tier.upload(*block("ns", b"k", 10))
