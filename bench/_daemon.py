@@ -1,6 +1,6 @@
-"""A real kvtierd subprocess for benchmarks: TOML config, Unix socket, wait for gRPC health SERVING.
-
-Same approach as tests/conftest.py (kept separate on purpose: benches do not import tests/).
+"""kvtierd for benchmarks: kvtier.client.process.DaemonProcess with a fresh data dir that is removed
+afterwards (config and log kept only when the run failed), quieter logs, and one retry when the
+daemon dies during start-up (seen once on a loaded 2-core VM).
 
     with BenchDaemon(work_dir, {"cpu.capacity": "1GiB", "disk.enabled": False}) as d:
         with d.client() as c: ...
@@ -8,137 +8,40 @@ Same approach as tests/conftest.py (kept separate on purpose: benches do not imp
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
+import sys
 
-import grpc
-
-from kvtier.client import Client
-
-
-def toml_text(data_dir: str, overrides: dict) -> str:
-    """A TOML config from dotted keys ({"cpu.capacity": "1GiB", "disk.enabled": False, ...})."""
-    top: dict = {"data_dir": str(data_dir), "log_level": "warning"}
-    sections: dict[str, dict] = {}
-    for dotted, value in overrides.items():
-        if "." in dotted:
-            section, key = dotted.split(".", 1)
-            sections.setdefault(section, {})[key] = value
-        else:
-            top[dotted] = value
-
-    def fmt(value):
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int):
-            return str(value)
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    lines = [f"{k} = {fmt(v)}" for k, v in top.items()]
-    for section, table in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {fmt(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+from kvtier.client.process import DaemonProcess
 
 
-class BenchDaemon:
-    """kvtierd in a subprocess. Its data dir lives under work_dir/<name>-data and is removed on exit."""
-
+class BenchDaemon(DaemonProcess):
     def __init__(self, work_dir, overrides: dict | None = None, name: str = "kvtierd", keep: bool = False,
                  python_args: list[str] | None = None):
-        self.work_dir = Path(work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.data_dir = self.work_dir / f"{name}-data"
-        if self.data_dir.exists():
-            shutil.rmtree(self.data_dir)
-        self.data_dir.mkdir()
-        # Unix socket paths are limited to ~107 bytes: keep the socket in a short /tmp dir.
-        self._sock_dir = tempfile.mkdtemp(prefix="kvtb-", dir="/tmp")
-        self.socket = os.path.join(self._sock_dir, "kvtierd.sock")
-        self.overrides = {"server.socket": self.socket, **(overrides or {})}
-        self.config = self.work_dir / f"{name}.toml"
-        self.config.write_text(toml_text(str(self.data_dir), self.overrides))
-        self.log_path = self.work_dir / f"{name}.log"
+        data_dir = Path(work_dir) / f"{name}-data"
+        shutil.rmtree(data_dir, ignore_errors=True)  # every bench starts from an empty store
+        super().__init__(work_dir, overrides, name=name, log_level="warning", python_args=python_args)
         self.keep = keep
-        self.python_args = list(python_args or [])  # e.g. ["-m", "cProfile", "-o", "out.prof"]
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 60.0) -> "BenchDaemon":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, *self.python_args, "-m", "kvtier.daemon.main",
-                                          "-c", str(self.config)],
-                                         stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kvtierd exited with {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.socket) and self._serving():
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(f"kvtierd did not start in {timeout}s:\n{self.log()}")
-
-    def _serving(self) -> bool:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            except grpc.RpcError:
-                return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    def client(self) -> Client:
-        return Client(self.socket)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def cpu_seconds(self) -> float:
-        """user+system CPU seconds the daemon process has used so far (all its threads)."""
-        with open(f"/proc/{self.pid}/stat") as file:
-            fields = file.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return -9
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self._sock_dir, ignore_errors=True)
-        if not self.keep:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> "BenchDaemon":
         try:
-            return self.start()
+            try:
+                return self.start()
+            except RuntimeError as exc:
+                print(f"[bench] WARNING: {str(exc).splitlines()[0]} (log: {self.log_path}); retrying once",
+                      file=sys.stderr, flush=True)
+                return self.start()
         except BaseException:
-            self.cleanup()
+            self.kill()
+            self.cleanup(remove_data=not self.keep)
             raise
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        code = None
         try:
-            self.stop()
+            code = self.stop()
         finally:
-            self.cleanup()
+            self.cleanup(remove_data=not self.keep)
+            if exc_type is None and code == 0 and not self.keep:
+                for path in (self.config, self.log_path):
+                    path.unlink(missing_ok=True)

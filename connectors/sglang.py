@@ -39,7 +39,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional
 
 import grpc
 import torch
@@ -185,7 +185,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
     ``kvtier-data/kvtierd.sock``), ``timeout_s`` (per RPC, default 5), ``allocate_wait_ms`` (how long a
     write waits for free arena slots, default 200), ``wait_durable`` (commit waits for the disk tier,
     default false), ``skip_existing`` (``batch_set_v1`` looks up and skips stored pages, default true),
-    ``interface_v1`` (SGLang's zero-copy page functions), ``warning_interval_s``.
+    ``interface_v1`` (SGLang's zero-copy page functions), ``clear_timeout_s``, ``warning_interval_s``.
     """
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None):
@@ -197,6 +197,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self.wait_durable = bool(extra.get("wait_durable", False))
         self.skip_existing = bool(extra.get("skip_existing", True))
         self.interface_v1 = bool(int(extra.get("interface_v1", 0) or 0))
+        self.clear_timeout_s = float(extra.get("clear_timeout_s", 10.0))
         # An RPC deadline shorter than the arena wait would turn every full arena into an error.
         timeout = max(self.timeout_s, self.allocate_wait_ms / 1000.0 + 1.0)
         self._client = Client(self.socket, timeout=timeout)
@@ -274,6 +275,11 @@ class KvtierHiCacheStorage(HiCacheStorage):
             self._max_keys = int(getattr(info, "max_keys_per_request", 0) or DEFAULT_MAX_KEYS_PER_CALL)
         return self._max_keys
 
+    def _pages_per_call(self) -> int:
+        """Pages per Acquire or Allocate: at most a quarter of the arena, so one batch of large pages
+        never needs (or pins) the whole CPU tier."""
+        return max(1, min(self._max_keys_per_call(), self._client.arena().slot_count // 4))
+
     def _failed(self, kind: str, what: str, error: BaseException) -> None:
         self.stats["rpc_errors"] += 1
         self._log.warning(kind, "%s failed (%s), reported as a miss/failure", what, _error_text(error))
@@ -290,7 +296,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         matched = 0
         for start in range(0, len(keys), step):
             chunk = keys[start:start + step]
-            got = self._call(lambda ns: self._client.lookup(ns, chunk)).matched
+            got = self._call(lambda ns, chunk=chunk: self._client.lookup(ns, chunk)).matched
             matched += got
             if got < len(chunk):
                 break
@@ -345,7 +351,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
             if segments is None:
                 return results
             kv_keys = [page_key(k) for k in keys]
-            step = self._max_keys_per_call()
+            step = self._pages_per_call()
             for start in range(0, len(kv_keys), step):
                 stop = start + step
                 self._get_chunk(kv_keys[start:stop], segments[start:stop], results, start)
@@ -354,10 +360,11 @@ class KvtierHiCacheStorage(HiCacheStorage):
         loaded = sum(results)
         self.stats["loaded_pages"] += loaded
         self.stats["load_misses"] += len(keys) - loaded
-        self._record("prefetch", loaded, started)
+        self._record("prefetch", loaded, loaded * (self.page_bytes or 0), started)
         return results
 
     def _get_chunk(self, keys, segments, results, offset) -> None:
+        bad: list[bytes] = []
         lease = self._call(lambda ns: self._client.acquire(ns, keys))
         try:
             arena = self._client.arena()
@@ -371,9 +378,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
                     continue
                 view = arena.view(block.slot)[:block.length]
                 if block_checksum(view) != block.checksum:
-                    self.stats["checksum_errors"] += 1
-                    self._log.warning("checksum", "checksum mismatch in shared memory for page %s: miss",
-                                      keys[i].hex())
+                    bad.append(keys[i])
                     continue
                 base, holder = _address(view)
                 at = 0
@@ -384,11 +389,28 @@ class KvtierHiCacheStorage(HiCacheStorage):
                 del holder
                 results[offset + i] = True
         finally:
-            if lease.id:
-                try:
-                    self._client.release(lease.id)
-                except grpc.RpcError as error:  # the lease expires on its own
-                    self._failed("release", "Release", error)
+            self._release(lease)
+        self._drop_corrupt(bad)
+
+    def _release(self, lease) -> None:
+        if lease.id:
+            try:
+                self._client.release(lease.id)
+            except grpc.RpcError as error:  # the lease expires on its own
+                self._failed("release", "Release", error)
+
+    def _drop_corrupt(self, keys: list[bytes]) -> None:
+        """Blocks whose bytes fail their checksum are misses, and are deleted so that SGLang's next
+        backup of those pages stores them again (instead of being skipped as already stored)."""
+        if not keys:
+            return
+        self.stats["checksum_errors"] += len(keys)
+        self._log.warning("checksum", "checksum mismatch in shared memory for %d page(s) (first %s): misses, "
+                          "deleted", len(keys), keys[0].hex())
+        try:
+            self._call(lambda ns: self._client.delete(ns, keys))
+        except Exception as error:  # noqa: BLE001
+            self._failed("delete", "Delete of corrupt pages", error)
 
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
@@ -403,13 +425,13 @@ class KvtierHiCacheStorage(HiCacheStorage):
                 return results
             kv_keys = [page_key(k) for k in keys]
             parents = self._parents(kv_keys, extra_info)
-            step = self._max_keys_per_call()
+            step = self._pages_per_call()
             for start in range(0, len(kv_keys), step):
                 stop = start + step
                 self._set_chunk(kv_keys[start:stop], parents[start:stop], segments[start:stop], results, start)
         except Exception as error:  # noqa: BLE001
             self._failed("set", "batch_set_v1", error)
-        self._record("backup", sum(results), started)
+        self._record("backup", sum(results), sum(results) * (self.page_bytes or 0), started)
         return results
 
     def _set_chunk(self, keys, parents, segments, results, offset) -> None:
@@ -486,34 +508,32 @@ class KvtierHiCacheStorage(HiCacheStorage):
         started = time.perf_counter()
         try:
             kv_keys = [page_key(k) for k in keys]
-            step = self._max_keys_per_call()
+            step = self._pages_per_call()
             for start in range(0, len(kv_keys), step):
                 chunk = kv_keys[start:start + step]
-                lease = self._call(lambda ns: self._client.acquire(ns, chunk))
+                bad: list[bytes] = []
+                lease = self._call(lambda ns, chunk=chunk: self._client.acquire(ns, chunk))
                 try:
                     arena = self._client.arena()
                     for i, block in enumerate(lease.blocks):
                         if block.found:
-                            out[start + i] = self._read_block(arena, block, targets[start + i], chunk[i])
+                            out[start + i] = self._read_block(arena, block, targets[start + i], chunk[i], bad)
                 finally:
-                    if lease.id:
-                        try:
-                            self._client.release(lease.id)
-                        except grpc.RpcError as error:
-                            self._failed("release", "Release", error)
+                    self._release(lease)
+                self._drop_corrupt(bad)
         except Exception as error:  # noqa: BLE001
             self._failed("get", "batch_get", error)
         loaded = sum(t is not None for t in out)
         self.stats["loaded_pages"] += loaded
         self.stats["load_misses"] += len(keys) - loaded
-        self._record("prefetch", loaded, started)
+        nbytes = sum(t.numel() * t.element_size() for t in out if t is not None)
+        self._record("prefetch", loaded, nbytes, started)
         return out
 
-    def _read_block(self, arena, block, target, key: bytes) -> torch.Tensor | None:
+    def _read_block(self, arena, block, target, key: bytes, bad: list[bytes]) -> torch.Tensor | None:
         view = arena.view(block.slot)[:block.length]
         if block_checksum(view) != block.checksum:
-            self.stats["checksum_errors"] += 1
-            self._log.warning("checksum", "checksum mismatch in shared memory for page %s: miss", key.hex())
+            bad.append(key)
             return None
         src = torch.frombuffer(view, dtype=torch.uint8) if block.length else torch.empty(0, dtype=torch.uint8)
         if target is None:
@@ -551,11 +571,12 @@ class KvtierHiCacheStorage(HiCacheStorage):
             return False
         started = time.perf_counter()
         ok = False
+        sources: list[memoryview] = []
         try:
             kv_keys = [page_key(k) for k in keys]
             parents = self._parents(kv_keys, None)
             sources = [_tensor_bytes(v) for v in values]
-            step = self._max_keys_per_call()
+            step = self._pages_per_call()
             statuses: list[int] = []
 
             def writer(src: memoryview):
@@ -571,27 +592,40 @@ class KvtierHiCacheStorage(HiCacheStorage):
             ok = len(statuses) == len(keys) and all(s in _OK for s in statuses)
         except Exception as error:  # noqa: BLE001
             self._failed("set", "batch_set", error)
-        self._record("backup", len(keys) if ok else 0, started)
+        self._record("backup", len(keys) if ok else 0, sum(len(s) for s in sources) if ok else 0, started)
         return ok
 
     # -- admin ----------------------------------------------------------------------------------------
     def clear(self) -> bool:
-        """Deletes every block of this backend's namespace."""
+        """Deletes every block of this backend's namespace. The daemon skips blocks still being read or
+        written through to disk, so this repeats Clear until the namespace is empty (``clear_timeout_s``,
+        default 10 s); False when it is not."""
+        deadline = time.monotonic() + self.clear_timeout_s
+        deleted = 0
         try:
-            deleted = self._call(lambda ns: self._client.clear(ns))
-            logger.info("kvtier: cleared %d blocks of %s", deleted, self.namespace)
-            return True
+            while True:
+                deleted += self._call(lambda ns: self._client.clear(ns))
+                left = self._call(lambda ns: self._client.inventory(ns, page_size=1)).blocks
+                if not left:
+                    logger.info("kvtier: cleared %d blocks of %s", deleted, self.namespace)
+                    return True
+                if time.monotonic() >= deadline:
+                    self._log.warning("clear", "Clear of %s left blocks in use (read leases or disk writes "
+                                      "pending) after %.1f s", self.namespace, self.clear_timeout_s)
+                    return False
+                time.sleep(0.05)
         except Exception as error:  # noqa: BLE001
             self._failed("clear", "Clear", error)
             return False
 
-    def _record(self, kind: str, pages: int, started: float) -> None:
+    def _record(self, kind: str, pages: int, nbytes: int, started: float) -> None:
+        """One batch for get_stats: pages moved and GiB/s (what SGLang's other backends report)."""
         if not self.enable_storage_metrics or not pages:
             return
         elapsed = max(time.perf_counter() - started, 1e-9)
         with self._lock:
             self._metrics[f"{kind}_pgs"].append(pages)
-            self._metrics[f"{kind}_bandwidth"].append(pages * (self.page_bytes or 0) / elapsed / (1 << 30))
+            self._metrics[f"{kind}_bandwidth"].append(nbytes / elapsed / (1 << 30))
 
     def get_stats(self):
         """SGLang StorageMetrics (pages and GB/s per batch since the last call), or None."""

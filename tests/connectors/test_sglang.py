@@ -16,6 +16,7 @@ import importlib.util
 import os
 import struct
 import sys
+import time
 import types
 from types import SimpleNamespace
 
@@ -26,10 +27,12 @@ pytest.importorskip("sglang.srt.mem_cache.hicache_storage", reason="sglang is no
 import torch  # noqa: E402
 
 from kvtier.client import Client  # noqa: E402
+from kvtier.client.process import DaemonProcess  # noqa: E402
 from kvtier.connectors.sglang import KvtierHiCacheStorage, page_key  # noqa: E402
-from kvtier.proto.v1 import kvtier_pb2 as pb  # noqa: E402
 
 PAGE = 8  # tokens per page
+DAEMON_CONFIG = {"cpu.capacity": "64MiB", "cpu.slot_bytes": "64KiB", "disk.capacity": "256MiB",
+                 "disk.segment_bytes": "8MiB", "disk.batch_blocks": 16, "limits.default_lease_ms": 5000}
 
 
 # -- SGLang objects ------------------------------------------------------------------------------------
@@ -75,7 +78,11 @@ def sgl():
         for name, mod in shim.items():
             if sys.modules.get(name) is mod:
                 del sys.modules[name]
-    return SimpleNamespace(**locals())
+    return SimpleNamespace(
+        HiCacheStorageConfig=HiCacheStorageConfig, HiCacheStorageExtraInfo=HiCacheStorageExtraInfo,
+        MHATokenToKVPool=MHATokenToKVPool, MLATokenToKVPool=MLATokenToKVPool,
+        get_mha_host_pool_cls=get_mha_host_pool_cls, MLATokenToKVPoolHost=MLATokenToKVPoolHost,
+        StorageBackendFactory=StorageBackendFactory, get_hash_str=get_hash_str, StorageMetrics=StorageMetrics)
 
 
 def host_pool(sgl, layout="page_first", mla=False, layers=2, heads=4, head_dim=32, dtype=torch.bfloat16,
@@ -148,18 +155,35 @@ class RpcCounter:
             setattr(client, name, counted)
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One kvtierd for the tests that neither stop nor reconfigure it (daemon starts dominate this file's
+    runtime). Tests sharing it keep apart by model name, which namespaces their pages."""
+    daemon = DaemonProcess(tmp_path_factory.mktemp("sglang"), DAEMON_CONFIG, name="shared")
+    daemon.start()
+    yield daemon
+    daemon.kill()
+    daemon.cleanup()
+
+
+@pytest.fixture
+def srv(shared, request):
+    """The shared daemon's socket and a model name of this test's own."""
+    return SimpleNamespace(socket=shared.socket, model=f"org/{request.node.name}")
+
+
 # -- tests ---------------------------------------------------------------------------------------------
-def test_factory_loads_the_backend_and_namespaces_it(sgl, daemon):
+def test_factory_loads_the_backend_and_namespaces_it(sgl, srv):
     pool = host_pool(sgl, "page_first")
-    backend = make_backend(sgl, daemon.socket, pool)
+    backend = make_backend(sgl, srv.socket, pool, model=srv.model)
     assert isinstance(backend, KvtierHiCacheStorage)
     assert backend.page_bytes == 2 * 2 * PAGE * 4 * 32 * 2
     assert backend.batch_exists(chain(sgl, tokens(2))) == 0  # registers the namespace
-    with Client(daemon.socket) as c:
-        (ns,) = c.list_namespaces()
+    with Client(srv.socket) as c:
+        (ns,) = [n for n in c.list_namespaces() if n.name == backend.namespace]
     assert ns.name == backend.namespace and ns.name.startswith("sglang.")
     attrs = dict(ns.attributes)
-    assert attrs["model"] == "org/tiny-model" and attrs["tp_rank"] == "0" and attrs["mla"] == "false"
+    assert attrs["model"] == srv.model and attrs["tp_rank"] == "0" and attrs["mla"] == "false"
     assert attrs["layout"] == "page_first" and attrs["kv_dtype"] == "bfloat16" and attrs["page_size"] == str(PAGE)
     assert attrs["page_bytes"] == str(backend.page_bytes) and attrs["pool"] == "MHATokenToKVPoolHost"
 
@@ -174,8 +198,8 @@ def test_page_keys_are_sglang_sha256_chains(sgl):
     assert page_key("not-a-hash") == hashlib.sha256(b"not-a-hash").digest()
 
 
-def test_tensor_set_exists_get_round_trip(sgl, daemon):
-    backend = make_backend(sgl, daemon.socket, interface_v1=0)
+def test_tensor_set_exists_get_round_trip(sgl, srv):
+    backend = make_backend(sgl, srv.socket, model=srv.model, interface_v1=0)
     keys = chain(sgl, tokens(4))
     values = [torch.randn(2, PAGE, 16, dtype=torch.bfloat16) for _ in keys]
     assert not backend.exists(keys[0])
@@ -196,9 +220,27 @@ def test_tensor_set_exists_get_round_trip(sgl, daemon):
     assert backend.batch_exists(keys) == 4
 
 
-def test_batch_exists_counts_leading_hits(sgl, daemon):
+@pytest.mark.parametrize("layout", ["layer_first", "page_first"])
+def test_tensor_interface_through_host_pools(sgl, srv, layout):
+    """SGLang's non-zero-copy controller path (interface_v1 off): get_data_page -> batch_set, and
+    get_dummy_flat_data_page -> batch_get -> set_from_flat_data_page."""
+    writer_pool, reader_pool = host_pool(sgl, layout, seed=21), host_pool(sgl, layout, seed=22)
+    writer = make_backend(sgl, srv.socket, writer_pool, model=srv.model, interface_v1=0)
+    reader = make_backend(sgl, srv.socket, reader_pool, model=srv.model, interface_v1=0)
+    assert writer.attributes["page_format"] == "flat_page"
+    keys = chain(sgl, tokens(3, seed=23))
+    src, dst = writer_pool.alloc(3 * PAGE), reader_pool.alloc(3 * PAGE)
+    data = [writer_pool.get_data_page(src[p * PAGE]) for p in range(3)]
+    assert writer.batch_set(keys, data)
+    pages = reader.batch_get(keys, [reader_pool.get_dummy_flat_data_page() for _ in keys])
+    for p, page in enumerate(pages):
+        reader_pool.set_from_flat_data_page(dst[p * PAGE], page)
+    assert [page_bytes(reader_pool, dst, p) for p in range(3)] == [page_bytes(writer_pool, src, p) for p in range(3)]
+
+
+def test_batch_exists_counts_leading_hits(sgl, srv):
     pool = host_pool(sgl)
-    backend = make_backend(sgl, daemon.socket, pool)
+    backend = make_backend(sgl, srv.socket, pool, model=srv.model)
     keys = chain(sgl, tokens(8))
     idx = pool.alloc(8 * PAGE)
 
@@ -217,11 +259,11 @@ def test_batch_exists_counts_leading_hits(sgl, daemon):
 
 @pytest.mark.parametrize("layout,mla", [("layer_first", False), ("page_first", False), ("page_first_direct", False),
                                         ("page_head", False), ("layer_first", True), ("page_first", True)])
-def test_v1_round_trip_through_host_pools_is_byte_exact(sgl, daemon, layout, mla):
+def test_v1_round_trip_through_host_pools_is_byte_exact(sgl, srv, layout, mla):
     """One engine backs pages up, another engine (own host pool, fresh indices) loads them."""
     writer_pool, reader_pool = host_pool(sgl, layout, mla, seed=1), host_pool(sgl, layout, mla, seed=2)
-    writer = make_backend(sgl, daemon.socket, writer_pool, mla=mla)
-    reader = make_backend(sgl, daemon.socket, reader_pool, mla=mla)
+    writer = make_backend(sgl, srv.socket, writer_pool, model=srv.model, mla=mla)
+    reader = make_backend(sgl, srv.socket, reader_pool, model=srv.model, mla=mla)
     assert writer.namespace == reader.namespace
     keys = chain(sgl, tokens(6, seed=3))
     src = writer_pool.alloc(6 * PAGE)
@@ -246,9 +288,9 @@ def test_v1_round_trip_through_host_pools_is_byte_exact(sgl, daemon, layout, mla
     assert reader.batch_get_v1([keys[0], missing[0]], dst[:2 * PAGE]) == [True, False]
 
 
-def test_shared_prefix_hits_and_parents_chain(sgl, daemon):
+def test_shared_prefix_hits_and_parents_chain(sgl, srv):
     pool = host_pool(sgl)
-    backend = make_backend(sgl, daemon.socket, pool)
+    backend = make_backend(sgl, srv.socket, pool, model=srv.model)
     first = tokens(8, seed=5)
     second = first[:5 * PAGE] + tokens(3, seed=6)  # shares 5 pages, then diverges
     keys_a, keys_b = chain(sgl, first), chain(sgl, second)
@@ -259,32 +301,31 @@ def test_shared_prefix_hits_and_parents_chain(sgl, daemon):
     assert backend.batch_set_v1(keys_a[4:], idx[4 * PAGE:],
                                 sgl.HiCacheStorageExtraInfo(prefix_keys=keys_a[:4])) == [True] * 4
     assert backend.batch_exists(keys_b) == 5
-    with Client(daemon.socket) as c:
+    with Client(srv.socket) as c:
         assert c.stat(backend.namespace, page_key(keys_a[0])).parent == b""
         for p in range(1, 8):
             assert c.stat(backend.namespace, page_key(keys_a[p])).parent == page_key(keys_a[p - 1])
 
 
-def test_models_and_tp_ranks_do_not_share_pages_mla_ranks_do(sgl, daemon):
+def test_models_and_tp_ranks_do_not_share_pages_mla_ranks_do(sgl, srv):
     keys = chain(sgl, tokens(3, seed=7))
     pool = host_pool(sgl)
     idx = pool.alloc(3 * PAGE)
-    rank0 = make_backend(sgl, daemon.socket, pool, tp_rank=0, tp_size=2)
-    assert rank0.batch_set_v1(keys, idx) == [True] * 3
-    assert make_backend(sgl, daemon.socket, pool, tp_rank=0, tp_size=2).batch_exists(keys) == 3
-    assert make_backend(sgl, daemon.socket, pool, tp_rank=1, tp_size=2).batch_exists(keys) == 0
-    assert make_backend(sgl, daemon.socket, pool, tp_rank=0, tp_size=1).batch_exists(keys) == 0
-    assert make_backend(sgl, daemon.socket, pool, model="org/other-model", tp_rank=0,
-                        tp_size=2).batch_exists(keys) == 0
-    assert make_backend(sgl, daemon.socket, host_pool(sgl, "layer_first"), tp_rank=0,
-                        tp_size=2).batch_exists(keys) == 0  # another page format
+
+    def backend(pool=pool, model=srv.model, **kw):
+        return make_backend(sgl, srv.socket, pool, model=model, **{"tp_rank": 0, "tp_size": 2, **kw})
+    assert backend().batch_set_v1(keys, idx) == [True] * 3
+    assert backend().batch_exists(keys) == 3  # the same engine again (e.g. restarted)
+    assert backend(tp_rank=1).batch_exists(keys) == 0
+    assert backend(tp_size=1).batch_exists(keys) == 0
+    assert backend(model=srv.model + "-other").batch_exists(keys) == 0
+    assert backend(host_pool(sgl, "layer_first")).batch_exists(keys) == 0  # another page format
+    assert backend(host_pool(sgl, dtype=torch.float16)).batch_exists(keys) == 0  # another KV dtype
     # MLA KV is the same on every TP rank: rank 1 finds what rank 0 stored.
     mla_pool = host_pool(sgl, mla=True)
-    mla_idx = mla_pool.alloc(3 * PAGE)
-    assert make_backend(sgl, daemon.socket, mla_pool, mla=True, tp_rank=0, tp_size=2).batch_set_v1(
-        keys, mla_idx) == [True] * 3
-    assert make_backend(sgl, daemon.socket, mla_pool, mla=True, tp_rank=1, tp_size=2).batch_exists(keys) == 3
-    assert make_backend(sgl, daemon.socket, pool, tp_rank=1, tp_size=2).batch_exists(keys) == 0
+    assert backend(mla_pool, mla=True).batch_set_v1(keys, mla_pool.alloc(3 * PAGE)) == [True] * 3
+    assert backend(mla_pool, mla=True, tp_rank=1).batch_exists(keys) == 3
+    assert backend(tp_rank=1).batch_exists(keys) == 0
 
 
 def test_daemon_down_degrades_to_misses(sgl, make_daemon, tmp_path):
@@ -315,16 +356,15 @@ def test_daemon_down_degrades_to_misses(sgl, make_daemon, tmp_path):
     for _ in range(100):
         if backend.batch_set_v1(keys, idx) == [True] * 4:
             break
-        import time
         time.sleep(0.1)
     assert backend.batch_exists(keys) == 4
     assert backend.batch_get_v1(keys, idx) == [True] * 4
 
 
-def test_page_larger_than_an_arena_slot_fails_gracefully(sgl, make_daemon):
-    daemon = make_daemon({"cpu.slot_bytes": "4KiB"})
-    pool = host_pool(sgl)  # 8 KiB pages
-    backend = make_backend(sgl, daemon.socket, pool)
+def test_page_larger_than_an_arena_slot_fails_gracefully(sgl, srv):
+    pool = host_pool(sgl, heads=16, head_dim=128)  # 128 KiB pages; the daemon's slots are 64 KiB
+    backend = make_backend(sgl, srv.socket, pool, model=srv.model)
+    assert backend.page_bytes == 128 << 10
     keys = chain(sgl, tokens(2))
     assert backend.batch_set_v1(keys, pool.alloc(2 * PAGE)) == [False, False]
     assert backend.batch_exists(keys) == 0
@@ -362,25 +402,40 @@ def test_block_corrupted_on_disk_is_a_miss(sgl, make_daemon):
         assert c.stats().quarantined == 1
 
 
-def test_checksum_mismatch_in_shared_memory_is_a_miss(sgl, daemon):
+def test_checksum_mismatch_in_shared_memory_is_a_miss(sgl, srv):
     pool = host_pool(sgl)
-    backend = make_backend(sgl, daemon.socket, pool)
+    backend = make_backend(sgl, srv.socket, pool, model=srv.model)
     keys = chain(sgl, tokens(3, seed=14))
     idx = pool.alloc(3 * PAGE)
+
+    def corrupt(page):  # flip a byte of a page in the daemon's CPU tier
+        with Client(srv.socket) as c:
+            # After the write-through: a block still queued for disk would be caught (and dropped)
+            # by the daemon's own check before the connector could see the mismatch.
+            deadline = time.monotonic() + 30
+            while c.stats().write_backlog and time.monotonic() < deadline:
+                time.sleep(0.02)
+            lease = c.acquire(backend.namespace, [page_key(keys[page])])
+            c.arena().view(lease.blocks[0].slot)[10] ^= 0x01
+            c.release(lease.id)
     assert backend.batch_set_v1(keys, idx) == [True] * 3
-    with Client(daemon.socket) as c:  # flip a byte of page 1 in the daemon's CPU tier
-        lease = c.acquire(backend.namespace, [page_key(keys[1])])
-        c.arena().view(lease.blocks[0].slot)[10] ^= 0x01
-        c.release(lease.id)
-    assert backend.batch_get_v1(keys, pool.alloc(3 * PAGE)) == [True, False, True]
-    assert backend.get(keys[1]) is None and backend.get(keys[0]) is not None
-    assert backend.stats["checksum_errors"] == 2
+    corrupt(1)
+    dst = pool.alloc(3 * PAGE)
+    assert backend.batch_get_v1(keys, dst) == [True, False, True]
+    assert backend.stats["checksum_errors"] == 1
+    assert backend.batch_exists(keys) == 1  # the bad copy was deleted...
+    assert backend.batch_set_v1(keys, idx) == [True] * 3  # ...so SGLang's next backup stores it again
+    assert backend.batch_get_v1(keys, dst) == [True] * 3
+    assert [page_bytes(pool, dst, p) for p in range(3)] == [page_bytes(pool, idx, p) for p in range(3)]
+    corrupt(2)  # the tensor interface checks too
+    assert backend.get(keys[2]) is None and backend.get(keys[0]) is not None
+    assert backend.stats["checksum_errors"] == 2 and backend.batch_exists(keys) == 2
 
 
-def test_clear_and_storage_metrics(sgl, daemon):
+def test_clear_and_storage_metrics(sgl, srv):
     pool = host_pool(sgl)
-    backend = make_backend(sgl, daemon.socket, pool, enable_storage_metrics=True)
-    other = make_backend(sgl, daemon.socket, pool, model="org/other-model")
+    backend = make_backend(sgl, srv.socket, pool, model=srv.model, enable_storage_metrics=True)
+    other = make_backend(sgl, srv.socket, pool, model=srv.model + "-other")
     keys = chain(sgl, tokens(4, seed=15))
     idx = pool.alloc(4 * PAGE)
     assert backend.batch_set_v1(keys, idx) == [True] * 4
