@@ -188,8 +188,10 @@ class Client:
     def abort(self, allocation_id: int) -> None:
         self.call(self.stub.Abort, pb.AbortRequest(allocation_id=allocation_id))
 
-    def acquire(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0) -> Lease:
-        r = self.call(self.stub.Acquire, pb.AcquireRequest(namespace=namespace, keys=keys, lease_ms=lease_ms))
+    def acquire(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0, gpu: bool = False) -> Lease:
+        """Read-leases keys; with gpu, also places them in the daemon's GPU tier (IPC handles per block)."""
+        r = self.call(self.stub.Acquire, pb.AcquireRequest(namespace=namespace, keys=keys, lease_ms=lease_ms,
+                                                           gpu=gpu))
         self.arena(r.generation)
         return Lease(r.lease_id, list(r.blocks), r.deadline_unix_ms)
 

@@ -67,6 +67,14 @@ class DiskConfig:
 
 
 @dataclasses.dataclass
+class GpuConfig:
+    enabled: bool = False
+    device: str = "cuda:0"          # "cpu" runs the same code path without a GPU (tests)
+    capacity: int = 0
+    policy: str = "lru"
+
+
+@dataclasses.dataclass
 class S3TierConfig:
     enabled: bool = False
     write_through: bool = True      # false: read-only (serve what other nodes uploaded, upload nothing)
@@ -115,6 +123,7 @@ class Config:
     log_level: str = "info"
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     cpu: CpuConfig = dataclasses.field(default_factory=CpuConfig)
+    gpu: GpuConfig = dataclasses.field(default_factory=GpuConfig)
     disk: DiskConfig = dataclasses.field(default_factory=DiskConfig)
     s3: S3TierConfig = dataclasses.field(default_factory=S3TierConfig)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
@@ -207,6 +216,11 @@ def validate(cfg: Config) -> Config:
          "server.tcp on a non-loopback address needs server.tls_cert/tls_key (the token would travel in clear)"),
         (cfg.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error"),
         (not cfg.s3.enabled or cfg.s3.bucket, "s3.enabled needs s3.bucket"),
+        (not cfg.gpu.enabled or cfg.gpu.capacity >= cfg.cpu.slot_bytes,
+         "gpu.capacity must hold at least one slot of cpu.slot_bytes"),
+        (not cfg.gpu.enabled or cfg.gpu.capacity <= cfg.cpu.capacity,
+         "gpu.capacity must not exceed cpu.capacity: every GPU block is promoted from the CPU tier"),
+        (cfg.gpu.policy in ("lru", "fifo"), "gpu.policy must be \"lru\" or \"fifo\""),
         (not (cfg.s3.enabled and cfg.s3.write_through) or cfg.disk.enabled,
          "s3.write_through needs disk.enabled: the disk tier keeps each block until it is uploaded"),
         (bool(cfg.s3.access_key_id) == bool(cfg.s3.secret_access_key_file),

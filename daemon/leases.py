@@ -19,6 +19,7 @@ class Held:
     items: list           # slots for an allocation, block ids for a read lease
     deadline: float       # time.monotonic()
     namespace: str = ""
+    gpu_items: list = dataclasses.field(default_factory=list)  # read leases: blocks also pinned on the GPU
 
 
 class LeaseTable:

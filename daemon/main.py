@@ -3,12 +3,16 @@
 Start-up order matters: lock the data dir, recover the disk tier, then listen, then READY=1.
 Shutdown (SIGTERM/SIGINT): STOPPING=1, stop accepting calls, drain the write-through backlog
 within a bound, close the tiers, remove the socket.
+Under systemd (packaging/kvtierd.service): WATCHDOG=1 pings from the event loop when WatchdogSec=
+is set, STATUS= lines with blocks and backlog, and SIGHUP reloads what can change without a restart
+(log_level), between RELOADING=1 and READY=1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import fcntl
 import hmac
 import logging
@@ -26,13 +30,18 @@ from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 
 from . import config as config_mod
 from .metrics import serve_metrics
-from .notify import sd_notify
+from .notify import monotonic_usec, sd_notify, watchdog_period_s
 from .service import KvTierService
 from .store import BlockStore
 
 log = logging.getLogger("kvtierd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvTier"].full_name
+# Shutdown takes at most GRPC_GRACE_S + DRAIN_TIMEOUT_S plus closing the tiers: keep the sum well
+# below TimeoutStopSec= in packaging/kvtierd.service (60 s), or systemd SIGKILLs a draining daemon.
+GRPC_GRACE_S = 5.0
 DRAIN_TIMEOUT_S = 30.0
+STATUS_INTERVAL_S = 10.0    # STATUS= refresh when there is no watchdog to piggyback on
+RELOADABLE = {"log_level"}  # config keys SIGHUP applies; any other change needs a restart
 
 
 def parse_args(argv):
@@ -47,9 +56,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    overrides = {k: v for k, v in {"data_dir": args.data_dir, "log_level": args.log_level}.items() if v}
-    if args.socket:
-        overrides["server"] = {"socket": args.socket}
+    overrides = _overrides(args)
     try:
         cfg = config_mod.load(args.config, overrides)
     except config_mod.ConfigError as exc:
@@ -61,11 +68,19 @@ def main(argv=None) -> int:
         print(cfg)
         return 0
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, Reloader(args.config, overrides, cfg)))
     except StartupError as exc:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def _overrides(args) -> dict:
+    """Command-line settings: they win over the config file, at start and on every reload."""
+    overrides = {k: v for k, v in {"data_dir": args.data_dir, "log_level": args.log_level}.items() if v}
+    if args.socket:
+        overrides["server"] = {"socket": args.socket}
+    return overrides
 
 
 class StartupError(Exception):
@@ -159,13 +174,37 @@ def _tcp_server(cfg, servicer, health_servicer):
     return server
 
 
-async def serve(cfg: config_mod.Config) -> None:
+async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> None:
+    # SIGHUP's default action is to terminate: until the reload handler is in place, ignore it.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: still starting")
     lock_fd = lock_data_dir(cfg.data_dir)
     sd_notify("STATUS=recovering the disk tier")
     store = BlockStore(cfg)
     report = await store.start()
     log.info("recovery: %s; %d blocks in %d namespaces", report, store.catalog.blocks,
              len(store.catalog.namespaces))
+    servers, health_servicer = await _listen(cfg, store)
+    metrics = serve_metrics(store, cfg.metrics.listen) if cfg.metrics.listen else None
+    stop = asyncio.Event()
+    beat = Heartbeat(lambda: status_line(store, draining=stop.is_set()), watchdog_period_s())
+    _install_signal_handlers(stop, beat, reloader)
+    log.info("kvtierd ready on unix:%s%s (cpu %d MiB in %d slots, disk %s)", cfg.server.socket,
+             f" and tcp {cfg.server.tcp}" if cfg.server.tcp else "", store.arena.size_bytes >> 20,
+             store.arena.slot_count, f"{cfg.disk.capacity >> 20} MiB" if cfg.disk.enabled else "off")
+    beat.beat("READY=1")
+    beat_task = asyncio.get_running_loop().create_task(beat.run(), name="sd-heartbeat")
+    await stop.wait()
+    beat.beat()  # STATUS=draining ...; the heartbeat keeps it fresh while the backlog drains
+    await _shut_down(cfg, store, servers, health_servicer)
+    beat_task.cancel()
+    if metrics is not None:
+        metrics[0].shutdown()
+    os.close(lock_fd)
+    log.info("kvtierd stopped")
+
+
+async def _listen(cfg: config_mod.Config, store: BlockStore):
+    """Starts the gRPC servers (Unix socket, optional TCP); returns them and the health servicer."""
     servicer = KvTierService(store, cfg.limits)
     health_servicer = health.aio.HealthServicer()
     servers = [_server(cfg, servicer, health_servicer)]
@@ -178,31 +217,142 @@ async def serve(cfg: config_mod.Config) -> None:
     os.chmod(cfg.server.socket, cfg.server.socket_mode)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    metrics = serve_metrics(store, cfg.metrics.listen) if cfg.metrics.listen else None
-    stop = asyncio.Event()
+    return servers, health_servicer
+
+
+def _install_signal_handlers(stop: asyncio.Event, beat: "Heartbeat", reloader: "Reloader | None") -> None:
     loop = asyncio.get_running_loop()
+
+    def on_stop():
+        if not stop.is_set():
+            sd_notify("STOPPING=1")  # before anything can report "draining"
+            stop.set()
+
+    def on_reload():
+        if not stop.is_set():
+            reloader()
+            beat.beat()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    log.info("kvtierd ready on unix:%s%s (cpu %d MiB in %d slots, disk %s)", cfg.server.socket,
-             f" and tcp {cfg.server.tcp}" if cfg.server.tcp else "", store.arena.size_bytes >> 20,
-             store.arena.slot_count, f"{cfg.disk.capacity >> 20} MiB" if cfg.disk.enabled else "off")
-    sd_notify(f"READY=1\nSTATUS=serving {store.catalog.blocks} blocks")
-    await stop.wait()
-    sd_notify("STOPPING=1")
+        loop.add_signal_handler(signum, on_stop)
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
+
+
+async def _shut_down(cfg: config_mod.Config, store: BlockStore, servers, health_servicer) -> None:
+    """Stops accepting calls, drains the write-through backlog within DRAIN_TIMEOUT_S, removes the socket."""
     log.info("shutting down: %d blocks waiting for write-through", store.backlog)
     await health_servicer.enter_graceful_shutdown()
-    await asyncio.gather(*(server.stop(grace=5) for server in servers))
+    await asyncio.gather(*(server.stop(grace=GRPC_GRACE_S) for server in servers))
     left = await store.close(DRAIN_TIMEOUT_S)
     if left:
         log.error("shutdown: %d blocks were not written through in %.0fs and are lost", left, DRAIN_TIMEOUT_S)
-    if metrics is not None:
-        metrics[0].shutdown()
     try:
         os.remove(cfg.server.socket)
     except FileNotFoundError:
         pass
-    os.close(lock_fd)
-    log.info("kvtierd stopped")
+
+
+def status_line(store: BlockStore, draining: bool = False) -> str:
+    """The STATUS= text `systemctl status kvtierd` shows."""
+    backlog = f"write backlog {store.backlog}"
+    if store.s3sync is not None:
+        backlog += f", upload backlog {store.s3sync.backlog}"
+    if draining:
+        return f"draining: {backlog}"
+    return f"serving {store.catalog.blocks} blocks, {backlog}"
+
+
+class Heartbeat:
+    """sd_notify from the event loop: WATCHDOG=1 every half watchdog period, STATUS= when it changed.
+
+    run() is an asyncio task on purpose: if the event loop is stuck (a blocking call, a deadlock on
+    the loop thread), the pings stop and systemd (WatchdogSec=) kills and restarts the daemon.
+    Busy worker threads do not stop them; only the loop that serves the calls matters.
+    """
+
+    def __init__(self, describe, watchdog_s: float | None):
+        self.describe = describe
+        self.watchdog_s = watchdog_s
+        self.interval_s = watchdog_s / 2 if watchdog_s else STATUS_INTERVAL_S
+        self._status: str | None = None
+
+    def beat(self, *states: str) -> None:
+        """Sends `states` plus STATUS= if the status text changed since it was last sent."""
+        lines = list(states)
+        status = self.describe()
+        if status != self._status:
+            lines.append(f"STATUS={status}")
+            self._status = status
+        if lines:
+            sd_notify("\n".join(lines))
+
+    async def run(self) -> None:
+        ping = ("WATCHDOG=1",) if self.watchdog_s else ()
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self.beat(*ping)
+
+
+class Reloader:
+    """SIGHUP: re-reads the config file (with the command-line overrides), applies log_level, and logs
+    every other changed key as needing a restart.  An unreadable or invalid file changes nothing."""
+
+    def __init__(self, path: str | None, overrides: dict, running: config_mod.Config):
+        self.path = path
+        self.overrides = overrides
+        self.running = running
+
+    def __call__(self) -> None:
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
+        try:
+            self.reload()
+        finally:
+            sd_notify("READY=1")
+
+    def reload(self) -> None:
+        if not self.path:
+            log.info("reload: started without -c, no config file to re-read")
+            return
+        try:
+            new = config_mod.load(self.path, self.overrides)
+        except (config_mod.ConfigError, OSError) as exc:
+            log.error("reload: invalid config, keeping the running one: %s", exc)
+            return
+        changed = changed_keys(self.running, new)
+        if "log_level" in changed:
+            set_log_level(self.running.log_level, new.log_level)
+            self.running.log_level = new.log_level
+        restart = sorted(changed - RELOADABLE)
+        if restart:
+            log.warning("reload: needs a restart: %s", ", ".join(restart))
+        elif not changed:
+            log.info("reload: %s unchanged", self.path)
+
+
+def changed_keys(old: config_mod.Config, new: config_mod.Config) -> set[str]:
+    """Dotted names ("cpu.capacity") of the settings that differ."""
+    before, after = _flatten(dataclasses.asdict(old)), _flatten(dataclasses.asdict(new))
+    return {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+
+
+def _flatten(table: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def set_log_level(old: str, new: str) -> None:
+    """Applies `new` to every logger; the message announcing it passes both levels' filters."""
+    root = logging.getLogger()
+    old_level, new_level = logging.getLevelName(old.upper()), logging.getLevelName(new.upper())
+    root.setLevel(min(old_level, new_level))
+    log.log(max(logging.INFO, min(old_level, new_level)), "reload: log_level %s -> %s applied", old, new)
+    root.setLevel(new_level)
 
 
 if __name__ == "__main__":

@@ -173,13 +173,22 @@ class KvTierService(pb_grpc.KvTierServicer):
     async def Acquire(self, request, context):
         namespace = self.check.namespace(request.namespace)
         keys = self.check.keys(request.keys)
-        held, found = await self.store.acquire(namespace, keys, self.check.lease_ms(request.lease_ms))
-        blocks = [pb.AcquiredBlock(found=True, slot=self.store.cpu.slot_of(b.id), length=b.length,
-                                   checksum=b.checksum) if b is not None else pb.AcquiredBlock()
-                  for b in found]
+        held, found = await self.store.acquire(namespace, keys, self.check.lease_ms(request.lease_ms),
+                                               gpu=request.gpu)
+        on_gpu = set(held.gpu_items) if held else set()
+        blocks = [self._acquired(b, b.id in on_gpu) if b is not None else pb.AcquiredBlock() for b in found]
         return pb.AcquireResponse(lease_id=held.id if held else 0, blocks=blocks,
                                   generation=self.store.arena.generation,
                                   deadline_unix_ms=_deadline_unix_ms(held.deadline) if held else 0)
+
+    def _acquired(self, block, on_gpu: bool) -> pb.AcquiredBlock:
+        acquired = pb.AcquiredBlock(found=True, slot=self.store.cpu.slot_of(block.id), length=block.length,
+                                    checksum=block.checksum)
+        if on_gpu:
+            gpu_slot = self.store.gpu.slot_of(block.id)
+            acquired.on_gpu, acquired.gpu_slot = True, gpu_slot
+            acquired.gpu_ipc_handle = self.store.gpu.ipc_handle(gpu_slot) or b""
+        return acquired
 
     @_unary
     async def Release(self, request, context):

@@ -27,6 +27,7 @@ from kvtier.tiers.block import BlockHeader, checksum
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskEntry, DiskTier
 from kvtier.tiers.eviction import POLICIES
+from kvtier.tiers.gpu import GpuTier
 from kvtier.tiers.s3 import S3Tier
 
 from .catalog import TIER_NAMES, Block, Catalog, now_ms
@@ -37,7 +38,7 @@ from .leases import LeaseTable
 from .s3sync import S3Sync, tier_config
 
 log = logging.getLogger("kvtier.store")
-CPU, DISK, S3 = pb.TIER_CPU, pb.TIER_DISK, pb.TIER_S3
+GPU, CPU, DISK, S3 = pb.TIER_GPU, pb.TIER_CPU, pb.TIER_DISK, pb.TIER_S3
 WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 PROMOTION_WAIT_MS = 2000  # a reader waits this long for CPU room, then takes a miss
 
@@ -88,6 +89,7 @@ class BlockStore:
         self.cpu = CpuTier(arena, POLICIES[cfg.cpu.policy]())
         self.disk: DiskTier | None = None
         self.s3sync: S3Sync | None = None
+        self.gpu: GpuTier | None = None
         self.allocations = LeaseTable(cfg.limits.max_active_leases)
         self.leases = LeaseTable(cfg.limits.max_active_leases)
         self._backlog: deque[Block] = deque()
@@ -114,6 +116,9 @@ class BlockStore:
         """Recovers the disk tier into the catalog; returns a one-line report."""
         self.catalog.load_namespaces()
         report = "disk tier disabled"
+        if self.cfg.gpu.enabled:  # create() logs why when the machine cannot host it
+            self.gpu = GpuTier.create(self.cfg.gpu.device, self.cfg.gpu.capacity, self.cfg.cpu.slot_bytes,
+                                      POLICIES[self.cfg.gpu.policy]())
         if self.cfg.s3.enabled:
             tier = await self._on_writer(lambda: S3Tier(tier_config(self.cfg.s3),
                                                         os.path.join(self.cfg.data_dir, "s3-journal")))
@@ -159,6 +164,8 @@ class BlockStore:
         self._readers.shutdown(wait=True)
         if self.s3sync is not None:
             await self.s3sync.close()
+        if self.gpu is not None:
+            self.gpu.close()
         if self.disk is not None:
             self.disk.close()
         self.arena.close()
@@ -399,6 +406,8 @@ class BlockStore:
         """The block left `tier`; when no tier keeps it, it leaves the catalog."""
         if tier == CPU and not already_removed:
             self.cpu.remove(block.id)
+        elif tier == GPU and not already_removed:
+            self.gpu.remove(block.id)
         block.tiers &= ~tier
         self.disk_blocks -= tier == DISK
         if tier == S3:
@@ -408,8 +417,9 @@ class BlockStore:
             self.catalog.discard(block)
 
     # -- read path ----------------------------------------------------------------------------
-    async def acquire(self, namespace: str, keys: list[bytes], lease_ms: int):
-        """Pins each found block in the CPU tier (promoting from disk); returns (lease or None, blocks)."""
+    async def acquire(self, namespace: str, keys: list[bytes], lease_ms: int, gpu: bool = False):
+        """Pins each found block in the CPU tier (promoting from lower tiers) and, with gpu, in the GPU
+        tier too; returns (lease or None, blocks)."""
         self.catalog.namespace(namespace)
         if self.leases.full():
             raise exhausted("too many open read leases; release some first")
@@ -429,7 +439,41 @@ class BlockStore:
         self.counters.acquire_misses += len(keys) - len(pinned)
         if not pinned:
             return None, found
-        return self.leases.add(pinned, lease_ms, namespace), found
+        held = self.leases.add(pinned, lease_ms, namespace)
+        if gpu and self.gpu is not None:
+            for block in found:
+                if block is not None and await self._pin_on_gpu(block):
+                    held.gpu_items.append(block.id)
+        return held, found
+
+    async def _pin_on_gpu(self, block: Block) -> bool:
+        """Promotes a CPU-pinned block into the GPU tier (if it is not there) and pins it there."""
+        if block.id not in self.gpu:
+            slots, evicted = self.gpu.reserve(1)
+            if not slots:
+                return False  # every GPU slot is held by readers: the CPU copy serves this lease
+            for block_id in evicted:
+                self._evicted_from_gpu(block_id)
+            await _finished(self.gpu.copy_in(slots[0], self.cpu.view(block.id), block.length))
+            if self.catalog.get(block.namespace, block.key) is not block or block.id in self.gpu:
+                self.gpu.unreserve(slots)  # deleted, or promoted by a concurrent reader meanwhile
+            else:
+                self.gpu.install(block.id, slots[0], block.length)
+                block.tiers |= GPU
+                self.events.emit(pb.BLOCK_MOVED, block.namespace, block.key, GPU, from_tier=CPU,
+                                 length=block.length)
+        if block.id not in self.gpu:
+            return False
+        self.gpu.pin(block.id)
+        self.gpu.touch(block.id)
+        return True
+
+    def _evicted_from_gpu(self, block_id) -> None:
+        """A GPU copy was dropped to make room; every block entered through the CPU tier, so a lower
+        tier still holds it unless the disk tier is off and the CPU tier evicted it too."""
+        block = self.catalog.get(*block_id)
+        if block is not None and block.tiers & GPU:
+            self._drop_tier(block, GPU, already_removed=True)
 
     def _pin_reader(self, block: Block) -> Block:
         self.cpu.pin(block.id)
@@ -477,7 +521,9 @@ class BlockStore:
         slots = await self._reserve(1, PROMOTION_WAIT_MS)
         view = self.arena.view(slots[0])
         source = 0
-        if block.tiers & DISK and await self._read_disk_into(block, view):
+        if block.tiers & GPU and await self._read_gpu_into(block, view):
+            source = GPU
+        elif block.tiers & DISK and await self._read_disk_into(block, view):
             source = DISK
         elif block.tiers & S3 and self.s3sync is not None and await self.s3sync.download(block, view):
             source = S3
@@ -492,6 +538,21 @@ class BlockStore:
         if source == S3 and self.disk is not None:
             self._queue_write(block)  # keep a local copy: the next restart reads it from disk
         return block
+
+    async def _read_gpu_into(self, block: Block, view: memoryview) -> bool:
+        """Demotion: the CPU tier lost the block but the GPU tier has it; copied down and verified."""
+        if self.gpu is None or block.id not in self.gpu:
+            return False
+        self.gpu.pin(block.id)  # its slot cannot be reused while the copy reads it
+        try:
+            await _finished(self.gpu.copy_out(self.gpu.slot_of(block.id), view, block.length))
+        finally:
+            self.gpu.unpin(block.id)
+        if checksum(view[:block.length]) == block.checksum:
+            return True
+        if self.catalog.get(block.namespace, block.key) is block and block.tiers & GPU:
+            self._quarantined(block, GPU)
+        return False
 
     async def _read_disk_into(self, block: Block, view: memoryview) -> bool:
         entry = self.disk.get_entry(block.namespace, block.key) if self.disk is not None else None
@@ -517,10 +578,13 @@ class BlockStore:
         held = self.leases.take(lease_id)
         if held is None:
             raise precondition(f"lease {lease_id} is not held (already released, expired, or never granted)")
-        self._unpin_readers(held.items)
+        self._unpin_readers(held)
 
-    def _unpin_readers(self, block_ids) -> None:
-        for namespace, key in block_ids:
+    def _unpin_readers(self, held) -> None:
+        for block_id in held.gpu_items:
+            if self.gpu is not None and block_id in self.gpu:
+                self.gpu.unpin(block_id)
+        for namespace, key in held.items:
             block = self.catalog.get(namespace, key)
             if block is not None and block.id in self.cpu:
                 block.readers -= 1
@@ -549,7 +613,7 @@ class BlockStore:
             await self._on_writer(lambda: self.disk.remove(block.namespace, block.key))
         if block.tiers & S3:
             await self.s3sync.delete(block)
-        for tier in (CPU, DISK, S3):
+        for tier in (GPU, CPU, DISK, S3):
             if block.tiers & tier and self.catalog.get(block.namespace, block.key) is block:
                 self._drop_tier(block, tier)
 
@@ -579,12 +643,19 @@ class BlockStore:
                 self.counters.leases_expired += 1
                 log.warning("read lease %d on %s expired unreleased: %d blocks unpinned",
                             held.id, held.namespace, len(held.items))
-                self._unpin_readers(held.items)
+                self._unpin_readers(held)
 
     # -- stats --------------------------------------------------------------------------------
     def stats(self) -> pb.StatsResponse:
         c = self.counters
-        tiers = [pb.TierStats(tier="cpu", blocks=len(self.cpu), bytes=self.cpu.used_bytes,
+        tiers = []
+        if self.gpu is not None:
+            g = self.gpu.stats()
+            tiers.append(pb.TierStats(tier="gpu", blocks=len(self.gpu), bytes=self.gpu.used_bytes,
+                                      capacity_bytes=self.gpu.capacity_bytes, reads=g["reads"],
+                                      writes=g["writes"], read_bytes=g["read_bytes"],
+                                      write_bytes=g["write_bytes"], evictions=self.gpu.evictions))
+        tiers += [pb.TierStats(tier="cpu", blocks=len(self.cpu), bytes=self.cpu.used_bytes,
                               capacity_bytes=self.arena.size_bytes, reads=c.cpu_reads, writes=c.cpu_writes,
                               read_bytes=c.cpu_read_bytes, write_bytes=c.cpu_write_bytes,
                               evictions=self.cpu.evictions)]
@@ -614,3 +685,9 @@ def _arena_prefix(cfg: Config) -> str:
     import os
     digest = hashlib.sha256(os.path.abspath(cfg.data_dir).encode()).hexdigest()[:12]
     return f"kvtier-{digest}"
+
+
+async def _finished(transfer) -> None:
+    """Waits for a GPU copy without blocking the event loop (CPU-device copies are done at once)."""
+    while not transfer.done():
+        await asyncio.sleep(0.0002)
