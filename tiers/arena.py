@@ -13,16 +13,18 @@ import mmap
 import os
 import uuid
 
+from .slots import FreeList
+
 log = logging.getLogger("kvtier.arena")
 PAGE = mmap.PAGESIZE
 
 
-class SharedArena:
+class SharedArena(FreeList):
     def __init__(self, shm_dir: str, prefix: str, size_bytes: int, slot_bytes: int, mode: int = 0o600):
         assert slot_bytes > 0 and slot_bytes % PAGE == 0, "slot size must be a multiple of the page size"
         assert size_bytes >= slot_bytes, "arena smaller than one slot"
+        super().__init__(size_bytes // slot_bytes)
         self.slot_bytes = slot_bytes
-        self.slot_count = size_bytes // slot_bytes
         self.size_bytes = self.slot_count * slot_bytes
         self.generation = uuid.uuid4().hex[:16]
         self._remove_stale(shm_dir, prefix)
@@ -35,7 +37,6 @@ class SharedArena:
             os.close(fd)
         self._mmap = map_shared_file(self.path, self.size_bytes)
         self._view = memoryview(self._mmap)
-        self._free = list(range(self.slot_count - 1, -1, -1))
         self.pinned = _try_cuda_host_register(self._mmap, self.size_bytes)
 
     @staticmethod
@@ -46,21 +47,6 @@ class SharedArena:
                 os.remove(stale)
             except OSError as exc:
                 log.warning("cannot remove stale arena %s: %s", stale, exc)
-
-    def free_count(self) -> int:
-        return len(self._free)
-
-    def take(self, count: int) -> list[int]:
-        """Takes up to count free slots (fewer when fewer are free)."""
-        taken = self._free[-count:] if count else []
-        del self._free[len(self._free) - len(taken):]
-        return taken
-
-    def give_back(self, slots) -> None:
-        for slot in slots:
-            assert 0 <= slot < self.slot_count
-            self._free.append(slot)
-        assert len(self._free) <= self.slot_count, "slot returned twice"
 
     def view(self, slot: int) -> memoryview:
         assert 0 <= slot < self.slot_count, f"slot {slot} out of range"

@@ -28,9 +28,10 @@ import mmap
 import struct
 import uuid as uuidlib
 import warnings
-from typing import TYPE_CHECKING, Any, Hashable
+from typing import TYPE_CHECKING, Any
 
 from .eviction import EvictionPolicy
+from .slots import FreeList, SlotTier
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; torch is optional at run time
     import torch
@@ -84,7 +85,7 @@ def gpu_available(device_index: int = 0) -> tuple[bool, str]:
                   f"torch {torch.__version__}, CUDA {torch.version.cuda}")
 
 
-class DevicePool:
+class DevicePool(FreeList):
     """`slot_count` slots of `slot_bytes` in one uint8 tensor on `device`, with a free list.
 
     take/give_back/free_count behave like SharedArena's; `view(slot)` lends a 1-D uint8 tensor
@@ -95,32 +96,15 @@ class DevicePool:
         if torch is None:
             raise RuntimeError("the GPU tier needs torch, which is not installed")
         assert slot_bytes > 0 and slot_bytes % PAGE == 0, "slot size must be a multiple of the page size"
-        assert slot_count > 0, "pool smaller than one slot"
+        super().__init__(slot_count)
         kind, index = parse_device(device)
         self.device = torch.device("cuda", index) if kind == "cuda" else torch.device("cpu")
         self.is_cuda = kind == "cuda"
         self.slot_bytes = slot_bytes
-        self.slot_count = slot_count
         self.size_bytes = slot_count * slot_bytes
         # One allocation: one CUDA IPC handle covers every slot. No zeroing: only slots holding
         # committed blocks are ever read, by the daemon or through ipc_handle.
         self.tensor = torch.empty(self.size_bytes, dtype=torch.uint8, device=self.device)
-        self._free = list(range(slot_count - 1, -1, -1))
-
-    def free_count(self) -> int:
-        return len(self._free)
-
-    def take(self, count: int) -> list[int]:
-        """Takes up to count free slots (fewer when fewer are free)."""
-        taken = self._free[-count:] if count else []
-        del self._free[len(self._free) - len(taken):]
-        return taken
-
-    def give_back(self, slots) -> None:
-        for slot in slots:
-            assert 0 <= slot < self.slot_count
-            self._free.append(slot)
-        assert len(self._free) <= self.slot_count, "slot returned twice"
 
     def offset(self, slot: int) -> int:
         assert 0 <= slot < self.slot_count, f"slot {slot} out of range"
@@ -312,15 +296,13 @@ def open_ipc_handle(data: bytes | IpcSlotHandle) -> "torch.Tensor":
 
 # --- the tier ---------------------------------------------------------------------------------
 
-class GpuTier:
+class GpuTier(SlotTier):
+    """SlotTier over a DevicePool, plus stream-ordered copies and IPC export. Install a block only
+    after its copy_in finished (Transfer.done()) if others may read the slot through IPC; an
+    evicted block's bytes stay readable by copies already enqueued (stream order), not later ones."""
+
     def __init__(self, pool: DevicePool, policy: EvictionPolicy):
-        self.pool = pool
-        self.policy = policy
-        self._slot_of: dict[Hashable, int] = {}
-        self._pins: dict[Hashable, int] = {}
-        self._lengths: dict[Hashable, int] = {}
-        self.used_bytes = 0
-        self.evictions = 0
+        super().__init__(pool, policy)
         self.writes = self.write_bytes = 0   # copy_in: host -> device
         self.reads = self.read_bytes = 0     # copy_out: device -> host
         self._torch = _import_torch()
@@ -364,82 +346,6 @@ class GpuTier:
     @property
     def capacity_bytes(self) -> int:
         return self.pool.size_bytes
-
-    def __contains__(self, block_id) -> bool:
-        return block_id in self._slot_of
-
-    def __len__(self) -> int:
-        return len(self._slot_of)
-
-    def slot_of(self, block_id) -> int | None:
-        return self._slot_of.get(block_id)
-
-    def length_of(self, block_id) -> int | None:
-        return self._lengths.get(block_id)
-
-    def reserve(self, count: int) -> tuple[list[int], list[Hashable]]:
-        """Takes count slots, evicting unpinned blocks if needed. Returns (slots, evicted ids);
-        slots is empty when count cannot be met (then nothing was evicted either). The evicted
-        blocks' bytes stay readable by copies already enqueued (stream order), not by later ones."""
-        shortfall = count - self.pool.free_count()
-        if shortfall > 0:
-            victims = self._victims(shortfall)
-            if len(victims) < shortfall:
-                return [], []
-            for block_id in victims:
-                self.remove(block_id)
-            self.evictions += len(victims)
-        else:
-            victims = []
-        slots = self.pool.take(count)
-        assert len(slots) == count
-        return slots, victims
-
-    def _victims(self, count: int) -> list:
-        victims = []
-        for block_id in self.policy.candidates():
-            if not self._pins.get(block_id):
-                victims.append(block_id)
-                if len(victims) == count:
-                    break
-        return victims
-
-    def unreserve(self, slots) -> None:
-        self.pool.give_back(slots)
-
-    def install(self, block_id, slot: int, length: int) -> None:
-        """The block in slot is committed: from now on it is evictable unless pinned. Install
-        after its copy_in finished (Transfer.done()) if others may read the slot through IPC."""
-        assert block_id not in self._slot_of and 0 <= length <= self.pool.slot_bytes
-        self._slot_of[block_id] = slot
-        self._lengths[block_id] = length
-        self.used_bytes += length
-        self.policy.inserted(block_id)
-
-    def remove(self, block_id) -> None:
-        slot = self._slot_of.pop(block_id)
-        assert not self._pins.get(block_id), "removing a pinned block"
-        self.used_bytes -= self._lengths.pop(block_id)
-        self.policy.removed(block_id)
-        self.pool.give_back([slot])
-
-    def pin(self, block_id) -> None:
-        assert block_id in self._slot_of
-        self._pins[block_id] = self._pins.get(block_id, 0) + 1
-
-    def unpin(self, block_id) -> None:
-        left = self._pins[block_id] - 1
-        assert left >= 0
-        if left:
-            self._pins[block_id] = left
-        else:
-            del self._pins[block_id]
-
-    def pinned(self, block_id) -> bool:
-        return bool(self._pins.get(block_id))
-
-    def touch(self, block_id) -> None:
-        self.policy.accessed(block_id)
 
     def view(self, block_id) -> "torch.Tensor":
         """The block's slot (slot_bytes long) as a uint8 tensor on the pool's device."""
