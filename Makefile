@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py proto/v1/kvtier.proto
 # `import transformers`, so they are removed.
 $(VENV)/.installed-engines: $(VENV)/.installed requirements/engines.txt requirements/sglang.txt requirements/sglang-nodeps.txt requirements/constraints.txt
 	@dpkg -s libssl-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libssl-dev; }
+	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq systemd; }
 	$(PIP) install -q -c requirements/constraints.txt -r requirements/engines.txt -r requirements/sglang.txt
 	$(PIP) install -q --no-deps -r requirements/sglang-nodeps.txt
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec

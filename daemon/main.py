@@ -347,7 +347,8 @@ def _flatten(table: dict, prefix: str = "") -> dict:
 
 
 def set_log_level(old: str, new: str) -> None:
-    """Applies `new` to every logger; the message announcing it passes both levels' filters."""
+    """Sets the root logger's level (the kvtierd loggers inherit it); the message announcing the change
+    passes both the old and the new level's filter."""
     root = logging.getLogger()
     old_level, new_level = logging.getLevelName(old.upper()), logging.getLevelName(new.upper())
     root.setLevel(min(old_level, new_level))
