@@ -325,17 +325,22 @@ class KvtierConnector(KVConnectorBase_V1):
         return matched
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        usable = min(self._num_keys(request), (request.num_tokens - 1) // self._block_size)  # >= 1 token left
+        num_keys = self._num_keys(request)
+        usable = min(num_keys, (request.num_tokens - 1) // self._block_size)  # >= 1 token left
         start = num_computed_tokens // self._block_size
-        if usable <= start:
+        if num_keys == 0:
             return 0, False
-        keys = self._keys(request, 0, usable)
+        # Every full block is looked up, not only the loadable ones: `stored` also says which blocks
+        # need no save (a local prefix-cache hit, or the last block of a block-aligned prompt).
+        keys = self._keys(request, 0, num_keys)
         try:
             stored = self._stored_prefix(keys)
             if stored >= start:
-                hit = stored - start
-            else:  # the daemon lost blocks vLLM still has locally: is what follows there?
-                hit = self._stored_prefix(keys[start:])
+                hit = max(min(stored, usable) - start, 0)
+            elif usable > start:  # the daemon lost blocks vLLM still has locally: is what follows there?
+                hit = min(self._stored_prefix(keys[start:usable]), usable - start)
+            else:
+                hit = 0
         except Exception as error:  # noqa: BLE001 - the daemon never fails a request: serve without it
             self._log.warning("lookup", "lookup failed, serving from the engine alone (%s)", _error_text(error))
             return 0, False
@@ -409,8 +414,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self._layout = BlockLayout(kv_caches, self._kv_cache_config.num_blocks)
         logger.info("kvtier: %d KV tensors, %d bytes per block, layout %s", len(kv_caches),
                     self._layout.block_bytes, self._layout.describe())
-        try:
-            info = self._daemon.call("ArenaInfo", pb.ArenaInfoRequest())
+        try:  # map the arena now, not inside the first request (mapping pre-faults the whole arena)
+            info = self._daemon.arena(None)
         except grpc.RpcError as error:
             self._log.warning("arena", "daemon unreachable at start (%s); will retry", _error_text(error))
             return

@@ -107,16 +107,19 @@ def test_a_second_engine_loads_what_the_first_stored(make_daemon, models, refere
     assert attributes["block_size"] == "32" and attributes["tp_rank"] == "0" and attributes["platform"] == "cpu"
 
     # A fresh process: its own prefix cache is empty, so every hit comes from kvtier.
-    second, stats2, _ = run_engine(tmp_path, models[0], ["B", "A", ("S", "tenant-2"), ("S", "tenant-1")],
+    second, stats2, _ = run_engine(tmp_path, models[0], ["B", "A", ("S", "tenant-2"), ("S", "tenant-1"), "A"],
                                    daemon.socket, "e2")
-    b, a, s_other_salt, s_same_salt = second
+    b, a, s_other_salt, s_same_salt, a_again = second
     assert b["num_cached_tokens"] == 2 * BLOCK      # only the two blocks B shares with A
     assert a["num_cached_tokens"] == 3 * BLOCK      # 2 now local (from B's load) + 1 from kvtier
     assert s_other_salt["num_cached_tokens"] == 0   # cache_salt is in the block hashes: no hit
     assert s_same_salt["num_cached_tokens"] == 3 * BLOCK
-    assert [r["tokens"] for r in second] == [reference["B"], reference["A"], reference["S"], reference["S"]]
+    assert a_again["num_cached_tokens"] == 3 * BLOCK  # all from vLLM's own prefix cache
+    assert [r["tokens"] for r in second] == [reference["B"], reference["A"], reference["S"], reference["S"],
+                                             reference["A"]]
     assert stats2["loaded_blocks"] == 2 + 1 + 3 and stats2["load_errors"] == 0
     assert stats2["saved_blocks"] == 1 + 3          # B's own third block, S under the other salt
+    assert stats2["duplicate_blocks"] == 0          # a local hit re-saves nothing already stored
 
     # Another model (same architecture and tokenizer, other weights): another namespace, no hits.
     third, stats3, _ = run_engine(tmp_path, models[1], ["A"], daemon.socket, "e3")
