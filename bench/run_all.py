@@ -1,7 +1,7 @@
 """Runs every kvtier benchmark and writes bench/out/{shm,disk,lookup,s3,gpu}.{json,md,png} plus summary.{md,json}.
 The vLLM TTFT benchmark (bench_vllm_ttft.py) runs on its own: it needs minutes and the engine stack.
 
-    .venv/bin/python bench/run_all.py               # all three, default sizes (a few minutes on 2 cores)
+    .venv/bin/python bench/run_all.py               # shm, disk, lookup, s3, gpu at default sizes (a few minutes on 2 cores)
     .venv/bin/python bench/run_all.py --only lookup
     .venv/bin/python bench/run_all.py --quick       # smaller sizes, for a smoke test
 """
