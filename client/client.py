@@ -166,6 +166,17 @@ class Client:
     def lookup(self, namespace: str, keys: Sequence[bytes]) -> pb.LookupResponse:
         return self.call(self.stub.Lookup, pb.LookupRequest(namespace=namespace, keys=keys))
 
+    def find_matches(self, namespace: str, keys: Sequence[bytes]) -> pb.FindMatchesResponse:
+        return self.call(self.stub.FindMatches, pb.LookupRequest(namespace=namespace, keys=keys))
+
+    def snapshot(self, namespace: str = ""):
+        """(seq, blocks): every block, consistent with event `seq`; watch from seq + 1 to stay current."""
+        seq, blocks = 0, []
+        for chunk in self.stub.Snapshot(pb.SnapshotRequest(namespace=namespace), metadata=self._metadata):
+            seq = chunk.seq
+            blocks.extend(chunk.blocks)
+        return seq, blocks
+
     # zero-copy path
     def arena(self, generation: str | None = None) -> Arena:
         """The mapped arena, remapped when the daemon restarted (generation changed)."""

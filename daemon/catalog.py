@@ -145,6 +145,23 @@ class Catalog:
             tiers.append(block.tiers)
         return bytes(tiers)
 
+    def find_matches(self, namespace: str, keys) -> dict[int, int]:
+        """Matched prefix depth of keys per tier bit (0 for any tier)."""
+        blocks = self.namespace(namespace).blocks
+        depth = {0: 0, pb.TIER_GPU: 0, pb.TIER_CPU: 0, pb.TIER_DISK: 0, pb.TIER_S3: 0}
+        open_tiers = set(depth)
+        for index, key in enumerate(keys):
+            block = blocks.get(key)
+            tiers = block.tiers if block is not None else 0
+            for tier in list(open_tiers):
+                if (tier == 0 and tiers) or tiers & tier:
+                    depth[tier] = index + 1
+                else:
+                    open_tiers.discard(tier)
+            if not open_tiers:
+                break
+        return depth
+
     def page(self, namespace: str, tier_mask: int, page_size: int, token: bytes) -> tuple[list[Block], bytes]:
         """Blocks in (namespace, key) order after token; returns (page, next token or b"")."""
         start_ns, _, start_key = token.partition(b"\0") if token else (b"", b"", b"")

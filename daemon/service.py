@@ -138,6 +138,26 @@ class KvTierService(pb_grpc.KvTierServicer):
         return pb.LookupResponse(matched=len(tiers), tiers=tiers)
 
     @_unary
+    async def FindMatches(self, request, context):
+        keys = self.check.keys(request.keys)
+        depth = self.store.catalog.find_matches(self.check.namespace(request.namespace), keys)
+        return pb.FindMatchesResponse(any=depth[0], gpu=depth[pb.TIER_GPU], cpu=depth[pb.TIER_CPU],
+                                      disk=depth[pb.TIER_DISK], s3=depth[pb.TIER_S3])
+
+    @_streaming
+    async def Snapshot(self, request, context):
+        if request.namespace:
+            self.store.catalog.namespace(self.check.namespace(request.namespace))
+        # Pages are taken between awaits; events that land meanwhile have seq > the first page's,
+        # so the snapshot carries the seq read before the first page and a watcher resumes there.
+        seq, token = self.store.events.seq, b""
+        while True:
+            blocks, token = self.store.catalog.page(request.namespace, 0, self.limits.max_page_size, token)
+            yield pb.SnapshotChunk(seq=seq, blocks=[b.info() for b in blocks])
+            if not token:
+                return
+
+    @_unary
     async def ArenaInfo(self, request, context):
         arena = self.store.arena
         return pb.ArenaInfoResponse(path=arena.path, size_bytes=arena.size_bytes, slot_bytes=arena.slot_bytes,
