@@ -44,6 +44,16 @@ def _channel_args(token: str | None):
     return options, metadata
 
 
+def _open_channel(grpc_module, address: str, token: str | None, tls_ca: str | None):
+    """(channel, call metadata) for grpc or grpc.aio: TLS when a CA is given, the token as metadata."""
+    options, metadata = _channel_args(token)
+    creds = _credentials(tls_ca)
+    target = target_of(address)
+    channel = (grpc_module.secure_channel(target, creds, options) if creds
+               else grpc_module.insecure_channel(target, options))
+    return channel, metadata
+
+
 def _credentials(tls_ca: str | None):
     if not tls_ca:
         return None
@@ -129,11 +139,7 @@ class Client:
     def __init__(self, address: str = DEFAULT_SOCKET, token: str | None = None, tls_ca: str | None = None,
                  timeout: float | None = None):
         self.timeout = timeout
-        options, self._metadata = _channel_args(token)
-        creds = _credentials(tls_ca)
-        target = target_of(address)
-        self._channel = (grpc.secure_channel(target, creds, options) if creds
-                         else grpc.insecure_channel(target, options))
+        self._channel, self._metadata = _open_channel(grpc, address, token, tls_ca)
         self.stub = pb_grpc.KvTierStub(self._channel)
         self._arena: Arena | None = None
 
@@ -284,11 +290,7 @@ class AsyncClient:
     def __init__(self, address: str = DEFAULT_SOCKET, token: str | None = None, tls_ca: str | None = None,
                  timeout: float | None = None):
         self.timeout = timeout
-        options, self._metadata = _channel_args(token)
-        creds = _credentials(tls_ca)
-        target = target_of(address)
-        self._channel = (grpc.aio.secure_channel(target, creds, options) if creds
-                         else grpc.aio.insecure_channel(target, options))
+        self._channel, self._metadata = _open_channel(grpc.aio, address, token, tls_ca)
         self.stub = pb_grpc.KvTierStub(self._channel)
         self._arena: Arena | None = None
 
