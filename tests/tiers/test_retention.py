@@ -1,0 +1,236 @@
+"""Agent-aware retention policy: class/priority/LRU order, TTL pins, cache_control, SlotTier order."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.tiers.eviction import EvictionPolicy, LruPolicy
+from kvtier.tiers.retention import (DEFAULT_RETENTION, RETENTION_POLICIES, Retention, RetentionPolicy,
+                                    parse_cache_control, range_retention)
+from kvtier.tiers.slots import FreeList, SlotTier
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def policy(clock):
+    return RetentionPolicy(clock=clock)
+
+
+def fill(policy, items):
+    for block_id, ret in items:
+        policy.retain(block_id, ret)
+        policy.inserted(block_id)
+
+
+def test_registered_and_is_an_eviction_policy():
+    assert RETENTION_POLICIES["retention"] is RetentionPolicy
+    assert isinstance(RetentionPolicy(), EvictionPolicy)
+
+
+def test_class_order(policy):
+    fill(policy, [("sys", Retention("system")), ("conv", Retention("conversation")),
+                  ("sub", Retention("subagent")), ("eph", Retention("ephemeral")), ("dec", Retention("decode"))])
+    order = list(policy.candidates())
+    assert order[:2] == ["eph", "dec"] and order[2:] == ["sub", "conv", "sys"]
+    assert len(policy) == 5
+
+
+def test_priority_within_class(policy):
+    fill(policy, [("hi", Retention("conversation", 90)), ("lo", Retention("conversation", 10)),
+                  ("mid", Retention("conversation", 50)), ("sub_hi", Retention("subagent", 100))])
+    assert list(policy.candidates()) == ["sub_hi", "lo", "mid", "hi"]
+
+
+def test_lru_within_equal_class_and_priority(policy):
+    fill(policy, [(i, Retention("subagent", 20)) for i in range(4)])
+    policy.accessed(1)
+    policy.accessed(0)
+    assert list(policy.candidates()) == [2, 3, 1, 0]
+
+
+def test_default_retention_for_blocks_never_retained(policy):
+    policy.inserted("plain")
+    policy.retain("eph", Retention("ephemeral"))
+    policy.inserted("eph")
+    policy.retain("sys", Retention("system"))
+    policy.inserted("sys")
+    assert policy.retention_of("plain") == DEFAULT_RETENTION == Retention("conversation", 50, None)
+    assert list(policy.candidates()) == ["eph", "plain", "sys"]
+
+
+def test_retain_after_insert_and_replace(policy):
+    fill(policy, [("a", Retention("system")), ("b", Retention("conversation"))])
+    policy.retain("a", Retention("decode"))
+    assert list(policy.candidates()) == ["a", "b"]
+
+
+def test_removed_forgets(policy):
+    fill(policy, [("a", Retention("system", ttl_s=300)), ("b", Retention("decode"))])
+    policy.removed("a")
+    policy.removed("missing")
+    assert list(policy.candidates()) == ["b"] and len(policy) == 1
+    assert not policy.is_ttl_pinned("a")
+    policy.inserted("a")                        # re-inserted without retain: default retention
+    assert policy.retention_of("a") == DEFAULT_RETENTION and not policy.is_ttl_pinned("a")
+
+
+def test_retention_validation():
+    with pytest.raises(ValueError):
+        Retention("bogus")
+    with pytest.raises(ValueError):
+        Retention("system", 101)
+    with pytest.raises(ValueError):
+        Retention("system", -1)
+    with pytest.raises(ValueError):
+        Retention("system", 5, ttl_s=0)
+
+
+def test_ttl_pins_survive_a_tool_call_pause_where_lru_evicts(clock, policy):
+    """A conversation pinned for 5 minutes, a 30 s tool-call pause during which other work streams
+    decode blocks: LRU would evict the conversation first, the retention policy evicts the decode
+    blocks and only reaches the pinned blocks when nothing else is left."""
+    lru = LruPolicy()
+    conv = [("conv", i) for i in range(3)]
+    ttl = parse_cache_control({"type": "ephemeral", "ttl": "5m"})
+    for b in conv:
+        policy.retain(b, Retention("conversation", 50, ttl))
+        policy.inserted(b)
+        lru.inserted(b)
+    clock.advance(30)                              # tool call running
+    noise = [("dec", i) for i in range(3)]
+    for b in noise:
+        policy.retain(b, Retention("system", 100))  # even a higher class: unpinned goes first
+        policy.inserted(b)
+        lru.inserted(b)
+    assert list(lru.candidates())[:3] == conv      # LRU: the paused conversation goes first
+    order = list(policy.candidates())
+    assert order[:3] == noise and order[3:] == conv
+    assert all(policy.is_ttl_pinned(b) for b in conv) and not any(policy.is_ttl_pinned(b) for b in noise)
+
+
+def test_expiry_releases_pins(clock, policy):
+    fill(policy, [("pinned", Retention("system", 100, 300)), ("old", Retention("conversation")),
+                  ("eph", Retention("ephemeral"))])
+    assert list(policy.candidates()) == ["eph", "old", "pinned"]
+    clock.advance(299.9)
+    assert policy.is_ttl_pinned("pinned")
+    clock.advance(0.2)
+    assert not policy.is_ttl_pinned("pinned")
+    # unpinned again: back in class order (system is last of the classes anyway)
+    assert list(policy.candidates()) == ["eph", "old", "pinned"]
+    fill(policy, [("c2", Retention("conversation", 50, 300))])
+    assert list(policy.candidates()) == ["eph", "old", "pinned", "c2"]
+
+
+def test_expired_block_is_oldest_of_its_bucket(clock, policy):
+    fill(policy, [("p", Retention("conversation", 50, 60)), ("q", Retention("conversation", 50, None))])
+    clock.advance(61)
+    assert list(policy.candidates()) == ["p", "q"]
+
+
+def test_hit_refreshes_ttl(clock, policy):
+    fill(policy, [("a", Retention("conversation", 50, 300)), ("b", Retention("conversation", 50, 300))])
+    clock.advance(200)
+    policy.accessed("a")
+    clock.advance(200)                             # b: 400 s old, a: hit 200 s ago
+    assert policy.is_ttl_pinned("a") and not policy.is_ttl_pinned("b")
+    assert list(policy.candidates()) == ["b", "a"]
+    clock.advance(101)
+    assert not policy.is_ttl_pinned("a")
+    policy.accessed("a")                           # a hit after expiry pins it again
+    assert policy.is_ttl_pinned("a")
+    assert list(policy.candidates()) == ["b", "a"]
+
+
+def test_many_refreshes_keep_heap_bounded(clock, policy):
+    fill(policy, [(i, Retention("conversation", 50, 300)) for i in range(10)])
+    for _ in range(1000):
+        clock.advance(1)
+        for i in range(10):
+            policy.accessed(i)
+    assert len(policy._heap) <= 2 * 10 + 64 + 1
+    assert all(policy.is_ttl_pinned(i) for i in range(10))
+
+
+def test_parse_cache_control():
+    assert parse_cache_control({"type": "ephemeral"}) == 300
+    assert parse_cache_control({"type": "ephemeral", "ttl": "5m"}) == 300
+    assert parse_cache_control({"type": "ephemeral", "ttl": "1h"}) == 3600
+    for bad in ({"type": "ephemeral", "ttl": "10m"}, {"type": "ephemeral", "ttl": 300}, {"type": "persistent"},
+                {}, None, "5m"):
+        with pytest.raises(ValueError):
+            parse_cache_control(bad)
+
+
+def test_range_retention():
+    sys_ret, conv = Retention("system", 90, 3600), Retention("conversation", 50, 300)
+    out = range_retention(5, 16, 40, sys_ret, conv)      # tokens 0..39 -> blocks 0,1,2 (block 2 straddles)
+    assert out == [sys_ret] * 3 + [conv] * 2
+    assert range_retention(4, 16, 32, sys_ret, conv) == [sys_ret] * 2 + [conv] * 2
+    assert range_retention(2, 16, 1000, sys_ret, conv) == [sys_ret] * 2
+    assert range_retention(3, 16, 0, sys_ret, conv) == [conv] * 3
+    assert range_retention(0, 16, 10, sys_ret, conv) == []
+    with pytest.raises(ValueError):
+        range_retention(3, 0, 10, sys_ret, conv)
+
+
+class Pool(FreeList):
+    slot_bytes = 64
+
+
+def test_slot_tier_reserve_evicts_in_policy_order(clock):
+    policy = RetentionPolicy(clock=clock)
+    tier = SlotTier(Pool(5), policy)
+    plan = [("sys", Retention("system", 90, 3600)), ("conv", Retention("conversation", 50, 300)),
+            ("sub", Retention("subagent", 10)), ("dec", Retention("decode", 0)),
+            ("conv_lo", Retention("conversation", 10))]
+    for block_id, ret in plan:
+        slots, evicted = tier.reserve(1)
+        assert evicted == []
+        policy.retain(block_id, ret)
+        tier.install(block_id, slots[0], 10)
+    tier.pin("dec")                                 # a transfer pin: skipped by the tier
+    slots, evicted = tier.reserve(2)
+    assert evicted == ["sub", "conv_lo"] and len(slots) == 2
+    tier.unreserve(slots)
+    tier.unpin("dec")
+    slots, evicted = tier.reserve(3)
+    assert evicted == ["dec"]                       # 2 were free, 1 evicted
+    tier.unreserve(slots)
+    # only TTL-pinned blocks left: reaching them is pressure eviction, visible to the caller
+    slots, evicted = tier.reserve(4)
+    assert evicted == ["conv"] and policy.is_ttl_pinned("conv") is False  # removed -> not pinned
+    assert "sys" in tier and policy.is_ttl_pinned("sys")
+    tier.unreserve(slots)
+    clock.advance(3601)
+    assert not policy.is_ttl_pinned("sys")
+    assert tier.evictions == 4
+
+
+def test_slot_tier_caller_counts_pressure_evictions(clock):
+    """How a store counts/demotes: look at is_ttl_pinned before evicting."""
+    policy = RetentionPolicy(clock=clock)
+    tier = SlotTier(Pool(3), policy)
+    for i, ret in enumerate([Retention("conversation", 50, 300), Retention("decode"), Retention("system", 50, 3600)]):
+        slots, _ = tier.reserve(1)
+        policy.retain(i, ret)
+        tier.install(i, slots[0], 1)
+    victims = list(policy.candidates())[:2]
+    pressure = [v for v in victims if policy.is_ttl_pinned(v)]
+    slots, evicted = tier.reserve(2)
+    assert evicted == victims == [1, 0] and pressure == [0]
