@@ -110,6 +110,10 @@ class LimitsConfig:
 class EventsConfig:
     ring_size: int = 65536
     watcher_queue: int = 8192   # a watcher this far behind is disconnected (RESOURCE_EXHAUSTED)
+    zmq_endpoint: str = ""      # e.g. "tcp://127.0.0.1:5557": KV events in vLLM's wire format; empty = off
+    zmq_replay_endpoint: str = ""  # ROUTER socket replaying batches from a sequence number
+    zmq_topic: str = "kvtier"   # each batch goes out as "<topic>/<namespace>"
+    zmq_block_size: int = 0     # BlockStored.block_size (tokens per block), when one value holds
 
 
 @dataclasses.dataclass
@@ -216,6 +220,8 @@ def validate(cfg: Config) -> Config:
          "server.tcp on a non-loopback address needs server.tls_cert/tls_key (the token would travel in clear)"),
         (cfg.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error"),
         (not cfg.s3.enabled or cfg.s3.bucket, "s3.enabled needs s3.bucket"),
+        (not cfg.events.zmq_replay_endpoint or cfg.events.zmq_endpoint,
+         "events.zmq_replay_endpoint needs events.zmq_endpoint"),
         (not cfg.gpu.enabled or cfg.gpu.capacity >= cfg.cpu.slot_bytes,
          "gpu.capacity must hold at least one slot of cpu.slot_bytes"),
         (not cfg.gpu.enabled or cfg.gpu.capacity <= cfg.cpu.capacity,

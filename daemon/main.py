@@ -183,6 +183,7 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     report = await store.start()
     log.info("recovery: %s; %d blocks in %d namespaces", report, store.catalog.blocks,
              len(store.catalog.namespaces))
+    kv_events = await _start_kv_events(cfg, store)
     servers, health_servicer = await _listen(cfg, store)
     metrics = serve_metrics(store, cfg.metrics.listen) if cfg.metrics.listen else None
     stop = asyncio.Event()
@@ -197,10 +198,26 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     beat.beat()  # STATUS=draining ...; the heartbeat keeps it fresh while the backlog drains
     await _shut_down(cfg, store, servers, health_servicer)
     beat_task.cancel()
+    if kv_events is not None:
+        await kv_events.close()
     if metrics is not None:
         metrics[0].shutdown()
     os.close(lock_fd)
     log.info("kvtierd stopped")
+
+
+async def _start_kv_events(cfg: config_mod.Config, store: BlockStore):
+    """Block events in vLLM's KV-event wire format over ZMQ (docs/kv-events.md), when configured."""
+    if not cfg.events.zmq_endpoint:
+        return None
+    from .kv_events import ZmqKvEventPublisher  # noqa: PLC0415 - pyzmq only when the feature is on
+    publisher = ZmqKvEventPublisher(store.events, cfg.events.zmq_endpoint, cfg.events.zmq_replay_endpoint or None,
+                                    topic=cfg.events.zmq_topic, block_size=cfg.events.zmq_block_size,
+                                    namespaces=lambda: store.catalog.namespaces)
+    await publisher.start()
+    log.info("KV events (vLLM format) on %s%s", cfg.events.zmq_endpoint,
+             f", replay on {cfg.events.zmq_replay_endpoint}" if cfg.events.zmq_replay_endpoint else "")
+    return publisher
 
 
 async def _listen(cfg: config_mod.Config, store: BlockStore):
