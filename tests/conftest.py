@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import os
+
 import pytest
 
 from kvtier.client.process import DaemonProcess
@@ -18,6 +21,18 @@ class Daemon(DaemonProcess):
 
     def __init__(self, tmp_path, overrides: dict | None = None, name: str = "d"):
         super().__init__(tmp_path, {**SMALL_CONFIG, **(overrides or {})}, name=name)
+
+    def flip_on_disk(self, data: bytes, at: int | None = None) -> None:
+        """Corrupts a stored block (stop the daemon first): flips one byte of `data` (its middle by
+        default) where it sits in the disk tier's segment files."""
+        for path in sorted(glob.glob(os.path.join(self.data_dir, "disk", "segments", "*"))):
+            buf = bytearray(open(path, "rb").read())
+            found = buf.find(data)
+            if found >= 0:
+                buf[found + (len(data) // 2 if at is None else at)] ^= 0xFF
+                open(path, "r+b").write(buf)
+                return
+        raise AssertionError("block not found in any segment file")
 
 
 @pytest.fixture

@@ -9,11 +9,9 @@ page hash (``get_hash_str``). Needs the sglang wheel (requirements/sglang.txt); 
 from __future__ import annotations
 
 import enum
-import glob
 import hashlib
 import importlib.machinery
 import importlib.util
-import os
 import struct
 import sys
 import time
@@ -379,16 +377,7 @@ def test_block_corrupted_on_disk_is_a_miss(sgl, make_daemon):
     want = [page_bytes(pool, idx, p) for p in range(6)]
     assert backend.batch_set_v1(keys, idx) == [True] * 6
     assert daemon.stop() == 0  # drains the write-through to disk
-    victim = want[3]
-    for path in sorted(glob.glob(os.path.join(daemon.data_dir, "disk", "segments", "*"))):
-        data = bytearray(open(path, "rb").read())
-        at = data.find(victim)
-        if at >= 0:
-            data[at + 100] ^= 0xFF
-            open(path, "r+b").write(data)
-            break
-    else:
-        raise AssertionError("page 3 not found in any segment file")
+    daemon.flip_on_disk(want[3], at=100)
     daemon.start()
 
     fresh = host_pool(sgl, seed=13)

@@ -8,7 +8,6 @@ Prompts are 100 tokens: 3 full blocks of 32 plus 4 tokens.
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
 import os
@@ -132,17 +131,6 @@ def test_a_second_engine_loads_what_the_first_stored(make_daemon, models, refere
             ns: 3 for ns in namespaces if ns != namespace}}
 
 
-def _flip_on_disk(daemon, data: bytes) -> None:
-    for path in glob.glob(os.path.join(daemon.data_dir, "disk", "segments", "*")):
-        buf = bytearray(open(path, "rb").read())
-        at = buf.find(data)
-        if at >= 0:
-            buf[at + len(data) // 2] ^= 0xFF
-            open(path, "r+b").write(buf)
-            return
-    raise AssertionError("block not found in any segment file")
-
-
 def test_restart_corruption_and_outage_never_change_tokens(make_daemon, models, reference, tmp_path):
     daemon = make_daemon(DAEMON)
     first, _, _ = run_engine(tmp_path, models[0], ["C", "E", "F", "G"], daemon.socket, "e1")
@@ -158,7 +146,7 @@ def test_restart_corruption_and_outage_never_change_tokens(make_daemon, models, 
         c.put_blocks(namespace, [(k, p, d) for k, p, d in zip(keys["G"], [b""] + keys["G"][:2], f_blocks)],
                      wait_durable=True)
     assert daemon.stop() == 0                      # drains the write-through: every block is on disk
-    _flip_on_disk(daemon, c_middle)                # C's block 1: the disk tier quarantines it on read
+    daemon.flip_on_disk(c_middle)                # C's block 1: the disk tier quarantines it on read
     daemon.start()
     with daemon.client() as c:                     # E's block 1: corrupt the CPU copy behind the daemon's back
         lease = c.acquire(namespace, [keys["E"][1]])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import os
 import random
@@ -20,10 +19,6 @@ def key(i: int) -> bytes:
 
 def payload(i: int, size: int = 20_000) -> bytes:
     return i.to_bytes(8, "little") + random.Random(i).randbytes(size - 8)
-
-
-def segment_files(daemon) -> list[str]:
-    return sorted(glob.glob(os.path.join(daemon.data_dir, "disk", "segments", "*")))
 
 
 def test_sigterm_drains_the_write_through_and_restart_readopts(make_daemon):
@@ -52,16 +47,7 @@ def test_corrupted_block_is_quarantined_and_served_as_a_miss(make_daemon):
         c.register_namespace(NS)
         c.put_blocks(NS, [(key(i), b"", payload(i)) for i in range(10)], wait_durable=True)
     daemon.stop()
-    victim = payload(4)
-    for path in segment_files(daemon):
-        data = bytearray(open(path, "rb").read())
-        at = data.find(victim)
-        if at >= 0:
-            data[at + 5000] ^= 0xFF
-            open(path, "r+b").write(data)
-            break
-    else:
-        raise AssertionError("payload not found in any segment file")
+    daemon.flip_on_disk(payload(4), at=5000)
     daemon.start()
     with daemon.client() as c:
         got = c.get_blocks(NS, [key(i) for i in range(10)])
