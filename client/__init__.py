@@ -10,7 +10,7 @@ mapping is read-only state after it is made. Ownership: views returned by `arena
 shared memory and are valid only while the allocation or read lease that produced them is open.
 """
 
-from .client import (DEFAULT_SOCKET, Arena, AsyncClient, Client, KvTierError, block_checksum,
+from .client import (DEFAULT_SOCKET, Arena, AsyncClient, Client, KvTierError, block_checksum, retention,
                      target_of)
 
-__all__ = ["Client", "AsyncClient", "Arena", "KvTierError", "DEFAULT_SOCKET", "block_checksum", "target_of"]
+__all__ = ["Client", "AsyncClient", "Arena", "KvTierError", "DEFAULT_SOCKET", "block_checksum", "retention", "target_of"]

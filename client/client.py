@@ -102,10 +102,18 @@ class Lease:
 
 
 # -- request builders (one place for the wire shapes) ---------------------------------------
-def _commit_request(allocation_id, namespace, entries, wait_durable):
-    return pb.CommitRequest(allocation_id=allocation_id, namespace=namespace, wait_durable=wait_durable,
-                            entries=[pb.CommitEntry(key=k, parent=p, slot=s, length=n, checksum=c)
-                                     for k, p, s, n, c in entries])
+def retention(cls: str, priority: int = 50, ttl_s: float = 0.0) -> pb.Retention:
+    """A block's retention for commit: class, priority 0..100, TTL pin in seconds (0: none)."""
+    return pb.Retention(cls=cls, priority=priority, ttl_s=ttl_s)
+
+
+def _commit_request(allocation_id, namespace, entries, wait_durable, retention=None):
+    request = pb.CommitRequest(allocation_id=allocation_id, namespace=namespace, wait_durable=wait_durable,
+                               entries=[pb.CommitEntry(key=k, parent=p, slot=s, length=n, checksum=c)
+                                        for k, p, s, n, c in entries])
+    if retention is not None:
+        request.retention.CopyFrom(retention)
+    return request
 
 
 def _put_messages(namespace, key, data, parent, wait_durable):
@@ -197,10 +205,11 @@ class Client:
         self.arena(r.generation)
         return Allocation(r.allocation_id, list(r.slots), r.deadline_unix_ms)
 
-    def commit(self, allocation_id: int, namespace: str, entries: Iterable[tuple], wait_durable=False):
+    def commit(self, allocation_id: int, namespace: str, entries: Iterable[tuple], wait_durable=False,
+               retention: pb.Retention | None = None):
         """entries: (key, parent, slot, length, checksum). Returns a CommitStatus per entry."""
         return list(self.call(self.stub.Commit, _commit_request(allocation_id, namespace, entries,
-                                                                 wait_durable)).status)
+                                                                 wait_durable, retention)).status)
 
     def abort(self, allocation_id: int) -> None:
         self.call(self.stub.Abort, pb.AbortRequest(allocation_id=allocation_id))
@@ -216,12 +225,12 @@ class Client:
         self.call(self.stub.Release, pb.ReleaseRequest(lease_id=lease_id))
 
     def put_blocks(self, namespace: str, blocks: Sequence[tuple[bytes, bytes, object]], wait_durable=False,
-                   wait_ms: int = 5000):
+                   wait_ms: int = 5000, retention: pb.Retention | None = None):
         """Stores (key, parent, data) blocks through shared memory; returns a CommitStatus per block."""
         allocation = self.allocate(len(blocks), wait_ms)
         try:
             entries = _stage(self.arena(), allocation.slots, blocks)
-            return self.commit(allocation.id, namespace, entries, wait_durable)
+            return self.commit(allocation.id, namespace, entries, wait_durable, retention)
         except BaseException:
             try:  # a refused commit leaves the allocation open: give its slots back now
                 self.abort(allocation.id)

@@ -38,6 +38,7 @@ class Block:
     tiers: int = 0
     readers: int = 0
     write_pending: bool = False
+    retention: object = None  # kvtier.tiers.retention.Retention, re-applied whenever a tier installs it
 
     @property
     def id(self) -> tuple[str, bytes]:

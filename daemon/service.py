@@ -22,6 +22,8 @@ from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 from .config import LimitsConfig
 from .errors import ApiError, invalid
 from .events import OVERFLOW
+from kvtier.tiers.retention import Retention
+
 from .store import BlockStore, Staged
 
 log = logging.getLogger("kvtier.service")
@@ -70,6 +72,16 @@ class Validator:
 
     def wait_ms(self, wait_ms: int) -> int:
         return min(wait_ms, self.limits.max_wait_ms)
+
+    def retention(self, holder, what: str, fallback: Retention | None = None) -> Retention | None:
+        """The message's `retention` field as a Retention (fallback when unset); INVALID_ARGUMENT if bad."""
+        if not holder.HasField("retention"):
+            return fallback
+        r = holder.retention
+        try:
+            return Retention(r.cls, r.priority, r.ttl_s or None)
+        except ValueError as exc:
+            raise invalid(f"{what}.retention: {exc}") from exc
 
     def attributes(self, attributes) -> dict[str, str]:
         if len(attributes) > self.limits.max_attributes:
@@ -178,9 +190,11 @@ class KvTierService(pb_grpc.KvTierServicer):
         namespace = self.check.namespace(request.namespace)
         if len(request.entries) > self.limits.max_keys_per_request:
             raise invalid(f"at most {self.limits.max_keys_per_request} entries per commit")
+        default = self.check.retention(request, "request")
         staged = [Staged(self.check.key(e.key, f"entries[{i}].key"),
                          self.check.key(e.parent, f"entries[{i}].parent", optional=True),
-                         e.slot, e.length, e.checksum) for i, e in enumerate(request.entries)]
+                         e.slot, e.length, e.checksum, self.check.retention(e, f"entries[{i}]", default))
+                  for i, e in enumerate(request.entries)]
         statuses = await self.store.commit(request.allocation_id, namespace, staged, request.wait_durable)
         return pb.CommitResponse(status=statuses)
 

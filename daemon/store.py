@@ -26,7 +26,8 @@ from kvtier.tiers.arena import SharedArena
 from kvtier.tiers.block import BlockHeader, checksum
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskEntry, DiskTier
-from kvtier.tiers.eviction import POLICIES
+from kvtier.tiers.eviction import POLICIES as BASIC_POLICIES
+from kvtier.tiers.retention import RETENTION_POLICIES
 from kvtier.tiers.gpu import GpuTier
 from kvtier.tiers.s3 import S3Tier
 
@@ -40,6 +41,7 @@ from .s3sync import S3Sync, tier_config
 log = logging.getLogger("kvtier.store")
 GPU, CPU, DISK, S3 = pb.TIER_GPU, pb.TIER_CPU, pb.TIER_DISK, pb.TIER_S3
 WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+POLICIES = {**BASIC_POLICIES, **RETENTION_POLICIES}
 PROMOTION_WAIT_MS = 2000  # a reader waits this long for CPU room, then takes a miss
 
 
@@ -75,6 +77,14 @@ class Staged:
     slot: int
     length: int
     checksum: int
+    retention: object = None  # kvtier.tiers.retention.Retention or None (the policy's default)
+
+
+def _install_in(tier, block, slot: int) -> None:
+    """Installs in a memory tier, re-applying the block's retention first (a tier forgets it on eviction)."""
+    if block.retention is not None and hasattr(tier.policy, "retain"):
+        tier.policy.retain(block.id, block.retention)
+    tier.install(block.id, slot, block.length)
 
 
 class BlockStore:
@@ -263,9 +273,9 @@ class BlockStore:
                 self.counters.duplicates += 1
                 continue
             block = Block(namespace, entry.key, entry.parent, entry.length, entry.checksum, created, created,
-                          tiers=CPU)
+                          tiers=CPU, retention=entry.retention)
             self.catalog.add(block)
-            self.cpu.install(block.id, entry.slot, entry.length)
+            _install_in(self.cpu, block, entry.slot)
             self.events.emit(pb.BLOCK_STORED, namespace, block.key, CPU, length=block.length, parent=block.parent)
             self.counters.cpu_writes += 1
             self.counters.cpu_write_bytes += block.length
@@ -458,7 +468,7 @@ class BlockStore:
             if self.catalog.get(block.namespace, block.key) is not block or block.id in self.gpu:
                 self.gpu.unreserve(slots)  # deleted, or promoted by a concurrent reader meanwhile
             else:
-                self.gpu.install(block.id, slots[0], block.length)
+                _install_in(self.gpu, block, slots[0])
                 block.tiers |= GPU
                 self.events.emit(pb.BLOCK_MOVED, block.namespace, block.key, GPU, from_tier=CPU,
                                  length=block.length)
@@ -532,7 +542,7 @@ class BlockStore:
             self.cpu.unreserve(slots)
             self._signal_space()
             return block if source and current is block else None
-        self.cpu.install(block.id, slots[0], block.length)
+        _install_in(self.cpu, block, slots[0])
         block.tiers |= CPU
         self.events.emit(pb.BLOCK_MOVED, block.namespace, block.key, CPU, from_tier=source, length=block.length)
         if source == S3 and self.disk is not None:
@@ -654,11 +664,12 @@ class BlockStore:
             tiers.append(pb.TierStats(tier="gpu", blocks=len(self.gpu), bytes=self.gpu.used_bytes,
                                       capacity_bytes=self.gpu.capacity_bytes, reads=g["reads"],
                                       writes=g["writes"], read_bytes=g["read_bytes"],
-                                      write_bytes=g["write_bytes"], evictions=self.gpu.evictions))
+                                      write_bytes=g["write_bytes"], evictions=self.gpu.evictions,
+                                      pressure_evictions=self.gpu.pressure_evictions))
         tiers += [pb.TierStats(tier="cpu", blocks=len(self.cpu), bytes=self.cpu.used_bytes,
                               capacity_bytes=self.arena.size_bytes, reads=c.cpu_reads, writes=c.cpu_writes,
                               read_bytes=c.cpu_read_bytes, write_bytes=c.cpu_write_bytes,
-                              evictions=self.cpu.evictions)]
+                              evictions=self.cpu.evictions, pressure_evictions=self.cpu.pressure_evictions)]
         if self.disk is not None:
             tiers.append(pb.TierStats(tier="disk", blocks=self.disk_blocks, bytes=self.disk.used_bytes(),
                                       capacity_bytes=self.disk.capacity_bytes, reads=c.disk_reads,

@@ -48,6 +48,7 @@ class SlotTier:
         self._lengths: dict[Hashable, int] = {}
         self.used_bytes = 0
         self.evictions = 0
+        self.pressure_evictions = 0  # victims the policy still pinned (e.g. TTL): memory left no choice
 
     def __contains__(self, block_id) -> bool:
         return block_id in self._slot_of
@@ -68,6 +69,9 @@ class SlotTier:
         victims = self._victims(shortfall) if shortfall > 0 else []
         if len(victims) < shortfall:
             return [], []
+        still_pinned = getattr(self.policy, "is_ttl_pinned", None)
+        if still_pinned is not None:
+            self.pressure_evictions += sum(1 for block_id in victims if still_pinned(block_id))
         for block_id in victims:
             self.remove(block_id)
         self.evictions += len(victims)
