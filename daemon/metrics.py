@@ -29,11 +29,16 @@ class StoreCollector:
         tier_blocks = GaugeMetricFamily("kvtier_tier_blocks", "blocks held per tier", labels=["tier"])
         tier_bytes = GaugeMetricFamily("kvtier_tier_bytes", "bytes held per tier", labels=["tier"])
         tier_capacity = GaugeMetricFamily("kvtier_tier_capacity_bytes", "capacity per tier", labels=["tier"])
+        evictions = CounterMetricFamily("kvtier_tier_evictions", "blocks evicted per tier", labels=["tier"])
+        pressure = CounterMetricFamily("kvtier_tier_pressure_evictions",
+                                       "TTL-pinned blocks evicted because nothing else could go", labels=["tier"])
         for tier in store.stats().tiers:
             tier_blocks.add_metric([tier.tier], tier.blocks)
             tier_bytes.add_metric([tier.tier], tier.bytes)
             tier_capacity.add_metric([tier.tier], tier.capacity_bytes)
-        yield from (tier_blocks, tier_bytes, tier_capacity)
+            evictions.add_metric([tier.tier], tier.evictions)
+            pressure.add_metric([tier.tier], tier.pressure_evictions)
+        yield from (tier_blocks, tier_bytes, tier_capacity, evictions, pressure)
 
 
 def serve_metrics(store, listen: str):

@@ -62,6 +62,7 @@ def test_metrics_endpoint(make_daemon):
     assert "kvtier_lookup_hit_keys_total 1.0" in text
     assert 'kvtier_tier_blocks{tier="disk"} 1.0' in text
     assert "kvtier_write_backlog 0.0" in text
+    assert 'kvtier_tier_pressure_evictions_total{tier="cpu"} 0.0' in text
 
 
 def test_reflection_lists_the_service(daemon):

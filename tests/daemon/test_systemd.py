@@ -355,7 +355,7 @@ def test_sighup_logs_what_needs_a_restart_and_applies_none_of_it(start_daemon, s
 
 @pytest.mark.parametrize("content, reason", [
     ("this is [not toml", "is not valid TOML"),
-    ('cpu = { policy = "random" }\n', 'cpu.policy must be "lru" or "fifo"'),
+    ('cpu = { policy = "random" }\n', 'cpu.policy must be "lru", "fifo" or "retention"'),
     ("bogus_key = 1\n", "unknown config key 'bogus_key'"),
 ])
 def test_sighup_with_an_invalid_config_keeps_serving(start_daemon, sink, content, reason):
