@@ -24,6 +24,9 @@ class StoreCollector:
                   "write_backlog": store.backlog, "active_leases": len(store.leases),
                   "active_allocations": len(store.allocations), "event_seq": store.events.seq,
                   "watchers": store.events.watchers}
+        if store.s3sync is not None:  # the outage signal: obligations waiting, and whether S3 answers
+            gauges["upload_backlog"] = store.s3sync.backlog
+            gauges["s3_reachable"] = int(store.s3sync.reachable)
         for name, value in gauges.items():
             yield GaugeMetricFamily(f"kvtier_{name}", f"kvtier {name.replace('_', ' ')}", value=value)
         tier_blocks = GaugeMetricFamily("kvtier_tier_blocks", "blocks held per tier", labels=["tier"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import mmap
 import random
@@ -146,7 +147,7 @@ class S3Sync:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            batch = list(self._pending)[:self.cfg.max_concurrency * UPLOAD_BATCH_PER_WORKER]
+            batch = list(itertools.islice(self._pending, self.cfg.max_concurrency * UPLOAD_BATCH_PER_WORKER))
             try:
                 done = await self._upload_batch(batch)
             except S3Unavailable as exc:

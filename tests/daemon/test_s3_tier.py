@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 import time
+import urllib.request
 
 import grpc
 import pytest
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
-from s3server import make_bucket, s3_server  # noqa: F401  (the fixture)
+from s3server import free_port, make_bucket, s3_server  # noqa: F401  (the fixture)
 
 NS = "s3-ns"
 
@@ -99,7 +100,8 @@ def test_two_daemons_writing_the_same_block_store_one_object(make_daemon, s3_ser
 
 def test_outage_local_puts_continue_backlog_grows_then_drains(make_daemon, s3_server):
     bucket = make_bucket(s3_server, "kvtier-outage")
-    daemon = make_daemon(s3_overrides(s3_server, bucket))
+    metrics = f"127.0.0.1:{free_port()}"
+    daemon = make_daemon(s3_overrides(s3_server, bucket, **{"metrics.listen": metrics}))
     s3_server.pause()
     try:
         put_all(daemon, range(40))  # must not block on S3
@@ -107,11 +109,15 @@ def test_outage_local_puts_continue_backlog_grows_then_drains(make_daemon, s3_se
             wait_for(lambda: not c.stats().s3_reachable, what="outage noticed")
             assert c.stats().upload_backlog == 40
             assert c.get_blocks(NS, [key(7)]) == [payload(7)]
+        outage = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
+        assert "kvtier_upload_backlog 40.0" in outage and "kvtier_s3_reachable 0.0" in outage
     finally:
         s3_server.resume()
     with daemon.client() as c:
         wait_for(lambda: c.stats().upload_backlog == 0, timeout=60, what="backlog drained")
         assert c.stats().s3_reachable
+    text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
+    assert "kvtier_upload_backlog 0.0" in text and "kvtier_s3_reachable 1.0" in text
     assert len(objects(s3_server, bucket)) == 40
     assert "S3 unreachable" in daemon.log() and "reachable again" in daemon.log()
     body = s3_server.client().get_object(Bucket=bucket, Key=sorted(objects(s3_server, bucket))[0])["Body"].read()
