@@ -116,10 +116,11 @@ def _commit_request(allocation_id, namespace, entries, wait_durable, retention=N
     return request
 
 
-def _put_messages(namespace, key, data, parent, wait_durable):
+def _put_messages(namespace, key, data, parent, wait_durable, retention=None):
     view = memoryview(data).cast("B")
     yield pb.PutRequest(header=pb.PutHeader(namespace=namespace, key=key, parent=parent, length=len(view),
-                                            checksum=block_checksum(view), wait_durable=wait_durable))
+                                            checksum=block_checksum(view), wait_durable=wait_durable,
+                                            retention=retention))
     for start in range(0, len(view), CHUNK_BYTES):
         yield pb.PutRequest(chunk=bytes(view[start:start + CHUNK_BYTES]))
 
@@ -177,8 +178,20 @@ class Client:
     def list_namespaces(self):
         return list(self.call(self.stub.ListNamespaces, pb.ListNamespacesRequest()).namespaces)
 
-    def lookup(self, namespace: str, keys: Sequence[bytes]) -> pb.LookupResponse:
-        return self.call(self.stub.Lookup, pb.LookupRequest(namespace=namespace, keys=keys))
+    def lookup(self, namespace: str, keys: Sequence[bytes], consult_peers: bool = False) -> pb.LookupResponse:
+        return self.call(self.stub.Lookup, pb.LookupRequest(namespace=namespace, keys=keys,
+                                                            consult_peers=consult_peers))
+
+    def set_retention(self, namespace: str, keys: Sequence[bytes], retention: pb.Retention) -> int:
+        """Re-classifies stored blocks (e.g. demote a finished subagent's); returns how many."""
+        return self.call(self.stub.SetRetention, pb.SetRetentionRequest(
+            namespace=namespace, keys=keys, retention=retention)).updated
+
+    def prefetch(self, namespace: str, keys: Sequence[bytes], gpu: bool = False,
+                 consult_peers: bool = False) -> pb.PrefetchResponse:
+        """Warms the stored prefix of a key chain into the CPU (and GPU) tier now."""
+        return self.call(self.stub.Prefetch, pb.PrefetchRequest(namespace=namespace, keys=keys, gpu=gpu,
+                                                                consult_peers=consult_peers))
 
     def find_matches(self, namespace: str, keys: Sequence[bytes]) -> pb.FindMatchesResponse:
         return self.call(self.stub.FindMatches, pb.LookupRequest(namespace=namespace, keys=keys))
@@ -248,8 +261,9 @@ class Client:
                 self.release(lease.id)
 
     # streamed fallback
-    def put(self, namespace: str, key: bytes, data, parent: bytes = b"", wait_durable=False) -> int:
-        return self.stub.Put(_put_messages(namespace, key, data, parent, wait_durable),
+    def put(self, namespace: str, key: bytes, data, parent: bytes = b"", wait_durable=False,
+            retention: pb.Retention | None = None) -> int:
+        return self.stub.Put(_put_messages(namespace, key, data, parent, wait_durable, retention),
                              metadata=self._metadata).status
 
     def get(self, namespace: str, key: bytes) -> tuple[pb.BlockInfo, bytes]:
@@ -263,14 +277,16 @@ class Client:
         return info, b"".join(parts)
 
     # inventory and admin
-    def inventory(self, namespace="", tier_mask=0, page_size=0, page_token=b"") -> pb.InventoryResponse:
+    def inventory(self, namespace="", tier_mask=0, page_size=0, page_token=b"", retention_class="",
+                  pin=pb.PIN_ANY) -> pb.InventoryResponse:
         return self.call(self.stub.Inventory, pb.InventoryRequest(
-            namespace=namespace, tier_mask=tier_mask, page_size=page_size, page_token=page_token))
+            namespace=namespace, tier_mask=tier_mask, page_size=page_size, page_token=page_token,
+            retention_class=retention_class, pin=pin))
 
-    def iter_inventory(self, namespace="", tier_mask=0, page_size=0):
+    def iter_inventory(self, namespace="", tier_mask=0, page_size=0, retention_class="", pin=pb.PIN_ANY):
         token = b""
         while True:
-            page = self.inventory(namespace, tier_mask, page_size, token)
+            page = self.inventory(namespace, tier_mask, page_size, token, retention_class, pin)
             yield from page.blocks
             token = page.next_page_token
             if not token:

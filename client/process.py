@@ -37,6 +37,8 @@ def toml_text(data_dir: str, overrides: dict, log_level: str = "info") -> str:
             return "true" if value else "false"
         if isinstance(value, (int, float)):
             return repr(value)
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines = [f"{k} = {fmt(v)}" for k, v in top.items()]

@@ -18,6 +18,7 @@ from kvtier.proto.v1 import kvtier_pb2 as pb
 
 from .errors import exhausted, not_found, precondition
 
+SCAN_PAGES_PER_CALL = 64  # a filtered page call examines at most this many pages' worth of blocks
 TIER_NAMES = {pb.TIER_GPU: "gpu", pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk", pb.TIER_S3: "s3"}
 
 
@@ -39,6 +40,14 @@ class Block:
     readers: int = 0
     write_pending: bool = False
     retention: object = None  # kvtier.tiers.retention.Retention, re-applied whenever a tier installs it
+    retained_ms: int = 0      # when the retention was last set: with a hit, it restarts the TTL pin
+
+    def pinned_until_ms(self) -> int:
+        """When the TTL pin expires (a hit or a new retention restarts it); 0 when there is none."""
+        ttl_s = getattr(self.retention, "ttl_s", None)
+        if not ttl_s:
+            return 0
+        return max(self.last_access_ms, self.retained_ms) + int(ttl_s * 1000)
 
     @property
     def id(self) -> tuple[str, bytes]:
@@ -48,7 +57,14 @@ class Block:
         return pb.BlockInfo(namespace=self.namespace, key=self.key, parent=self.parent, length=self.length,
                             checksum=self.checksum, tiers=self.tiers, created_unix_ms=self.created_ms,
                             last_access_unix_ms=self.last_access_ms, hits=self.hits, readers=self.readers,
-                            write_pending=self.write_pending)
+                            write_pending=self.write_pending, retention=_retention_message(self.retention),
+                            pinned_until_unix_ms=self.pinned_until_ms())
+
+
+def _retention_message(retention) -> pb.Retention | None:
+    if retention is None:
+        return None
+    return pb.Retention(cls=retention.cls, priority=retention.priority, ttl_s=retention.ttl_s or 0.0)
 
 
 @dataclasses.dataclass(slots=True)
@@ -163,11 +179,14 @@ class Catalog:
                 break
         return depth
 
-    def page(self, namespace: str, tier_mask: int, page_size: int, token: bytes) -> tuple[list[Block], bytes]:
-        """Blocks in (namespace, key) order after token; returns (page, next token or b"")."""
+    def page(self, namespace: str, tier_mask: int, page_size: int, token: bytes,
+             match=None, names=None) -> tuple[list[Block], bytes]:
+        """Blocks in (namespace, key) order after token; returns (page, next token or b"").
+        `match(block)` filters further; `names` limits an all-namespace listing (a tenant's own)."""
         start_ns, _, start_key = token.partition(b"\0") if token else (b"", b"", b"")
-        names = [namespace] if namespace else sorted(self.namespaces)
+        names = [namespace] if namespace else sorted(self.namespaces if names is None else names)
         out: list[Block] = []
+        scanned, scan_budget, previous = 0, page_size * SCAN_PAGES_PER_CALL, None
         for name in names:
             if name.encode() < start_ns:
                 continue
@@ -176,10 +195,17 @@ class Catalog:
             keys = blocks.irange(minimum=skip_through, inclusive=(False, True)) if skip_through else iter(blocks)
             for key in keys:
                 block = blocks[key]
-                if tier_mask and not block.tiers & tier_mask:
+                scanned += 1
+                if scanned > scan_budget:  # a sparse filter: a short page, resumable, in bounded time
+                    return out, _token(previous)
+                previous = block
+                if (tier_mask and not block.tiers & tier_mask) or (match is not None and not match(block)):
                     continue
                 if len(out) == page_size:
-                    last = out[-1]
-                    return out, last.namespace.encode() + b"\0" + last.key
+                    return out, _token(out[-1])
                 out.append(block)
         return out, b""
+
+
+def _token(block: Block) -> bytes:
+    return block.namespace.encode() + b"\0" + block.key

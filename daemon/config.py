@@ -39,8 +39,8 @@ class ServerConfig:
     socket: str = "kvtier-data/kvtierd.sock"
     socket_mode: int = 0o660
     tcp: str = ""               # "host:port"; off by default
-    tcp_token_file: str = ""    # required when tcp is set: clients send "authorization: Bearer <token>"
-    tls_cert: str = ""
+    tokens_file: str = ""       # required with tcp: [[token]] digests bound to tenants (docs/security.md)
+    tls_cert: str = ""          # required with tcp: the token must never travel in clear
     tls_key: str = ""
     max_message_bytes: int = 4 << 20
 
@@ -117,6 +117,21 @@ class EventsConfig:
 
 
 @dataclasses.dataclass
+class PeersConfig:
+    listen: str = ""            # "host:port" serving the peer API (mutual TLS only); empty = serve no peers
+    addresses: list = dataclasses.field(default_factory=list)  # other nodes' peers.listen addresses
+    node_id: str = ""           # empty: the host name
+    tls_cert: str = ""          # this node's certificate, signed by tls_ca (server and client side)
+    tls_key: str = ""
+    tls_ca: str = ""            # the CA every peer's certificate must chain to
+    transport: str = "auto"     # "auto": NIXL when it loads, else streamed gRPC; or "nixl", "grpc"
+    timeout_s: float = 2.0      # bound on each peer call and each transfer
+    max_fanout: int = 4         # peers asked at once on a miss
+    max_blocks_per_fetch: int = 256
+    lease_ms: int = 10_000      # how long an owner pins blocks for a requester's READ
+
+
+@dataclasses.dataclass
 class MetricsConfig:
     listen: str = ""            # e.g. "127.0.0.1:9477"; empty = off
 
@@ -132,6 +147,7 @@ class Config:
     s3: S3TierConfig = dataclasses.field(default_factory=S3TierConfig)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
     events: EventsConfig = dataclasses.field(default_factory=EventsConfig)
+    peers: PeersConfig = dataclasses.field(default_factory=PeersConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     @property
@@ -139,6 +155,7 @@ class Config:
         return os.path.join(self.data_dir, "disk")
 
 
+MAX_LIST = 64
 _SIZE_KEYS = {"capacity", "slot_bytes", "segment_bytes", "max_message_bytes",
               "put_chunk_bytes", "align"}
 _MODE_KEYS = {"socket_mode", "arena_mode"}
@@ -184,7 +201,10 @@ def _typed(value, kind: type, where: str):
         return float(value)
     if kind is str and not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
+    if kind is list and (not isinstance(value, list) or len(value) > MAX_LIST
+                         or not all(isinstance(v, str) and 0 < len(v) <= 256 for v in value)):
+        raise ConfigError(f"{where}: expected a list of at most {MAX_LIST} non-empty strings, got {value!r}")
+    return list(value) if kind is list else value
 
 
 def validate(cfg: Config) -> Config:
@@ -213,11 +233,21 @@ def validate(cfg: Config) -> Config:
         (64 << 10 <= cfg.server.max_message_bytes <= 256 << 20, "server.max_message_bytes must be 64KiB..256MiB"),
         (4096 <= cfg.limits.put_chunk_bytes < cfg.server.max_message_bytes,
          "limits.put_chunk_bytes must be >= 4096 and below server.max_message_bytes"),
-        (not cfg.server.tcp or cfg.server.tcp_token_file,
-         "server.tcp needs server.tcp_token_file: nothing on TCP is served without authentication"),
+        (not cfg.server.tcp or cfg.server.tokens_file,
+         "server.tcp needs server.tokens_file: nothing on TCP is served without authentication"),
         (bool(cfg.server.tls_cert) == bool(cfg.server.tls_key), "server.tls_cert and server.tls_key go together"),
-        (not cfg.server.tcp or cfg.server.tls_cert or _is_loopback(cfg.server.tcp),
-         "server.tcp on a non-loopback address needs server.tls_cert/tls_key (the token would travel in clear)"),
+        (not cfg.server.tcp or cfg.server.tls_cert,
+         "server.tcp needs server.tls_cert/tls_key: bearer tokens never travel in clear"),
+        (not (cfg.peers.listen or cfg.peers.addresses) or (cfg.peers.tls_cert and cfg.peers.tls_key
+                                                           and cfg.peers.tls_ca),
+         "peers need peers.tls_cert, peers.tls_key and peers.tls_ca: peers talk mutual TLS only"),
+        (cfg.peers.transport in ("auto", "nixl", "grpc"), "peers.transport must be \"auto\", \"nixl\" or \"grpc\""),
+        (0 < cfg.peers.timeout_s <= 60, "peers.timeout_s must be in (0, 60]"),
+        (1 <= cfg.peers.max_fanout <= 64, "peers.max_fanout must be 1..64"),
+        (1 <= cfg.peers.max_blocks_per_fetch <= cfg.limits.max_keys_per_request,
+         "peers.max_blocks_per_fetch must be 1..limits.max_keys_per_request"),
+        (1000 <= cfg.peers.lease_ms <= cfg.limits.max_lease_ms, "peers.lease_ms must be 1000..limits.max_lease_ms"),
+        (cfg.peers.listen not in cfg.peers.addresses, "peers.addresses must not contain this node's own peers.listen"),
         (cfg.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error"),
         (not cfg.s3.enabled or cfg.s3.bucket, "s3.enabled needs s3.bucket"),
         (not cfg.events.zmq_replay_endpoint or cfg.events.zmq_endpoint,
@@ -239,11 +269,6 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(message)
     return cfg
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
 def load(path: str | None = None, overrides: dict | None = None) -> Config:

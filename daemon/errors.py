@@ -26,3 +26,11 @@ def precondition(message: str) -> ApiError:
 
 def exhausted(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def denied(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def unauthenticated(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.UNAUTHENTICATED, message)

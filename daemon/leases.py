@@ -20,6 +20,7 @@ class Held:
     deadline: float       # time.monotonic()
     namespace: str = ""
     gpu_items: list = dataclasses.field(default_factory=list)  # read leases: blocks also pinned on the GPU
+    owner: str | None = None  # the tenant that opened it (None: an admin or the daemon itself)
 
 
 class LeaseTable:

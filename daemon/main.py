@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import dataclasses
 import fcntl
-import hmac
 import logging
 import os
 import signal
@@ -31,7 +30,11 @@ from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 from . import config as config_mod
 from .metrics import serve_metrics
 from .notify import monotonic_usec, sd_notify, watchdog_period_s
-from .service import KvTierService
+from . import peers as peers_mod
+from .auth import AuthConfigError, Principal, TokenTable
+from .errors import unauthenticated
+from .peers import PeerService
+from .service import KvTierService, Validator
 from .store import BlockStore
 
 log = logging.getLogger("kvtierd")
@@ -118,25 +121,33 @@ def prepare_socket_path(path: str) -> None:
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """Bearer-token check for the TCP listener; the UDS listener relies on file permissions."""
+    """Authentication for the TCP listener: every call (health and reflection too) needs a valid,
+    unexpired bearer token. What the caller may then touch is the service's business
+    (`identify`): the Unix-socket listener relies on its file permissions instead."""
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: TokenTable):
+        self.tokens = tokens
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         supplied = dict(details.invocation_metadata or ()).get("authorization", "")
-        if handler is None or hmac.compare_digest(supplied.encode(), self._expected):
+        if handler is None or self.tokens.resolve(supplied) is not None:
             return handler
         return _denying(handler)
+
+    def identify(self, context) -> Principal:
+        principal = self.tokens.resolve(dict(context.invocation_metadata() or ()).get("authorization", ""))
+        if principal is None:  # the interceptor let it through: it expired in between
+            raise unauthenticated("missing, wrong or expired bearer token")
+        return principal
 
 
 def _denying(handler):
     async def deny_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, wrong or expired bearer token")
 
     async def deny_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, wrong or expired bearer token")
         yield  # pragma: no cover - makes this an async generator
 
     kinds = {(False, False): (grpc.unary_unary_rpc_method_handler, deny_unary),
@@ -149,10 +160,7 @@ def _denying(handler):
 
 
 def _server(cfg: config_mod.Config, servicer, health_servicer, interceptors=()):
-    limit = cfg.server.max_message_bytes
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0)])
+    server = _bare_server(cfg, interceptors)
     pb_grpc.add_KvTierServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -160,18 +168,50 @@ def _server(cfg: config_mod.Config, servicer, health_servicer, interceptors=()):
     return server
 
 
-def _tcp_server(cfg, servicer, health_servicer):
-    with open(cfg.server.tcp_token_file, encoding="utf-8") as file:
-        token = file.read().strip()
-    if len(token) < 16:
-        raise StartupError(f"{cfg.server.tcp_token_file}: the token must be at least 16 characters")
-    server = _server(cfg, servicer, health_servicer, interceptors=[TokenAuth(token)])
-    if cfg.server.tls_cert:
-        with open(cfg.server.tls_cert, "rb") as c, open(cfg.server.tls_key, "rb") as k:
-            server.add_secure_port(cfg.server.tcp, grpc.ssl_server_credentials([(k.read(), c.read())]))
-    else:
-        server.add_insecure_port(cfg.server.tcp)
+def _bare_server(cfg: config_mod.Config, interceptors=()):
+    limit = cfg.server.max_message_bytes
+    return grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0)])
+
+
+def _tcp_server(cfg, store, peers, health_servicer):
+    try:
+        tokens = TokenTable.load(cfg.server.tokens_file)
+    except AuthConfigError as exc:
+        raise StartupError(str(exc)) from exc
+    auth = TokenAuth(tokens)
+    log.info("tcp %s: %d bearer tokens loaded from %s", cfg.server.tcp, len(tokens), cfg.server.tokens_file)
+    servicer = KvTierService(store, cfg.limits, identify=auth.identify, peers=peers)
+    server = _server(cfg, servicer, health_servicer, interceptors=[auth])
+    with open(cfg.server.tls_cert, "rb") as c, open(cfg.server.tls_key, "rb") as k:
+        server.add_secure_port(cfg.server.tcp, grpc.ssl_server_credentials([(k.read(), c.read())]))
     return server
+
+
+def _peer_server(cfg, store, transport):
+    """The peer API on peers.listen: mutual TLS, KvTierPeer only."""
+    server = _bare_server(cfg)
+    pb_grpc.add_KvTierPeerServicer_to_server(PeerService(cfg, store, transport, Validator(cfg.limits)), server)
+    server.add_secure_port(cfg.peers.listen, peers_mod.server_credentials(cfg))
+    return server
+
+
+def _start_peers(cfg, store):
+    """(transport or None, fetcher or None); logs which transport peers use and why."""
+    if not (cfg.peers.listen or cfg.peers.addresses):
+        return None, None
+    try:
+        transport, why = peers_mod.open_transport(cfg, store)
+    except RuntimeError as exc:
+        raise StartupError(str(exc)) from exc
+    if transport is None:
+        log.warning("peers: NIXL not in use (%s): blocks move over streamed gRPC", why)
+    else:
+        log.info("peers: NIXL agent on the CPU arena (%d MiB)", store.arena.size_bytes >> 20)
+    fetcher = peers_mod.PeerFetcher(cfg, store, transport, why) if cfg.peers.addresses else None
+    store.peers = fetcher
+    return transport, fetcher
 
 
 async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> None:
@@ -184,19 +224,25 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     log.info("recovery: %s; %d blocks in %d namespaces", report, store.catalog.blocks,
              len(store.catalog.namespaces))
     kv_events = await _start_kv_events(cfg, store)
-    servers, health_servicer = await _listen(cfg, store)
+    transport, peers = _start_peers(cfg, store)
+    servers, health_servicer = await _listen(cfg, store, transport, peers)
     metrics = serve_metrics(store, cfg.metrics.listen) if cfg.metrics.listen else None
     stop = asyncio.Event()
     beat = Heartbeat(lambda: status_line(store, draining=stop.is_set()), watchdog_period_s())
     _install_signal_handlers(stop, beat, reloader)
-    log.info("kvtierd ready on unix:%s%s (cpu %d MiB in %d slots, disk %s)", cfg.server.socket,
-             f" and tcp {cfg.server.tcp}" if cfg.server.tcp else "", store.arena.size_bytes >> 20,
+    log.info("kvtierd ready on unix:%s%s%s (cpu %d MiB in %d slots, disk %s)", cfg.server.socket,
+             f" and tcp {cfg.server.tcp}" if cfg.server.tcp else "",
+             f", peers on {cfg.peers.listen}" if cfg.peers.listen else "", store.arena.size_bytes >> 20,
              store.arena.slot_count, f"{cfg.disk.capacity >> 20} MiB" if cfg.disk.enabled else "off")
     beat.beat("READY=1")
     beat_task = asyncio.get_running_loop().create_task(beat.run(), name="sd-heartbeat")
     await stop.wait()
     beat.beat()  # STATUS=draining ...; the heartbeat keeps it fresh while the backlog drains
     await _shut_down(cfg, store, servers, health_servicer)
+    if peers is not None:
+        await peers.close()
+    elif transport is not None:
+        transport.close()
     beat_task.cancel()
     if kv_events is not None:
         await kv_events.close()
@@ -220,15 +266,17 @@ async def _start_kv_events(cfg: config_mod.Config, store: BlockStore):
     return publisher
 
 
-async def _listen(cfg: config_mod.Config, store: BlockStore):
-    """Starts the gRPC servers (Unix socket, optional TCP); returns them and the health servicer."""
-    servicer = KvTierService(store, cfg.limits)
+async def _listen(cfg: config_mod.Config, store: BlockStore, transport, peers):
+    """Starts the gRPC servers (Unix socket, optional TCP and peer API); returns them and the
+    health servicer."""
     health_servicer = health.aio.HealthServicer()
-    servers = [_server(cfg, servicer, health_servicer)]
+    servers = [_server(cfg, KvTierService(store, cfg.limits, peers=peers), health_servicer)]
     prepare_socket_path(cfg.server.socket)
     servers[0].add_insecure_port(f"unix:{os.path.abspath(cfg.server.socket)}")
     if cfg.server.tcp:
-        servers.append(_tcp_server(cfg, servicer, health_servicer))
+        servers.append(_tcp_server(cfg, store, peers, health_servicer))
+    if cfg.peers.listen:
+        servers.append(_peer_server(cfg, store, transport))
     for server in servers:
         await server.start()
     os.chmod(cfg.server.socket, cfg.server.socket_mode)

@@ -27,6 +27,10 @@ class StoreCollector:
         if store.s3sync is not None:  # the outage signal: obligations waiting, and whether S3 answers
             gauges["upload_backlog"] = store.s3sync.backlog
             gauges["s3_reachable"] = int(store.s3sync.reachable)
+        if store.peers is not None:
+            for name, value in dataclasses.asdict(store.peers.counters).items():
+                yield CounterMetricFamily(f"kvtier_peer_{name}", f"kvtier peer {name.replace('_', ' ')}", value=value)
+            gauges["peer_transport_nixl"] = int(store.peers.transport is not None)  # 0: the gRPC fallback
         for name, value in gauges.items():
             yield GaugeMetricFamily(f"kvtier_{name}", f"kvtier {name.replace('_', ' ')}", value=value)
         tier_blocks = GaugeMetricFamily("kvtier_tier_blocks", "blocks held per tier", labels=["tier"])

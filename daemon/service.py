@@ -19,10 +19,12 @@ import grpc
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 
+from kvtier.tiers.retention import CLASS_RANK, Retention
+
+from .auth import LOCAL, Principal
 from .config import LimitsConfig
-from .errors import ApiError, invalid
+from .errors import ApiError, denied, invalid, precondition
 from .events import OVERFLOW
-from kvtier.tiers.retention import Retention
 
 from .store import BlockStore, Staged
 
@@ -124,47 +126,89 @@ def _streaming(method):
 
 
 class KvTierService(pb_grpc.KvTierServicer):
-    def __init__(self, store: BlockStore, limits: LimitsConfig):
+    """`identify(context)` names the caller (LOCAL on the Unix socket, a token's principal on TCP);
+    every namespace a call touches must be the caller's own (auth.Principal.owns)."""
+
+    def __init__(self, store: BlockStore, limits: LimitsConfig, identify=lambda context: LOCAL, peers=None):
         self.store = store
         self.check = Validator(limits)
         self.limits = limits
+        self.identify = identify
+        self.peers = peers  # daemon.peers.PeerFetcher when peers are configured
+
+    def _own(self, context, name: str, allow_star: bool = False) -> str:
+        """The validated namespace, if the caller may touch it (PERMISSION_DENIED otherwise)."""
+        name = self.check.namespace(name, allow_star)
+        who = self.identify(context)
+        if (name == "*" and not who.admin) or not who.owns(name):
+            raise denied(f"{who.name} may use only namespaces named \"{who.tenant}/...\"")
+        return name
+
+    def _admin(self, context, what: str) -> Principal:
+        who = self.identify(context)
+        if not who.admin:
+            raise denied(f"{what} needs an admin token; {who.name} is bound to tenant {who.tenant}")
+        return who
+
+    def _owned(self, table, held_id: int, context, what: str):
+        """An allocation or lease the caller opened (another tenant's id reads as not open)."""
+        held = table.get(held_id)
+        if held is not None and held.owner != self.identify(context).tenant:
+            held = None
+        if held is None:
+            raise precondition(f"{what} {held_id} is not open (committed, released, expired or not yours)")
+        return held
+
+    def _tenant_names(self, context):
+        """None for an admin (every namespace); else the caller's own namespace names."""
+        who = self.identify(context)
+        return None if who.admin else [n for n in self.store.catalog.namespaces if who.owns(n)]
 
     @_unary
     async def RegisterNamespace(self, request, context):
-        name = self.check.namespace(request.name)
+        name = self._own(context, request.name)
         created = self.store.register_namespace(name, self.check.attributes(request.attributes))
         if created:
-            log.info("namespace %s registered (%s)", name, dict(request.attributes))
+            log.info("namespace %s registered by %s (%s)", name, self.identify(context).name,
+                     dict(request.attributes))
         return pb.RegisterNamespaceResponse(created=created)
 
     @_unary
     async def ListNamespaces(self, request, context):
+        who = self.identify(context)
         return pb.ListNamespacesResponse(namespaces=[
             pb.NamespaceInfo(name=n.name, attributes=n.attributes, blocks=len(n.blocks), bytes=n.bytes)
-            for n in sorted(self.store.catalog.namespaces.values(), key=lambda n: n.name)])
+            for n in sorted(self.store.catalog.namespaces.values(), key=lambda n: n.name) if who.owns(n.name)])
 
     @_unary
     async def Lookup(self, request, context):
+        namespace = self._own(context, request.namespace)
         keys = self.check.keys(request.keys)
-        tiers = self.store.lookup(self.check.namespace(request.namespace), keys)
-        return pb.LookupResponse(matched=len(tiers), tiers=tiers)
+        tiers = self.store.lookup(namespace, keys)
+        from_peers = 0
+        if request.consult_peers and len(tiers) < len(keys) and self.peers is not None:
+            from_peers = await self.peers.fetch(namespace, keys, len(tiers))
+            tiers = self.store.catalog.lookup(namespace, keys) if from_peers else tiers
+        return pb.LookupResponse(matched=len(tiers), tiers=tiers, from_peers=from_peers)
 
     @_unary
     async def FindMatches(self, request, context):
-        keys = self.check.keys(request.keys)
-        depth = self.store.catalog.find_matches(self.check.namespace(request.namespace), keys)
+        namespace = self._own(context, request.namespace)
+        depth = self.store.catalog.find_matches(namespace, self.check.keys(request.keys))
         return pb.FindMatchesResponse(any=depth[0], gpu=depth[pb.TIER_GPU], cpu=depth[pb.TIER_CPU],
                                       disk=depth[pb.TIER_DISK], s3=depth[pb.TIER_S3])
 
     @_streaming
     async def Snapshot(self, request, context):
         if request.namespace:
-            self.store.catalog.namespace(self.check.namespace(request.namespace))
+            self.store.catalog.namespace(self._own(context, request.namespace))
+        names = self._tenant_names(context)
         # Pages are taken between awaits; events that land meanwhile have seq > the first page's,
         # so the snapshot carries the seq read before the first page and a watcher resumes there.
         seq, token = self.store.events.seq, b""
         while True:
-            blocks, token = self.store.catalog.page(request.namespace, 0, self.limits.max_page_size, token)
+            blocks, token = self.store.catalog.page(request.namespace, 0, self.limits.max_page_size, token,
+                                                    names=names)
             yield pb.SnapshotChunk(seq=seq, blocks=[b.info() for b in blocks])
             if not token:
                 return
@@ -181,13 +225,15 @@ class KvTierService(pb_grpc.KvTierServicer):
     async def Allocate(self, request, context):
         held = await self.store.allocate(self.check.count(request.count), self.check.wait_ms(request.wait_ms),
                                          self.check.lease_ms(request.lease_ms))
+        held.owner = self.identify(context).tenant
         return pb.AllocateResponse(allocation_id=held.id, slots=held.items, slot_bytes=self.store.arena.slot_bytes,
                                    generation=self.store.arena.generation,
                                    deadline_unix_ms=_deadline_unix_ms(held.deadline))
 
     @_unary
     async def Commit(self, request, context):
-        namespace = self.check.namespace(request.namespace)
+        namespace = self._own(context, request.namespace)
+        self._owned(self.store.allocations, request.allocation_id, context, "allocation")
         if len(request.entries) > self.limits.max_keys_per_request:
             raise invalid(f"at most {self.limits.max_keys_per_request} entries per commit")
         default = self.check.retention(request, "request")
@@ -200,15 +246,18 @@ class KvTierService(pb_grpc.KvTierServicer):
 
     @_unary
     async def Abort(self, request, context):
+        self._owned(self.store.allocations, request.allocation_id, context, "allocation")
         self.store.abort(request.allocation_id)
         return pb.AbortResponse()
 
     @_unary
     async def Acquire(self, request, context):
-        namespace = self.check.namespace(request.namespace)
+        namespace = self._own(context, request.namespace)
         keys = self.check.keys(request.keys)
         held, found = await self.store.acquire(namespace, keys, self.check.lease_ms(request.lease_ms),
                                                gpu=request.gpu)
+        if held is not None:
+            held.owner = self.identify(context).tenant
         on_gpu = set(held.gpu_items) if held else set()
         blocks = [self._acquired(b, b.id in on_gpu) if b is not None else pb.AcquiredBlock() for b in found]
         return pb.AcquireResponse(lease_id=held.id if held else 0, blocks=blocks,
@@ -226,6 +275,7 @@ class KvTierService(pb_grpc.KvTierServicer):
 
     @_unary
     async def Release(self, request, context):
+        self._owned(self.store.leases, request.lease_id, context, "lease")
         self.store.release(request.lease_id)
         return pb.ReleaseResponse()
 
@@ -236,13 +286,14 @@ class KvTierService(pb_grpc.KvTierServicer):
             raise invalid("a Put stream starts with a header message")
         h = first.header
         status = await self.store.put(
-            self.check.namespace(h.namespace), self.check.key(h.key), self.check.key(h.parent, "parent", True),
-            _chunks(request_iterator), h.length, h.checksum, self.limits.max_wait_ms, h.wait_durable)
+            self._own(context, h.namespace), self.check.key(h.key), self.check.key(h.parent, "parent", True),
+            _chunks(request_iterator), h.length, h.checksum, self.limits.max_wait_ms, h.wait_durable,
+            self.check.retention(h, "header"))
         return pb.PutResponse(status=status)
 
     @_streaming
     async def Get(self, request, context):
-        namespace = self.check.namespace(request.namespace)
+        namespace = self._own(context, request.namespace)
         key = self.check.key(request.key)
         held, found = await self.store.acquire(namespace, [key], self.limits.default_lease_ms)
         if held is None:
@@ -259,18 +310,38 @@ class KvTierService(pb_grpc.KvTierServicer):
     @_unary
     async def Inventory(self, request, context):
         if request.namespace:
-            self.store.catalog.namespace(self.check.namespace(request.namespace))
+            self.store.catalog.namespace(self._own(context, request.namespace))
         page_size = request.page_size or 100
         if page_size > self.limits.max_page_size:
             raise invalid(f"page_size must be at most {self.limits.max_page_size}")
         if len(request.page_token) > self.limits.max_namespace_bytes + self.limits.max_key_bytes + 1:
             raise invalid("page_token is not one this daemon issued")
-        blocks, token = self.store.catalog.page(request.namespace, request.tier_mask, page_size, request.page_token)
+        blocks, token = self.store.catalog.page(request.namespace, request.tier_mask, page_size, request.page_token,
+                                                match=self._inventory_filter(request),
+                                                names=self._tenant_names(context))
         return pb.InventoryResponse(blocks=[b.info() for b in blocks], next_page_token=token)
+
+    @staticmethod
+    def _inventory_filter(request):
+        cls, pin = request.retention_class, request.pin
+        if cls and cls not in CLASS_RANK:
+            raise invalid(f"retention_class {cls!r} is not one of {', '.join(CLASS_RANK)}")
+        if pin not in (pb.PIN_ANY, pb.PIN_PINNED, pb.PIN_UNPINNED):
+            raise invalid(f"pin filter {pin} is not a PinFilter value")
+        if not cls and pin == pb.PIN_ANY:
+            return None
+
+        def match(block) -> bool:
+            if cls and (block.retention.cls if block.retention is not None else "conversation") != cls:
+                return False
+            if pin == pb.PIN_ANY:
+                return True
+            return (block.pinned_until_ms() > _now_unix_ms()) == (pin == pb.PIN_PINNED)
+        return match
 
     @_unary
     async def Stat(self, request, context):
-        namespace = self.check.namespace(request.namespace)
+        namespace = self._own(context, request.namespace)
         self.store.catalog.namespace(namespace)
         block = self.store.catalog.get(namespace, self.check.key(request.key))
         if block is None:
@@ -279,29 +350,56 @@ class KvTierService(pb_grpc.KvTierServicer):
 
     @_unary
     async def Stats(self, request, context):
+        self._admin(context, "Stats")
         return self.store.stats()
 
     @_unary
     async def Delete(self, request, context):
-        deleted, busy = await self.store.delete(self.check.namespace(request.namespace),
+        deleted, busy = await self.store.delete(self._own(context, request.namespace),
                                                 self.check.keys(request.keys))
         return pb.DeleteResponse(deleted=deleted, busy=busy)
 
     @_unary
     async def Clear(self, request, context):
-        namespace = self.check.namespace(request.namespace, allow_star=True)
+        namespace = self._own(context, request.namespace, allow_star=True)
         deleted = await self.store.clear(namespace)
-        log.warning("cleared %s: %d blocks deleted", namespace, deleted)
+        log.warning("cleared %s for %s: %d blocks deleted", namespace, self.identify(context).name, deleted)
         return pb.ClearResponse(deleted=deleted)
+
+    @_unary
+    async def SetRetention(self, request, context):
+        namespace = self._own(context, request.namespace)
+        keys = self.check.keys(request.keys)
+        retention = self.check.retention(request, "request")
+        if retention is None:
+            raise invalid("retention is required")
+        return pb.SetRetentionResponse(updated=self.store.set_retention(namespace, keys, retention))
+
+    @_unary
+    async def Prefetch(self, request, context):
+        namespace = self._own(context, request.namespace)
+        keys = self.check.keys(request.keys)
+        from_peers = 0
+        if request.consult_peers and self.peers is not None:
+            local = len(self.store.catalog.lookup(namespace, keys))
+            if local < len(keys):
+                from_peers = await self.peers.fetch(namespace, keys, local)
+        matched, warmed = await self.store.prefetch(namespace, keys, request.gpu)
+        return pb.PrefetchResponse(matched=matched, warmed=warmed, from_peers=from_peers)
 
     @_streaming
     async def Watch(self, request, context):
         if request.namespace:
-            self.check.namespace(request.namespace)
+            self._own(context, request.namespace)
+        who = self.identify(context)
+
+        def wanted(event) -> bool:
+            return (event.namespace == request.namespace if request.namespace
+                    else who.owns(event.namespace))  # an admin owns every namespace
         replay, queue = self.store.events.subscribe(request.from_seq)
         try:
             for event in replay:
-                if not request.namespace or event.namespace == request.namespace:
+                if wanted(event):
                     yield event
             last = replay[-1].seq if replay else 0
             while True:
@@ -309,7 +407,7 @@ class KvTierService(pb_grpc.KvTierServicer):
                 if event is OVERFLOW:
                     raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"watcher fell behind; resume with from_seq={last + 1}")
-                if event.seq > last and (not request.namespace or event.namespace == request.namespace):
+                if event.seq > last and wanted(event):
                     last = event.seq
                     yield event
         finally:
@@ -321,6 +419,10 @@ async def _chunks(request_iterator):
         if message.WhichOneof("part") != "chunk":
             raise invalid("after the header, a Put stream carries only chunks")
         yield message.chunk
+
+
+def _now_unix_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _deadline_unix_ms(deadline_monotonic: float) -> int:

@@ -112,6 +112,7 @@ class BlockStore:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self.disk_blocks = 0
+        self.peers = None  # daemon.peers.PeerFetcher, when peers are configured (metrics read it)
 
     @property
     def backlog(self) -> int:
@@ -229,13 +230,15 @@ class BlockStore:
     def _signal_space(self) -> None:
         self._space_freed.set()
 
-    async def commit(self, allocation_id: int, namespace: str, staged: list[Staged], wait_durable: bool):
-        """Commits staged blocks of one allocation; returns a CommitStatus per entry."""
+    async def commit(self, allocation_id: int, namespace: str, staged: list[Staged], wait_durable: bool,
+                     verified: bool = False):
+        """Commits staged blocks of one allocation; returns a CommitStatus per entry. `verified`: the
+        caller (the peer fetcher) has just checked every checksum against the bytes in the slots."""
         held = self.allocations.get(allocation_id)
         if held is None:
             raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
         self.catalog.namespace(namespace)
-        self._check_staged(held.items, staged)
+        self._check_staged(held.items, staged, verified)
         self.allocations.take(allocation_id)
         statuses, stored = self._install(namespace, staged)
         leftover = set(held.items) - {s.slot for s, st in zip(staged, statuses) if st == pb.STORED}
@@ -247,7 +250,7 @@ class BlockStore:
             await self._wait_durable(stored)
         return statuses
 
-    def _check_staged(self, slots: list[int], staged: list[Staged]) -> None:
+    def _check_staged(self, slots: list[int], staged: list[Staged], verified: bool = False) -> None:
         """Validates every entry before anything changes, so a bad entry commits nothing."""
         owned = set(slots)
         seen: set[int] = set()
@@ -259,8 +262,7 @@ class BlockStore:
             seen.add(entry.slot)
             if not 0 <= entry.length <= self.arena.slot_bytes:
                 raise invalid(f"entry {index}: length {entry.length} exceeds slot size {self.arena.slot_bytes}")
-            data = self.arena.view(entry.slot)[:entry.length]
-            if checksum(data) != entry.checksum:
+            if not verified and checksum(self.arena.view(entry.slot)[:entry.length]) != entry.checksum:
                 raise invalid(f"entry {index} (key {entry.key.hex()}): checksum does not match the bytes in "
                               f"slot {entry.slot}; nothing was committed")
 
@@ -273,7 +275,7 @@ class BlockStore:
                 self.counters.duplicates += 1
                 continue
             block = Block(namespace, entry.key, entry.parent, entry.length, entry.checksum, created, created,
-                          tiers=CPU, retention=entry.retention)
+                          tiers=CPU, retention=entry.retention, retained_ms=created)
             self.catalog.add(block)
             _install_in(self.cpu, block, entry.slot)
             self.events.emit(pb.BLOCK_STORED, namespace, block.key, CPU, length=block.length, parent=block.parent)
@@ -294,7 +296,7 @@ class BlockStore:
         self._signal_space()
 
     async def put(self, namespace: str, key: bytes, parent: bytes, data_chunks, length: int, expected: int,
-                  wait_ms: int, wait_durable: bool) -> int:
+                  wait_ms: int, wait_durable: bool, retention=None) -> int:
         """Streamed put: bytes go straight into a reserved slot, then the normal commit path."""
         self.catalog.namespace(namespace)
         if length > self.arena.slot_bytes:
@@ -313,7 +315,7 @@ class BlockStore:
             if self.allocations.get(held.id) is not None:
                 self.abort(held.id)
             raise
-        staged = [Staged(key, parent, held.items[0], length, expected)]
+        staged = [Staged(key, parent, held.items[0], length, expected, retention)]
         try:
             return (await self.commit(held.id, namespace, staged, wait_durable))[0]
         except BaseException:
@@ -600,6 +602,35 @@ class BlockStore:
                 block.readers -= 1
                 self.cpu.unpin(block.id)
         self._signal_space()
+
+    # -- agent hints --------------------------------------------------------------------------
+    def set_retention(self, namespace: str, keys, retention) -> int:
+        """Re-classifies stored blocks (and restarts their TTL pin) in every memory tier holding them."""
+        self.catalog.namespace(namespace)
+        updated, now = 0, now_ms()
+        for key in keys:
+            block = self.catalog.get(namespace, key)
+            if block is None:
+                continue
+            block.retention, block.retained_ms = retention, now
+            for tier in (self.cpu, self.gpu):
+                if tier is not None and block.id in tier and hasattr(tier.policy, "retain"):
+                    tier.policy.retain(block.id, retention)
+            updated += 1
+        return updated
+
+    async def prefetch(self, namespace: str, keys, gpu: bool) -> tuple[int, int]:
+        """Warms the stored prefix of a chain into the CPU tier (and the GPU tier): (matched, warmed).
+        An acquire released at once: the promotions stay, the pins do not."""
+        matched = len(self.catalog.lookup(namespace, keys))
+        if not matched:
+            return 0, 0
+        held, found = await self.acquire(namespace, list(keys[:matched]), self.cfg.limits.default_lease_ms, gpu)
+        if held is None:
+            return matched, 0
+        warmed = len(held.gpu_items) if gpu and self.gpu is not None else len(held.items)
+        self.release(held.id)
+        return matched, warmed
 
     # -- admin --------------------------------------------------------------------------------
     async def delete(self, namespace: str, keys) -> tuple[int, int]:

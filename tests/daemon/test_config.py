@@ -29,8 +29,10 @@ def test_sizes_and_modes_parse(tmp_path):
     ('[cpu]\nslot_bytes = 1000\n', "multiple of 4096"),
     ('[disk]\ncapacity = "512MiB"\n', "must not be smaller than cpu.capacity"),
     ('[disk]\nenabled = "yes"\n', "expected true or false"),
-    ('[server]\ntcp = "127.0.0.1:7000"\n', "needs server.tcp_token_file"),
-    ('[server]\ntcp = "0.0.0.0:7000"\ntcp_token_file = "t"\n', "needs server.tls_cert"),
+    ('[server]\ntcp = "127.0.0.1:7000"\n', "needs server.tokens_file"),
+    ('[server]\ntcp = "127.0.0.1:7000"\ntokens_file = "t"\n', "needs server.tls_cert"),
+    ('[peers]\naddresses = "10.0.0.2:7701"\n', "expected a list"),
+    ('[peers]\ntransport = "rdma"\n', "peers.transport"),
     ('cpu = 3\n', "expected a [table]"),
     ('[cpu\n', "not valid TOML"),
 ])

@@ -94,29 +94,6 @@ def test_sd_notify_ready_after_recovery_and_stopping(make_daemon, tmp_path, monk
     sink.close()
 
 
-def test_tcp_listener_requires_the_bearer_token(make_daemon, tmp_path):
-    from kvtier.client import Client
-    token_file = tmp_path / "token"
-    token_file.write_text("s3cret-token-of-enough-length\n")
-    port = free_port()
-    daemon = make_daemon({"server.tcp": f"127.0.0.1:{port}", "server.tcp_token_file": str(token_file)})
-    with Client(f"127.0.0.1:{port}") as anonymous, Client(f"127.0.0.1:{port}", token="wrong-token-xxxxxxxx") as wrong:
-        for c in (anonymous, wrong):
-            with pytest.raises(grpc.RpcError) as err:
-                c.stats()
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            with pytest.raises(grpc.RpcError) as err:  # streaming calls are guarded too
-                next(iter(c.watch(from_seq=1)))
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    with Client(f"127.0.0.1:{port}", token="s3cret-token-of-enough-length") as good:
-        good.register_namespace("tcp")
-        assert good.put("tcp", b"k" * 32, b"over tcp") == 1
-        assert good.get("tcp", b"k" * 32)[1] == b"over tcp"
-    assert "s3cret" not in daemon.log()
-    with daemon.client() as local:  # the Unix socket needs no token
-        assert local.stats().blocks == 1
-
-
 def test_async_client_round_trip(daemon):
     import asyncio
 

@@ -1,0 +1,130 @@
+"""Who is calling, and what they may see: principals for the client API (docs/security.md).
+
+Contract
+- The Unix socket is guarded by its file mode (server.socket_mode): every caller on it is the
+  local administrator (`LOCAL`).
+- On TCP a caller presents `authorization: Bearer <token>`. The daemon keeps only SHA-256 digests
+  of tokens (server.tokens_file), each bound to one tenant or marked admin, optionally expiring.
+- A tenant's namespaces are the names that start with "<tenant>/". A tenant principal can read,
+  write, list and watch only those; admin calls (Stats, Clear "*", unscoped operator views of
+  other tenants) need an admin principal.
+- Tokens never appear in logs, metrics or errors; a token is named by its `id` only.
+Thread-safety: immutable after load; a reload builds a new TokenTable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import re
+import time
+import tomllib
+
+_TENANT_RE = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+MAX_TOKENS = 4096
+
+
+class AuthConfigError(ValueError):
+    """The tokens file is invalid; the message names the entry (never the secret)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    name: str                  # for logs: "local" or "token <id>"
+    tenant: str | None = None  # None: an administrator, who sees every namespace
+
+    @property
+    def admin(self) -> bool:
+        return self.tenant is None
+
+    def owns(self, namespace: str) -> bool:
+        return self.tenant is None or namespace.startswith(self.tenant + "/")
+
+
+LOCAL = Principal("local")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Token:
+    id: str
+    digest: bytes
+    tenant: str | None
+    expires_unix: float  # 0 = never
+
+
+class TokenTable:
+    """Bearer-token digests from a TOML file of `[[token]]` entries:
+
+        [[token]]
+        id = "team-a-engines"           # named in logs
+        sha256 = "<hex digest of the token>"
+        tenant = "team-a"               # or admin = true (and no tenant)
+        expires_unix = 1798761600       # optional
+    """
+
+    def __init__(self, tokens: list[_Token]):
+        self._tokens = tokens
+
+    @classmethod
+    def load(cls, path: str) -> "TokenTable":
+        try:
+            with open(path, "rb") as file:
+                table = tomllib.load(file)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise AuthConfigError(f"tokens file {path}: {exc}") from exc
+        entries = table.get("token", [])
+        if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_TOKENS:
+            raise AuthConfigError(f"tokens file {path}: needs 1..{MAX_TOKENS} [[token]] entries")
+        tokens = [_parse_entry(entry, index) for index, entry in enumerate(entries)]
+        if len({t.id for t in tokens}) != len(tokens):
+            raise AuthConfigError(f"tokens file {path}: token ids must be unique")
+        return cls(tokens)
+
+    def resolve(self, authorization: str, now: float | None = None) -> Principal | None:
+        """The principal of an `authorization` header value; None if unknown or expired."""
+        if not authorization.startswith("Bearer "):
+            return None
+        digest = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        now = time.time() if now is None else now
+        for token in self._tokens:  # compare every entry in constant time; no early exit on a match
+            if hmac.compare_digest(digest, token.digest):
+                if token.expires_unix and now >= token.expires_unix:
+                    return None
+                return Principal(f"token {token.id}", token.tenant)
+        return None
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+
+def _parse_entry(entry, index: int) -> _Token:
+    where = f"[[token]] #{index + 1}"
+    if not isinstance(entry, dict):
+        raise AuthConfigError(f"{where}: expected a table")
+    unknown = set(entry) - {"id", "sha256", "tenant", "admin", "expires_unix"}
+    if unknown:
+        raise AuthConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    token_id, digest = entry.get("id"), entry.get("sha256", "")
+    if not isinstance(token_id, str) or not _TENANT_RE.fullmatch(token_id):
+        raise AuthConfigError(f"{where}: id must be 1..64 characters of [A-Za-z0-9._-]")
+    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+        raise AuthConfigError(f"{where} ({token_id}): sha256 must be 64 lowercase hex digits "
+                              "(sha256sum of the token, not the token itself)")
+    admin, tenant = entry.get("admin", False), entry.get("tenant")
+    if admin is not True and admin is not False:
+        raise AuthConfigError(f"{where} ({token_id}): admin must be true or false")
+    if admin == (tenant is not None):
+        raise AuthConfigError(f"{where} ({token_id}): set exactly one of tenant = \"...\" or admin = true")
+    if tenant is not None and (not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant)):
+        raise AuthConfigError(f"{where} ({token_id}): tenant must be 1..64 characters of [A-Za-z0-9._-]")
+    expires = entry.get("expires_unix", 0)
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)) or expires < 0:
+        raise AuthConfigError(f"{where} ({token_id}): expires_unix must be a non-negative number")
+    return _Token(token_id, bytes.fromhex(digest), tenant, float(expires))
+
+
+def token_digest(token: str) -> str:
+    """The sha256 value a tokens file stores for `token` (what `kvtier token-digest` prints)."""
+    return hashlib.sha256(token.strip().encode()).hexdigest()

@@ -1,0 +1,429 @@
+"""Peers: other nodes' kvtierd serve blocks we miss, so N nodes needing one prefix do one prefill.
+
+Owner side (`PeerService`, the kvtier.v1.KvTierPeer API on peers.listen, mutual TLS only):
+Hello tells a requester where this node's arena lives and hands out NIXL agent metadata; Pin
+promotes the blocks into the arena and holds a read lease while the requester READs them; Fetch
+streams the same blocks when NIXL is not available.
+
+Requester side (`PeerFetcher.fetch`): for the missing suffix of a key chain, asks at most
+peers.max_fanout peers which of the keys they hold, picks the longest run, reserves local arena
+slots, pulls the bytes (NIXL READ straight into the slots, else the gRPC stream), verifies each
+block's checksum on arrival, and commits the verified prefix like any commit (so it is written
+through). Every peer call and transfer is bounded by peers.timeout_s; a peer that failed is
+skipped for PEER_BACKOFF_S. A block that fails verification is dropped with everything after
+it: a peer costs at most its timeout and never a wrong block.
+
+Event loop only, except the NIXL wait, which runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+
+import grpc
+
+from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
+from kvtier.tiers.block import checksum
+from kvtier.tiers.retention import Retention
+
+from .config import Config
+from .errors import ApiError
+from .store import BlockStore, Staged
+
+log = logging.getLogger("kvtier.peers")
+PEER_OWNER = "\0peer"          # owner tag of leases opened through the peer API
+PEER_BACKOFF_S = 5.0           # a failed peer is not asked again for this long
+ALLOCATE_WAIT_MS = 500         # local slots for a pull: wait this long, then give up the pull
+
+
+def channel_credentials(cfg: Config) -> grpc.ChannelCredentials:
+    with open(cfg.peers.tls_ca, "rb") as ca, open(cfg.peers.tls_key, "rb") as key, \
+            open(cfg.peers.tls_cert, "rb") as cert:
+        return grpc.ssl_channel_credentials(ca.read(), key.read(), cert.read())
+
+
+def server_credentials(cfg: Config) -> grpc.ServerCredentials:
+    """Mutual TLS: a caller without a certificate signed by peers.tls_ca fails the handshake."""
+    with open(cfg.peers.tls_ca, "rb") as ca, open(cfg.peers.tls_key, "rb") as key, \
+            open(cfg.peers.tls_cert, "rb") as cert:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())], root_certificates=ca.read(),
+                                           require_client_auth=True)
+
+
+def open_transport(cfg: Config, store: BlockStore):
+    """The NIXL transport over this node's arena, or (None, why) for the gRPC fallback."""
+    if cfg.peers.transport == "grpc":
+        return None, "peers.transport = \"grpc\""
+    from kvtier.tiers import nixl  # noqa: PLC0415 - NIXL only when peers are configured
+    module, reason = nixl.load_nixl()
+    if module is None:
+        if cfg.peers.transport == "nixl":
+            raise RuntimeError(f"peers.transport = \"nixl\" but NIXL cannot be loaded: {reason}")
+        return None, reason
+    arena = store.arena
+    name = f"kvtierd-{node_id(cfg)}-{arena.generation}"
+    return nixl.NixlTransport(name, [(arena.address, arena.size_bytes)]), ""
+
+
+def node_id(cfg: Config) -> str:
+    return cfg.peers.node_id or socket.gethostname()
+
+
+def _retention_of(message) -> Retention | None:
+    if not message.HasField("retention"):
+        return None
+    r = message.retention
+    return Retention(r.cls, r.priority, r.ttl_s or None)
+
+
+def _retention_message(retention) -> pb.Retention | None:
+    if retention is None:
+        return None
+    return pb.Retention(cls=retention.cls, priority=retention.priority, ttl_s=retention.ttl_s or 0.0)
+
+
+# -- owner side -------------------------------------------------------------------------------
+class PeerService(pb_grpc.KvTierPeerServicer):
+    def __init__(self, cfg: Config, store: BlockStore, transport, validator):
+        self.cfg = cfg
+        self.store = store
+        self.transport = transport
+        self.check = validator
+
+    async def Hello(self, request, context):
+        arena = self.store.arena
+        log.info("peer %s said hello from %s (nixl %s)", request.node_id[:64] or "?", context.peer(),
+                 "yes" if request.nixl_metadata else "no")
+        return pb.PeerHelloResponse(
+            node_id=node_id(self.cfg), generation=arena.generation, arena_size=arena.size_bytes,
+            slot_bytes=arena.slot_bytes, arena_address=arena.address if self.transport else 0,
+            nixl_metadata=self.transport.local_metadata() if self.transport else b"")
+
+    async def Has(self, request, context):
+        return await self._guard(context, self._has, request)
+
+    async def _has(self, request):
+        namespace = self.check.namespace(request.namespace)
+        found = self.store.catalog.namespaces.get(namespace)
+        if found is None:
+            return pb.PeerHasResponse()
+        matched = len(self.store.catalog.lookup(namespace, self.check.keys(request.keys)))
+        return pb.PeerHasResponse(matched=matched, attributes=found.attributes)
+
+    async def Pin(self, request, context):
+        return await self._guard(context, self._pin, request)
+
+    async def _pin(self, request):
+        namespace = self.check.namespace(request.namespace)
+        keys = self.check.keys(request.keys)
+        if len(keys) > self.cfg.peers.max_blocks_per_fetch:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"at most peers.max_blocks_per_fetch={self.cfg.peers.max_blocks_per_fetch} keys")
+        lease_ms = min(request.lease_ms or self.cfg.peers.lease_ms, self.cfg.peers.lease_ms)
+        held, found = await self.store.acquire(namespace, keys, lease_ms)
+        if held is not None:
+            held.owner = PEER_OWNER
+        return pb.PeerPinResponse(lease_id=held.id if held else 0, generation=self.store.arena.generation,
+                                  blocks=[self._peer_block(b) for b in found])
+
+    def _peer_block(self, block) -> pb.PeerBlock:
+        if block is None:
+            return pb.PeerBlock()
+        return pb.PeerBlock(found=True, slot=self.store.cpu.slot_of(block.id), length=block.length,
+                            checksum=block.checksum, parent=block.parent,
+                            retention=_retention_message(block.retention))
+
+    async def Release(self, request, context):
+        return await self._guard(context, self._release, request)
+
+    async def _release(self, request):
+        held = self.store.leases.get(request.lease_id)
+        if held is not None and held.owner == PEER_OWNER:
+            self.store.release(request.lease_id)
+        return pb.ReleaseResponse()
+
+    async def Fetch(self, request, context):
+        try:
+            namespace = self.check.namespace(request.namespace)
+            keys = self.check.keys(request.keys)
+            if len(keys) > self.cfg.peers.max_blocks_per_fetch:
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"at most peers.max_blocks_per_fetch={self.cfg.peers.max_blocks_per_fetch} keys")
+        except ApiError as exc:
+            await context.abort(exc.code, exc.message)
+        step = self.cfg.limits.put_chunk_bytes
+        for index, key in enumerate(keys):  # one block pinned at a time: a slow reader pins little
+            held, found = await self.store.acquire(namespace, [key], self.cfg.peers.lease_ms)
+            if held is None:
+                return  # the chain ends here
+            try:
+                block, view = found[0], self.store.cpu.view(found[0].id)
+                yield pb.PeerFetchChunk(index=index, block=self._peer_block(block), data=bytes(view[:min(step, block.length)]))
+                for start in range(step, block.length, step):
+                    yield pb.PeerFetchChunk(index=index, data=bytes(view[start:min(start + step, block.length)]))
+            finally:
+                self.store.release(held.id)
+
+    @staticmethod
+    async def _guard(context, fn, request):
+        try:
+            return await fn(request)
+        except ApiError as exc:
+            await context.abort(exc.code, exc.message)
+
+
+# -- requester side ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class PeerCounters:
+    asked: int = 0              # Has calls
+    fetches: int = 0            # pulls started
+    fetched_blocks_nixl: int = 0
+    fetched_blocks_grpc: int = 0
+    fetched_bytes: int = 0
+    failures: int = 0           # calls or transfers that failed or timed out
+    corrupt_blocks: int = 0     # failed verification on arrival; dropped
+    refused_namespaces: int = 0  # the peer's namespace has other attributes (another model)
+    abandoned_slots: int = 0    # destination slots withheld after a transfer that could not be cancelled
+
+
+@dataclasses.dataclass
+class PeerLink:
+    address: str
+    stub: pb_grpc.KvTierPeerStub
+    channel: grpc.aio.Channel
+    hello: pb.PeerHelloResponse | None = None
+    agent: str = ""             # the peer's NIXL agent name in our transport
+    down_until: float = 0.0
+
+
+class PeerFetcher:
+    def __init__(self, cfg: Config, store: BlockStore, transport, why_no_nixl: str):
+        self.cfg = cfg
+        self.store = store
+        self.transport = transport
+        self.why_no_nixl = why_no_nixl
+        self.counters = PeerCounters()
+        credentials = channel_credentials(cfg)
+        options = [("grpc.max_receive_message_length", cfg.server.max_message_bytes),
+                   ("grpc.max_send_message_length", cfg.server.max_message_bytes)]
+        self.links = []
+        for address in cfg.peers.addresses:
+            channel = grpc.aio.secure_channel(address, credentials, options=options)
+            self.links.append(PeerLink(address, pb_grpc.KvTierPeerStub(channel), channel))
+        self._next = 0
+
+    @property
+    def transport_name(self) -> str:
+        return "nixl" if self.transport is not None else "grpc"
+
+    async def close(self) -> None:
+        for link in self.links:
+            await link.channel.close()
+        if self.transport is not None:
+            self.transport.close()
+
+    async def fetch(self, namespace: str, keys: list[bytes], start: int) -> int:
+        """Pulls keys[start:] (at most max_blocks_per_fetch) from the peer holding most of it;
+        returns how many landed here, verified and committed (always a prefix of keys[start:])."""
+        want = keys[start:start + self.cfg.peers.max_blocks_per_fetch]
+        attributes = self.store.catalog.namespace(namespace).attributes
+        link, matched = await self._best_peer(namespace, want, attributes)
+        if link is None:
+            return 0
+        self.counters.fetches += 1
+        try:  # every call and transfer below carries its own peers.timeout_s
+            if self.transport is not None and await self._ensure_hello(link) and link.agent:
+                return await self._pull_nixl(link, namespace, want[:matched])
+            return await self._pull_grpc(link, namespace, want[:matched])
+        except ApiError as exc:  # no local room for the pull: not the peer's fault
+            log.warning("pull of %d blocks from %s skipped: %s", matched, link.address, exc.message)
+            return 0
+        except Exception as exc:  # noqa: BLE001 - any peer or transfer failure is a miss, never an error
+            self._failed(link, f"pull of {matched} blocks", exc)
+            return 0
+
+    # -- which peer -----------------------------------------------------------------------------
+    def _candidates(self) -> list[PeerLink]:
+        now = time.monotonic()
+        alive = [link for link in self.links if link.down_until <= now]
+        self._next = (self._next + 1) % max(1, len(alive))
+        rotated = alive[self._next:] + alive[:self._next]  # spread load across equally good peers
+        return rotated[:self.cfg.peers.max_fanout]
+
+    async def _best_peer(self, namespace: str, want: list[bytes], attributes: dict):
+        candidates = self._candidates()
+        answers = await asyncio.gather(*(self._has(link, namespace, want) for link in candidates))
+        best, best_matched = None, 0
+        for link, answer in zip(candidates, answers):
+            if answer is None or answer.matched == 0:
+                continue
+            if dict(answer.attributes) != attributes:
+                self.counters.refused_namespaces += 1
+                log.warning("peer %s holds %s with other attributes (%s vs ours %s): not used",
+                            link.address, namespace, dict(answer.attributes), attributes)
+                continue
+            if answer.matched > best_matched:
+                best, best_matched = link, min(answer.matched, len(want))
+        return best, best_matched
+
+    async def _has(self, link: PeerLink, namespace: str, want: list[bytes]):
+        self.counters.asked += 1
+        try:
+            return await link.stub.Has(pb.PeerHasRequest(namespace=namespace, keys=want),
+                                       timeout=self.cfg.peers.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            self._failed(link, "Has", exc)
+            return None
+
+    async def _ensure_hello(self, link: PeerLink) -> bool:
+        """Exchanges NIXL metadata once per peer (again after the peer restarted)."""
+        if link.hello is not None:
+            return True
+        hello = await link.stub.Hello(pb.PeerHelloRequest(node_id=node_id(self.cfg),
+                                                          nixl_metadata=self.transport.local_metadata()),
+                                      timeout=self.cfg.peers.timeout_s)
+        link.hello, link.agent = hello, ""
+        if hello.nixl_metadata and hello.arena_address:
+            link.agent = await asyncio.to_thread(self.transport.add_peer, hello.nixl_metadata)
+            log.info("peer %s (%s): NIXL agent %s loaded", link.address, hello.node_id, link.agent)
+        else:
+            log.warning("peer %s (%s) has no NIXL: pulling from it over gRPC", link.address, hello.node_id)
+        return True
+
+    def _failed(self, link: PeerLink, what: str, exc: BaseException) -> None:
+        self.counters.failures += 1
+        link.down_until = time.monotonic() + PEER_BACKOFF_S
+        link.hello = None  # re-hello after the backoff: the peer may have restarted
+        detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else (str(exc) or type(exc).__name__)
+        log.warning("peer %s: %s failed (%s); skipping it for %.0fs", link.address, what, detail, PEER_BACKOFF_S)
+
+    # -- pulls ----------------------------------------------------------------------------------
+    async def _pull_nixl(self, link: PeerLink, namespace: str, want: list[bytes]) -> int:
+        held = await self.store.allocate(len(want), ALLOCATE_WAIT_MS, self.cfg.peers.lease_ms)
+        pin = None
+        try:
+            pin = await link.stub.Pin(pb.PeerPinRequest(namespace=namespace, keys=want,
+                                                        lease_ms=self.cfg.peers.lease_ms),
+                                      timeout=self.cfg.peers.timeout_s)
+            if pin.generation != link.hello.generation:
+                raise OSError("the peer restarted (new arena generation); hello again next time")
+            blocks = _found_prefix(pin.blocks)
+            if not blocks:
+                return await self._commit(held, namespace, [], [])
+            await self._nixl_read(link, held, blocks)
+        except BaseException:
+            self._abort(held)
+            raise
+        finally:
+            if pin is not None and pin.lease_id:
+                await self._release_remote(link, pin.lease_id)
+        landed = await self._commit(held, namespace, want, blocks)
+        self.counters.fetched_blocks_nixl += landed
+        return landed
+
+    async def _nixl_read(self, link: PeerLink, held, blocks: list[pb.PeerBlock]) -> None:
+        local, remote = self.store.arena, link.hello
+        pairs = []
+        for slot, block in zip(held.items, blocks):
+            if block.length > local.slot_bytes or block.length > remote.slot_bytes \
+                    or (block.slot + 1) * remote.slot_bytes > remote.arena_size:
+                raise OSError(f"peer {link.address} described a block outside its arena")
+            pairs.append((local.address + slot * local.slot_bytes,
+                          remote.arena_address + block.slot * remote.slot_bytes, block.length))
+        reading = asyncio.ensure_future(
+            asyncio.to_thread(self.transport.read, link.agent, pairs, self.cfg.peers.timeout_s))
+        try:
+            await asyncio.shield(reading)
+        finally:
+            if not reading.done():
+                # The caller went away, but the READ still targets our slots: they may be reused
+                # only after it returns, which its own timeout bounds.
+                await asyncio.wait([reading])
+            failure = None if reading.cancelled() else reading.exception()
+            if isinstance(failure, self.transport.abandoned_error):
+                self._withhold(held)
+
+    def _withhold(self, held) -> None:
+        """A READ that could not be cancelled may still land: its slots never return to the pool."""
+        if self.store.allocations.take(held.id) is not None:
+            self.counters.abandoned_slots += len(held.items)
+            log.error("a NIXL READ could not be cancelled: %d arena slots withheld until restart",
+                      len(held.items))
+
+    def _abort(self, held) -> None:
+        if self.store.allocations.get(held.id) is not None:
+            self.store.abort(held.id)
+
+    async def _release_remote(self, link: PeerLink, lease_id: int) -> None:
+        try:
+            await link.stub.Release(pb.ReleaseRequest(lease_id=lease_id), timeout=self.cfg.peers.timeout_s)
+        except grpc.aio.AioRpcError as exc:  # the owner's lease expires by itself
+            log.info("peer %s: Release of lease %d failed (%s); it will expire", link.address, lease_id,
+                     exc.code().name)
+
+    async def _pull_grpc(self, link: PeerLink, namespace: str, want: list[bytes]) -> int:
+        held = await self.store.allocate(len(want), ALLOCATE_WAIT_MS, self.cfg.peers.lease_ms)
+        blocks: list[pb.PeerBlock] = []
+        broken, filled = None, 0
+        try:
+            call = link.stub.Fetch(pb.PeerFetchRequest(namespace=namespace, keys=want),
+                                   timeout=self.cfg.peers.timeout_s * 2)
+            async for chunk in call:
+                filled = self._take_chunk(chunk, held.items, blocks, filled)
+        except grpc.aio.AioRpcError as exc:
+            broken = exc  # the blocks that arrived whole are still good once verified
+        except BaseException:
+            self._abort(held)
+            raise
+        if blocks and filled != blocks[-1].length:
+            blocks.pop()  # the stream ended inside this block
+        landed = await self._commit(held, namespace, want, blocks)
+        self.counters.fetched_blocks_grpc += landed
+        if broken is not None:
+            self._failed(link, f"stream after {landed} of {len(want)} blocks", broken)
+        return landed
+
+    def _take_chunk(self, chunk, slots: list[int], blocks: list, filled: int) -> int:
+        if chunk.HasField("block"):
+            if chunk.index != len(blocks) or chunk.index >= len(slots) or (blocks and filled != blocks[-1].length):
+                raise OSError("peer stream out of order")
+            if chunk.block.length > self.store.arena.slot_bytes:
+                raise OSError("peer sent a block larger than a slot")
+            blocks.append(chunk.block)
+            filled = 0
+        if not blocks or chunk.index != len(blocks) - 1 or filled + len(chunk.data) > blocks[-1].length:
+            raise OSError("peer stream sent bytes outside a block")
+        view = self.store.arena.view(slots[len(blocks) - 1])
+        view[filled:filled + len(chunk.data)] = chunk.data
+        return filled + len(chunk.data)
+
+    async def _commit(self, held, namespace: str, want: list[bytes], blocks: list[pb.PeerBlock]) -> int:
+        """Verifies each pulled block on arrival and commits the verified prefix."""
+        staged = []
+        for key, slot, block in zip(want, held.items, blocks):
+            if checksum(self.store.arena.view(slot)[:block.length]) != block.checksum:
+                self.counters.corrupt_blocks += 1
+                log.error("block %s/%s from a peer failed verification: dropped with the rest of the chain",
+                          namespace, key.hex())
+                break
+            staged.append(Staged(key, block.parent, slot, block.length, block.checksum, _retention_of(block)))
+        if not staged:
+            self.store.abort(held.id)
+            return 0
+        statuses = await self.store.commit(held.id, namespace, staged, wait_durable=False, verified=True)
+        self.counters.fetched_bytes += sum(s.length for s in staged)
+        return sum(1 for status in statuses if status in (pb.STORED, pb.DUPLICATE))
+
+
+def _found_prefix(blocks) -> list[pb.PeerBlock]:
+    out = []
+    for block in blocks:
+        if not block.found:
+            break
+        out.append(block)
+    return out
