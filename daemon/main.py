@@ -25,7 +25,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
-from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 
 from . import config as config_mod
 from .metrics import serve_metrics
@@ -34,7 +33,7 @@ from . import peers as peers_mod
 from .auth import AuthConfigError, Principal, TokenTable
 from .errors import unauthenticated
 from .peers import PeerService
-from .service import KvTierService, Validator
+from .service import KvTierService, Validator, add_to_server
 from .store import BlockStore
 
 log = logging.getLogger("kvtierd")
@@ -161,7 +160,7 @@ def _denying(handler):
 
 def _server(cfg: config_mod.Config, servicer, health_servicer, interceptors=()):
     server = _bare_server(cfg, interceptors)
-    pb_grpc.add_KvTierServicer_to_server(servicer, server)
+    add_to_server(server, servicer, "KvTier")
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
@@ -192,7 +191,7 @@ def _tcp_server(cfg, store, peers, health_servicer):
 def _peer_server(cfg, store, transport):
     """The peer API on peers.listen: mutual TLS, KvTierPeer only."""
     server = _bare_server(cfg)
-    pb_grpc.add_KvTierPeerServicer_to_server(PeerService(cfg, store, transport, Validator(cfg.limits)), server)
+    add_to_server(server, PeerService(cfg, store, transport, Validator(cfg.limits)), "KvTierPeer")
     server.add_secure_port(cfg.peers.listen, peers_mod.server_credentials(cfg))
     return server
 

@@ -68,3 +68,67 @@ def test_bad_retention_is_refused_and_commits_nothing(make_daemon):
                 c.put_blocks(NS, [(key(0), b"", b"x")], retention=bad)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "retention" in err.value.details()
         assert c.stats().blocks == 0 and c.stats().active_allocations == 0
+
+
+def test_set_retention_demotes_a_finished_subagent_so_it_goes_first(make_daemon):
+    daemon = make_daemon({**SMALL_CPU, "cpu.policy": "retention"})
+    with daemon.client() as c:
+        c.register_namespace(NS)
+        c.put_blocks(NS, [(key(i), b"", b"c" * 1000) for i in range(4)], retention=retention("conversation", 50))
+        c.put_blocks(NS, [(key(i), b"", b"a" * 1000) for i in range(4, 8)], retention=retention("system", 90),
+                     wait_durable=True)  # a subagent's blocks, held high while it runs
+        subagent = [key(i) for i in range(4, 8)]
+        assert c.set_retention(NS, subagent + [key(99)], retention("subagent", 0)) == 4  # unknown keys skipped
+        assert c.stat(NS, key(4)).retention.cls == "subagent"
+        c.put_blocks(NS, [(key(i), b"", b"n" * 1000) for i in range(8, 12)], wait_durable=True)
+        assert in_cpu(c, subagent) == [False] * 4  # the demoted subagent went first ...
+        assert in_cpu(c, [key(i) for i in range(4)]) == [True] * 4  # ... not the conversation
+        with pytest.raises(grpc.RpcError) as err:
+            c.call(c.stub.SetRetention, pb.SetRetentionRequest(namespace=NS, keys=[key(1)]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "retention is required" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            c.set_retention(NS, [key(1)], retention("forever", 50))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_prefetch_warms_a_chain_back_into_the_cpu_tier(make_daemon):
+    daemon = make_daemon({**SMALL_CPU, "cpu.policy": "retention"})
+    with daemon.client() as c:
+        c.register_namespace(NS)
+        c.put_blocks(NS, [(key(i), b"", bytes([i]) * 1000) for i in range(4)], wait_durable=True)
+        c.put_blocks(NS, [(key(i), b"", b"x" * 1000) for i in range(4, 12)], wait_durable=True)
+        chain = [key(i) for i in range(4)] + [key(200)]
+        assert in_cpu(c, chain[:4]) == [False] * 4  # pushed down to disk by the later blocks
+        warmed = c.prefetch(NS, chain)
+        assert (warmed.matched, warmed.warmed) == (4, 4)
+        assert in_cpu(c, chain[:4]) == [True] * 4
+        assert c.stats().active_leases == 0  # warmed, not pinned
+        assert c.prefetch(NS, [key(300)]).matched == 0
+
+
+def test_inventory_filters_by_class_and_pin_state(make_daemon):
+    daemon = make_daemon({"cpu.policy": "retention"})
+    with daemon.client() as c:
+        c.register_namespace(NS)
+        c.put_blocks(NS, [(key(i), b"", b"s" * 100) for i in range(3)], retention=retention("system", 90, ttl_s=3600))
+        c.put_blocks(NS, [(key(i), b"", b"d" * 100) for i in range(3, 8)], retention=retention("decode", 0))
+        c.put_blocks(NS, [(key(8), b"", b"p" * 100)])  # no retention: the default class
+        system = list(c.iter_inventory(NS, retention_class="system"))
+        assert sorted(b.key for b in system) == [key(i) for i in range(3)]
+        assert all(b.pinned_until_unix_ms > b.created_unix_ms + 3_500_000 for b in system)
+        assert len(list(c.iter_inventory(NS, retention_class="decode", page_size=2))) == 5
+        assert [b.key for b in c.iter_inventory(NS, retention_class="conversation")] == [key(8)]
+        assert sorted(b.key for b in c.iter_inventory(NS, pin=pb.PIN_PINNED)) == [key(i) for i in range(3)]
+        assert len(list(c.iter_inventory(NS, pin=pb.PIN_UNPINNED))) == 6
+        with pytest.raises(grpc.RpcError) as err:
+            c.inventory(NS, retention_class="forever")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_streamed_put_carries_retention(make_daemon):
+    daemon = make_daemon({"cpu.policy": "retention"})
+    with daemon.client() as c:
+        c.register_namespace(NS)
+        c.put(NS, key(1), b"streamed", retention=retention("system", 95, ttl_s=300))
+        info = c.stat(NS, key(1))
+        assert (info.retention.cls, info.retention.priority, info.retention.ttl_s) == ("system", 95, 300)
