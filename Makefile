@@ -19,11 +19,12 @@ $(VENV)/.installed: pyproject.toml setup.py proto/v1/kvtier.proto
 # SGLang's storage interface (its wheel without its CUDA dependencies; its page hash compiles a small
 # C++ extension against OpenSSL). PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
 # `import transformers`, so they are removed.
-$(VENV)/.installed-engines: $(VENV)/.installed requirements/engines.txt requirements/sglang.txt requirements/sglang-nodeps.txt requirements/constraints.txt
+$(VENV)/.installed-engines: $(VENV)/.installed requirements/engines.txt requirements/sglang.txt requirements/sglang-nodeps.txt requirements/peers.txt requirements/constraints.txt
 	@dpkg -s libssl-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libssl-dev; }
 	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq systemd; }
 	$(PIP) install -q -c requirements/constraints.txt -r requirements/engines.txt -r requirements/sglang.txt
 	$(PIP) install -q --no-deps -r requirements/sglang-nodeps.txt
+	$(PIP) install -q -c requirements/constraints.txt -r requirements/peers.txt
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 

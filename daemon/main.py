@@ -237,11 +237,7 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     beat_task = asyncio.get_running_loop().create_task(beat.run(), name="sd-heartbeat")
     await stop.wait()
     beat.beat()  # STATUS=draining ...; the heartbeat keeps it fresh while the backlog drains
-    await _shut_down(cfg, store, servers, health_servicer)
-    if peers is not None:
-        await peers.close()
-    elif transport is not None:
-        transport.close()
+    await _shut_down(cfg, store, servers, health_servicer, _closer(peers, transport))
     beat_task.cancel()
     if kv_events is not None:
         await kv_events.close()
@@ -303,11 +299,22 @@ def _install_signal_handlers(stop: asyncio.Event, beat: "Heartbeat", reloader: "
         loop.add_signal_handler(signal.SIGHUP, on_reload)
 
 
-async def _shut_down(cfg: config_mod.Config, store: BlockStore, servers, health_servicer) -> None:
-    """Stops accepting calls, drains the write-through backlog within DRAIN_TIMEOUT_S, removes the socket."""
+def _closer(peers, transport):
+    async def close_peers():
+        if peers is not None:
+            await peers.close()  # closes the transport too
+        elif transport is not None:
+            await asyncio.to_thread(transport.close)
+    return close_peers
+
+
+async def _shut_down(cfg: config_mod.Config, store: BlockStore, servers, health_servicer, close_peers) -> None:
+    """Stops accepting calls, closes the peer transport (before the arena it reads into is unmapped),
+    drains the write-through backlog within DRAIN_TIMEOUT_S, removes the socket."""
     log.info("shutting down: %d blocks waiting for write-through", store.backlog)
     await health_servicer.enter_graceful_shutdown()
     await asyncio.gather(*(server.stop(grace=GRPC_GRACE_S) for server in servers))
+    await close_peers()
     left = await store.close(DRAIN_TIMEOUT_S)
     if left:
         log.error("shutdown: %d blocks were not written through in %.0fs and are lost", left, DRAIN_TIMEOUT_S)

@@ -29,6 +29,7 @@ import grpc
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 from kvtier.tiers.block import checksum
+from kvtier.tiers.nixl import MAX_BYTES_PER_READ, MAX_PAIRS_PER_READ, TransferAbandoned
 from kvtier.tiers.retention import Retention
 
 from .config import Config
@@ -59,7 +60,7 @@ def open_transport(cfg: Config, store: BlockStore):
     """The NIXL transport over this node's arena, or (None, why) for the gRPC fallback."""
     if cfg.peers.transport == "grpc":
         return None, "peers.transport = \"grpc\""
-    from kvtier.tiers import nixl  # noqa: PLC0415 - NIXL only when peers are configured
+    from kvtier.tiers import nixl  # noqa: PLC0415
     module, reason = nixl.load_nixl()
     if module is None:
         if cfg.peers.transport == "nixl":
@@ -188,7 +189,7 @@ class PeerCounters:
     failures: int = 0           # calls or transfers that failed or timed out
     corrupt_blocks: int = 0     # failed verification on arrival; dropped
     refused_namespaces: int = 0  # the peer's namespace has other attributes (another model)
-    abandoned_slots: int = 0    # destination slots withheld after a transfer that could not be cancelled
+    abandoned_reads: int = 0    # READs still in flight at their deadline (their slots wait until they settle)
 
 
 @dataclasses.dataclass
@@ -208,6 +209,7 @@ class PeerFetcher:
         self.transport = transport
         self.why_no_nixl = why_no_nixl
         self.counters = PeerCounters()
+        self.withheld_slots = 0  # destination slots of abandoned READs, back in the pool once they settle
         credentials = channel_credentials(cfg)
         options = [("grpc.max_receive_message_length", cfg.server.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.server.max_message_bytes)]
@@ -225,7 +227,7 @@ class PeerFetcher:
         for link in self.links:
             await link.channel.close()
         if self.transport is not None:
-            self.transport.close()
+            await asyncio.to_thread(self.transport.close)  # waits for in-flight READs (bounded)
 
     async def fetch(self, namespace: str, keys: list[bytes], start: int) -> int:
         """Pulls keys[start:] (at most max_blocks_per_fetch) from the peer holding most of it;
@@ -335,8 +337,7 @@ class PeerFetcher:
                 raise OSError(f"peer {link.address} described a block outside its arena")
             pairs.append((local.address + slot * local.slot_bytes,
                           remote.arena_address + block.slot * remote.slot_bytes, block.length))
-        reading = asyncio.ensure_future(
-            asyncio.to_thread(self.transport.read, link.agent, pairs, self.cfg.peers.timeout_s))
+        reading = asyncio.ensure_future(asyncio.to_thread(self._read_batches, link.agent, pairs))
         try:
             await asyncio.shield(reading)
         finally:
@@ -345,15 +346,36 @@ class PeerFetcher:
                 # only after it returns, which its own timeout bounds.
                 await asyncio.wait([reading])
             failure = None if reading.cancelled() else reading.exception()
-            if isinstance(failure, self.transport.abandoned_error):
-                self._withhold(held)
+            if isinstance(failure, TransferAbandoned):
+                self._withhold(held, failure.settled)
 
-    def _withhold(self, held) -> None:
-        """A READ that could not be cancelled may still land: its slots never return to the pool."""
-        if self.store.allocations.take(held.id) is not None:
-            self.counters.abandoned_slots += len(held.items)
-            log.error("a NIXL READ could not be cancelled: %d arena slots withheld until restart",
-                      len(held.items))
+    def _read_batches(self, agent: str, pairs: list[tuple[int, int, int]]) -> None:
+        """Worker thread: the pairs in READs within the transport's per-read bounds."""
+        batch, size = [], 0
+        for pair in pairs:
+            if batch and (len(batch) == MAX_PAIRS_PER_READ or size + pair[2] > MAX_BYTES_PER_READ):
+                self.transport.read(agent, batch, self.cfg.peers.timeout_s)
+                batch, size = [], 0
+            batch.append(pair)
+            size += pair[2]
+        if batch:
+            self.transport.read(agent, batch, self.cfg.peers.timeout_s)
+
+    def _withhold(self, held, settled) -> None:
+        """A READ still in flight may land late: its slots leave the pool until it settles."""
+        if self.store.allocations.take(held.id) is None:
+            return
+        self.counters.abandoned_reads += 1
+        self.withheld_slots += len(held.items)
+        log.error("a NIXL READ outlived its deadline: %d arena slots withheld until it settles", len(held.items))
+        asyncio.get_running_loop().create_task(self._return_when_settled(held.items, settled))
+
+    async def _return_when_settled(self, slots: list[int], settled) -> None:
+        while not settled.is_set():
+            await asyncio.sleep(0.1)
+        self.store.cpu.unreserve(slots)
+        self.withheld_slots -= len(slots)
+        log.info("an abandoned NIXL READ settled: %d arena slots back in use", len(slots))
 
     def _abort(self, held) -> None:
         if self.store.allocations.get(held.id) is not None:

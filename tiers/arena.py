@@ -48,6 +48,12 @@ class SharedArena(FreeList):
             except OSError as exc:
                 log.warning("cannot remove stale arena %s: %s", stale, exc)
 
+    @property
+    def address(self) -> int:
+        """Virtual address of the mapping's first byte (for registering it with NIXL or CUDA). The
+        buffer export taken to read it is released before returning, so close() still unmaps."""
+        return _buffer_address(self._mmap)
+
     def view(self, slot: int) -> memoryview:
         assert 0 <= slot < self.slot_count, f"slot {slot} out of range"
         start = slot * self.slot_bytes

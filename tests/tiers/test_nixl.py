@@ -1,0 +1,426 @@
+"""NixlTransport against real NIXL agents in other processes (tests/tiers/_nixl_peer.py).
+
+Same-node READs go over UCX's cma (process_vm_readv). The tests of hung and dying peers force
+UCX_TLS=tcp on both sides, the path between nodes: there a stopped peer really leaves a READ in flight
+(cma would just read the stopped process's memory). Every read runs under a thread-join guard, so a
+hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import json
+import mmap
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from _nixl_peer import pattern
+from kvtier.tiers.arena import SharedArena
+from kvtier.tiers.nixl import (MAX_BYTES_PER_READ, MAX_PAIRS_PER_READ, MAX_TIMEOUT_S, NixlTransport,
+                               TransferAbandoned, TransferFailed, UnknownPeer, load_nixl)
+
+PEER_SCRIPT = os.path.join(os.path.dirname(__file__), "_nixl_peer.py")
+MiB = 1 << 20
+SLACK_S = 1.5     # scheduling slack on a loaded 2-core machine
+SENTINEL = 0xA5
+
+
+class Peer:
+    """A _nixl_peer.py process: its NixlTransport metadata, arena address and pattern seed."""
+
+    def __init__(self, shm_dir: str, name: str, size: int, seed: int, env: dict | None = None):
+        self.name, self.size, self.seed = name, size, seed
+        read_fd, write_fd = os.pipe()
+        self.log = open(os.path.join(shm_dir, f"{name}-{uuid.uuid4().hex[:6]}.log"), "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, PEER_SCRIPT, name, shm_dir, str(size), str(seed), str(write_fd)],
+            stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+            env={**os.environ, **(env or {})})
+        os.close(write_fd)
+        try:
+            ready, _, _ = select.select([read_fd], [], [], 60)
+            line = os.read(read_fd, 1 << 20).decode() if ready else ""
+        finally:
+            os.close(read_fd)
+        if not line:
+            self.kill()
+            self.log.seek(0)
+            pytest.fail(f"peer {name} did not start:\n{self.log.read()[-4000:]}")
+        info = json.loads(line)
+        self.metadata = base64.b64decode(info["metadata"])
+        self.address = info["address"]
+
+    def expected(self, offset: int, length: int) -> bytes:
+        return pattern(self.seed, offset, length)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+        if sig == signal.SIGSTOP:  # delivery is asynchronous: wait until every thread stopped
+            deadline = time.monotonic() + 10
+            while not self._all_stopped():
+                assert time.monotonic() < deadline, "peer did not stop"
+                time.sleep(0.001)
+
+    def _all_stopped(self) -> bool:
+        task_dir = f"/proc/{self.proc.pid}/task"
+        for tid in os.listdir(task_dir):
+            with open(f"{task_dir}/{tid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] not in "Tt":
+                    return False
+        return True
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot exit on stdin EOF
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+class Local:
+    """This process's side: an arena and a NixlTransport registered over it."""
+
+    def __init__(self, shm_dir: str, size: int, name: str | None = None):
+        self.arena = SharedArena(shm_dir, f"local-{uuid.uuid4().hex[:8]}", size, 2 * MiB)
+        self.address, self.size = self.arena.address, self.arena.size_bytes
+        self.transport = NixlTransport(name or f"local-{uuid.uuid4().hex[:8]}", [(self.address, self.size)])
+        self.clear()
+
+    def clear(self) -> None:
+        ctypes.memset(self.address, SENTINEL, self.size)
+
+    def bytes_at(self, offset: int, length: int) -> bytes:
+        return ctypes.string_at(self.address + offset, length)
+
+    def close(self) -> None:
+        self.transport.close()
+        self.arena.close()
+
+
+def guarded(seconds: float, fn, *args) -> dict:
+    """Runs fn in a thread; fails the test if it has not returned after `seconds`."""
+    box: dict = {}
+
+    def run():
+        start = time.monotonic()
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+        box["elapsed"] = time.monotonic() - start
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"{getattr(fn, '__name__', fn)} still blocked after {seconds} s")
+    return box
+
+
+def read_blocks(local: Local, peer: Peer, name: str, blocks: list[tuple[int, int, int]], timeout_s: float = 10):
+    """blocks = (local_offset, remote_offset, length); reads them and checks every byte."""
+    pairs = [(local.address + lo, peer.address + ro, n) for lo, ro, n in blocks]
+    box = guarded(timeout_s + 30, local.transport.read, name, pairs, timeout_s)
+    assert "error" not in box, box.get("error")
+    for lo, ro, n in blocks:
+        assert local.bytes_at(lo, n) == peer.expected(ro, n), f"range {lo}<-{ro} ({n} bytes) differs"
+
+
+@pytest.fixture(scope="module")
+def shm_dir():
+    path = tempfile.mkdtemp(prefix="kvtier-nixl-test-", dir="/dev/shm")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served(shm_dir):
+    """One healthy peer (64 MiB) and a local transport that added it, shared by the read tests."""
+    peer = Peer(shm_dir, "served", 64 * MiB, seed=11)
+    local = Local(shm_dir, 128 * MiB)
+    name = local.transport.add_peer(peer.metadata)
+    yield local, peer, name
+    local.close()
+    peer.stop()
+
+
+@pytest.fixture
+def tcp(monkeypatch):
+    """UCX over TCP for this process's next agents and for peers started with env=tcp."""
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    return {"UCX_TLS": "tcp"}
+
+
+def test_load_nixl_returns_the_module():
+    module, reason = load_nixl()
+    assert module is not None, reason
+    assert reason == "" and module.__name__.startswith("nixl") and hasattr(module, "_bindings")
+
+
+def test_arena_address_is_the_mapping_and_does_not_pin_it(shm_dir, caplog):
+    arena = SharedArena(shm_dir, "address", 4 * MiB, 2 * MiB)
+    assert arena.address == arena.address and arena.address % mmap.PAGESIZE == 0
+    ctypes.memset(arena.address + 2 * MiB + 5, 0x5A, 3)
+    assert bytes(arena.view(1)[4:9]) == b"\0\x5a\x5a\x5a\0"
+    arena.close()
+    assert arena._mmap.closed and "still borrowed" not in caplog.text
+
+
+def test_noncontiguous_ranges_land_byte_identical(served):
+    local, peer, name = served
+    local.clear()
+    rng = np.random.default_rng(3)
+    # 24 disjoint remote ranges of odd sizes and offsets, including both ends of the peer's region,
+    # read into shuffled, gapped local places.
+    cuts = np.sort(rng.choice(peer.size // 64, size=48, replace=False) * 64 + rng.integers(0, 64, 48))
+    remote = [(0, 4096 + 3)] + [(int(a), int(min(b - a, 3 * MiB))) for a, b in zip(cuts[1:-1:2], cuts[2::2])]
+    remote.append((peer.size - 12345, 12345))
+    order = rng.permutation(len(remote))
+    blocks, at = [], 1
+    for i in order:
+        offset, length = remote[i]
+        blocks.append((at, offset, length))
+        at += length + int(rng.integers(1, 4096))
+    read_blocks(local, peer, name, blocks)
+    # bytes between the destinations were not touched
+    ends = sorted((lo, lo + n) for lo, _, n in blocks)
+    gaps = [(0, ends[0][0])] + [(a[1], b[0]) for a, b in zip(ends, ends[1:])]
+    for start, stop in gaps:
+        assert local.bytes_at(start, stop - start) == bytes([SENTINEL]) * (stop - start)
+
+
+def test_bounds_violations_raise_value_error_before_any_transfer(served):
+    local, peer, name = served
+    local.clear()
+    L, R = local.address, peer.address
+    cases = {
+        "no pairs": [],
+        "too many pairs": [(L, R, 8)] * (MAX_PAIRS_PER_READ + 1),
+        "too many bytes": [(L, R, 60 * MiB)] * (MAX_BYTES_PER_READ // (60 * MiB) + 1),
+        "zero length": [(L, R, 4096), (L + 4096, R, 0)],
+        "negative length": [(L, R, -1)],
+        "local past the end": [(L, R, 8), (L + local.size - 8, R, 9)],
+        "local before the start": [(L - 1, R, 8)],
+        "remote past the end": [(L, R, 8), (L + 8, R + peer.size - 4, 8)],
+        "remote before the start": [(L, R - 4096, 4096)],
+        "remote address 0": [(L, 0, 8)],
+        "not a triple": [(L, R)],
+        "not ints": [(float(L), R, 8)],
+        "numpy ints": [(L, R, np.int64(8))],
+    }
+    for what, pairs in cases.items():
+        box = guarded(30, local.transport.read, name, pairs, 5.0)
+        assert isinstance(box.get("error"), ValueError), (what, box)
+    for timeout_s in (0, -1, float("nan"), float("inf"), MAX_TIMEOUT_S + 1):
+        with pytest.raises(ValueError):
+            local.transport.read(name, [(L, R, 8)], timeout_s)
+    assert local.bytes_at(0, 64 * MiB) == bytes([SENTINEL]) * (64 * MiB), "a rejected read moved bytes"
+    read_blocks(local, peer, name, [(0, 0, 4096)])  # and the transport still works
+
+
+def test_unknown_agent_raises(served):
+    local, peer, _ = served
+    with pytest.raises(UnknownPeer):
+        local.transport.read("nobody", [(local.address, peer.address, 8)], 1.0)
+    local.transport.remove_peer("nobody")  # no-op
+
+
+def test_concurrent_reads_from_threads(served):
+    local, peer, name = served
+    local.clear()
+    errors: list[BaseException] = []
+    block = 256 << 10
+
+    def worker(k: int) -> None:
+        rng = np.random.default_rng(100 + k)
+        try:
+            for _ in range(20):
+                remote = rng.choice(peer.size // block, size=8, replace=False) * block
+                read_blocks(local, peer, name, [(k * 8 * block + j * block, int(r), block)
+                                                for j, r in enumerate(remote)])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(t.is_alive() for t in threads), "a concurrent read hung"
+    assert not errors, errors
+
+
+def test_add_peer_is_idempotent_and_replaces_a_restarted_peer(shm_dir):
+    local = Local(shm_dir, 8 * MiB)
+    first = Peer(shm_dir, "restarting", 8 * MiB, seed=1)
+    second = None
+    try:
+        flipped = bytearray(first.metadata)
+        flipped[len(flipped) // 2] ^= 1
+        for bad in (b"", b"junk" * 10, first.metadata[:20], first.metadata[:-1], bytes(flipped)):
+            with pytest.raises(ValueError):
+                local.transport.add_peer(bad)
+        name = local.transport.add_peer(first.metadata)
+        assert name == "restarting" and local.transport.add_peer(first.metadata) == name
+        read_blocks(local, first, name, [(0, 4096, 64 << 10)])
+        first.kill()
+        second = Peer(shm_dir, "restarting", 8 * MiB, seed=2)  # same name, new process and memory
+        assert local.transport.add_peer(second.metadata) == name
+        read_blocks(local, second, name, [(0, 4096, 64 << 10)])
+        local.transport.remove_peer(name)
+        local.transport.remove_peer(name)
+        with pytest.raises(UnknownPeer):
+            local.transport.read(name, [(local.address, second.address, 8)], 1.0)
+        assert local.transport.add_peer(second.metadata) == name
+        read_blocks(local, second, name, [(0, 0, MiB)])
+    finally:
+        local.close()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_read_from_killed_peer_fails_within_timeout(shm_dir):
+    local = Local(shm_dir, 8 * MiB)
+    peer = Peer(shm_dir, "killed-before", 8 * MiB, seed=5)
+    try:
+        name = local.transport.add_peer(peer.metadata)
+        read_blocks(local, peer, name, [(0, 0, MiB)])
+        peer.kill()
+        box = guarded(30, local.transport.read, name, [(local.address, peer.address, MiB)], 2.0)
+        error = box.get("error")
+        assert isinstance(error, TransferFailed) and error.destination_reusable, box
+        assert box["elapsed"] < 2.0 + SLACK_S
+        with pytest.raises(TransferFailed):  # dropped after the disconnect: UnknownPeer
+            local.transport.read(name, [(local.address, peer.address, 8)], 1.0)
+        replacement = Peer(shm_dir, "killed-before", 8 * MiB, seed=6)
+        try:
+            assert local.transport.add_peer(replacement.metadata) == name
+            read_blocks(local, replacement, name, [(0, 0, MiB)])
+        finally:
+            replacement.stop()
+    finally:
+        local.close()
+        peer.stop()
+
+
+def _kill_during_big_read(shm_dir: str, env: dict | None, label: str) -> None:
+    """A 256 MiB READ with the peer SIGKILLed after a third of a clean read's duration: it fails in
+    time (or, if it won the race, its bytes are all correct); it never hangs or half-succeeds."""
+    size = MAX_BYTES_PER_READ
+    local = Local(shm_dir, size)
+    peer = Peer(shm_dir, label, size, seed=9, env=env)
+    try:
+        name = local.transport.add_peer(peer.metadata)
+        pairs = [(local.address + i * 2 * MiB, peer.address + i * 2 * MiB, 2 * MiB) for i in range(size // (2 * MiB))]
+        clean = guarded(60, local.transport.read, name, pairs, 30.0)
+        assert "error" not in clean, clean
+        local.clear()
+        killer = threading.Timer(clean["elapsed"] / 3, peer.signal, (signal.SIGKILL,))
+        timeout_s = 3.0
+        killer.start()
+        box = guarded(60, local.transport.read, name, pairs, timeout_s)
+        killer.join()
+        assert box["elapsed"] < max(timeout_s, clean["elapsed"]) + SLACK_S, box
+        error = box.get("error")
+        if error is None:
+            assert local.bytes_at(0, size) == peer.expected(0, size)
+        else:
+            assert isinstance(error, TransferFailed) and not isinstance(error, TransferAbandoned), box
+        return error
+    finally:
+        local.close()
+        peer.stop()
+
+
+def test_peer_killed_mid_read_same_node(shm_dir):
+    _kill_during_big_read(shm_dir, None, "killed-cma")
+
+
+def test_peer_killed_mid_read_over_tcp(shm_dir, tcp):
+    # TCP moves ~0.3 GB/s here, so a third of the clean read is well inside the second one.
+    assert isinstance(_kill_during_big_read(shm_dir, tcp, "killed-tcp"), TransferFailed)
+
+
+def _abandoned_read(shm_dir: str, tcp: dict, label: str):
+    """A READ from a SIGSTOPped peer over TCP: abandoned at its deadline, not settled yet."""
+    local = Local(shm_dir, 8 * MiB)
+    peer = Peer(shm_dir, label, 8 * MiB, seed=7, env=tcp)
+    name = local.transport.add_peer(peer.metadata)
+    read_blocks(local, peer, name, [(0, 0, MiB)])
+    local.clear()
+    peer.signal(signal.SIGSTOP)
+    box = guarded(30, local.transport.read, name, [(local.address, peer.address, 4 * MiB)], 1.0)
+    error = box.get("error")
+    assert isinstance(error, TransferAbandoned), box
+    assert 1.0 <= box["elapsed"] < 1.0 + SLACK_S
+    assert not error.destination_reusable and not error.settled.is_set()
+    return local, peer, name, error
+
+
+def test_abandoned_read_settles_when_the_hung_peer_resumes(shm_dir, tcp):
+    local, peer, name, error = _abandoned_read(shm_dir, tcp, "hung-resumes")
+    try:
+        local.transport.remove_peer(name)  # deferred while the READ is in flight ...
+        with pytest.raises(UnknownPeer):   # ... but the peer is gone for new reads at once
+            local.transport.read(name, [(local.address, peer.address, 8)], 1.0)
+        time.sleep(0.3)
+        assert not error.settled.is_set()
+        peer.signal(signal.SIGCONT)
+        assert error.settled.wait(10), "the abandoned READ never settled"
+        # The late bytes did land: exactly why the destination was quarantined.
+        assert local.bytes_at(0, 4 * MiB) == peer.expected(0, 4 * MiB)
+        assert local.transport.add_peer(peer.metadata) == name
+        read_blocks(local, peer, name, [(0, MiB, MiB)])
+    finally:
+        local.close()
+        peer.stop()
+
+
+def test_abandoned_read_settles_when_the_hung_peer_dies(shm_dir, tcp):
+    local, peer, name, error = _abandoned_read(shm_dir, tcp, "hung-dies")
+    try:
+        peer.kill()
+        assert error.settled.wait(10), "an abandoned READ from a dead peer never settled"
+        assert error.destination_reusable
+    finally:
+        local.close()
+        peer.stop()
+
+
+def test_close_settles_abandoned_reads_and_nothing_lands_afterwards(shm_dir, tcp):
+    local, peer, name, error = _abandoned_read(shm_dir, tcp, "hung-close")
+    try:
+        box = guarded(30, local.transport.close)
+        assert "error" not in box, box
+        assert error.settled.is_set()
+        peer.signal(signal.SIGCONT)
+        time.sleep(1.0)
+        assert local.bytes_at(0, 4 * MiB) == bytes([SENTINEL]) * (4 * MiB), "bytes landed after close()"
+        with pytest.raises(TransferFailed):
+            local.transport.add_peer(peer.metadata)
+        with pytest.raises(TransferFailed):
+            local.transport.read(name, [(local.address, peer.address, 8)], 1.0)
+    finally:
+        local.close()
+        peer.stop()
