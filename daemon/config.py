@@ -88,6 +88,7 @@ class S3TierConfig:
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 10.0
     list_interval_s: float = 60.0   # how often to list the bucket for blocks other nodes uploaded
+    max_catalog_blocks: int = 2_000_000  # listing adopts others' blocks only while the catalog is smaller
 
 
 @dataclasses.dataclass
@@ -262,6 +263,7 @@ def validate(cfg: Config) -> Config:
         (bool(cfg.s3.access_key_id) == bool(cfg.s3.secret_access_key_file),
          "s3.access_key_id and s3.secret_access_key_file go together (or leave both empty for the AWS chain)"),
         (1 <= cfg.s3.max_concurrency <= 256, "s3.max_concurrency must be 1..256"),
+        (1 <= cfg.s3.max_catalog_blocks <= 1 << 30, "s3.max_catalog_blocks must be 1..1073741824"),
         (cfg.s3.connect_timeout_s > 0 and cfg.s3.read_timeout_s > 0 and cfg.s3.list_interval_s > 0,
          "s3 timeouts and list_interval_s must be positive"),
     ]

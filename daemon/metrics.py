@@ -27,6 +27,8 @@ class StoreCollector:
         if store.s3sync is not None:  # the outage signal: obligations waiting, and whether S3 answers
             gauges["upload_backlog"] = store.s3sync.backlog
             gauges["s3_reachable"] = int(store.s3sync.reachable)
+            for name, value in dataclasses.asdict(store.s3sync.counters).items():
+                yield CounterMetricFamily(f"kvtier_s3_{name}", f"kvtier s3 {name.replace('_', ' ')}", value=value)
         if store.peers is not None:
             for name, value in dataclasses.asdict(store.peers.counters).items():
                 yield CounterMetricFamily(f"kvtier_peer_{name}", f"kvtier peer {name.replace('_', ' ')}", value=value)

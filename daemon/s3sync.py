@@ -46,6 +46,7 @@ class S3Counters:
     download_bytes: int = 0
     failures: int = 0
     adopted: int = 0
+    adoption_capped: int = 0   # listing passes that stopped at s3.max_catalog_blocks
 
 
 def tier_config(cfg: S3TierConfig) -> S3Config:
@@ -276,6 +277,14 @@ class S3Sync:
         while True:
             items, token = await self._in(self._pool, lambda: self.tier.list_keys(token))
             unknown = [(okey, size) for okey, size in items if not self._known(okey, digests)]
+            room = self.cfg.max_catalog_blocks - self.store.catalog.blocks
+            if len(unknown) > room:  # the bucket outgrew what this node may index: stop here
+                unknown = unknown[:max(0, room)]
+                token = ""
+                self.counters.adoption_capped += 1
+                log.warning("s3 listing stopped: the catalog holds s3.max_catalog_blocks=%d blocks; "
+                            "blocks other nodes uploaded beyond that are not indexed here",
+                            self.cfg.max_catalog_blocks)
             entries = await asyncio.gather(*(self._in(self._pool, lambda o=o, n=n: self.tier.entry_for(o, n))
                                              for o, n in unknown))
             for entry in entries:

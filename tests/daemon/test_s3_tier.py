@@ -173,3 +173,18 @@ def test_s3_without_a_disk_tier_is_refused(tmp_path):
     from kvtier.daemon import config
     with pytest.raises(config.ConfigError, match="s3.write_through needs disk.enabled"):
         config.load(overrides={"s3": {"enabled": True, "bucket": "b"}, "disk": {"enabled": False}})
+
+
+def test_listing_adopts_no_more_than_the_catalog_bound(make_daemon, s3_server):
+    bucket = make_bucket(s3_server, "kvtier-cap")
+    first = make_daemon(s3_overrides(s3_server, bucket), name="a")
+    put_all(first, range(30))
+    with first.client() as c:
+        wait_for(lambda: c.stats().upload_backlog == 0 and c.stats().tiers[2].writes == 30, what="uploads")
+    first.stop()
+    capped = make_daemon(s3_overrides(s3_server, bucket, **{"s3.max_catalog_blocks": 12}), name="b")
+    with capped.client() as c:
+        wait_for(lambda: "s3.max_catalog_blocks=12" in capped.log(), what="the cap")
+        time.sleep(1.2)  # two more listing passes: still capped
+        assert c.stats().blocks == 12
+        assert len(list(c.iter_inventory(NS))) == 12
