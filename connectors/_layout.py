@@ -7,6 +7,10 @@ index in dim 1 (``(2, num_blocks, ...)``). When the attention kernel uses smalle
 scheduler, dim 0 holds ``factor * num_blocks`` kernel blocks and block ``b`` is rows
 ``b*factor .. (b+1)*factor-1``. Slices may be strided (any physical layout): copies go through the
 logical shape, so the stored bytes are always the slice in logical (row-major) order.
+
+``ArenaViews`` maps the layout onto a whole shared-memory arena once (one strided tensor per part, over
+every slot), so that copying a block is only ``copy_`` calls: building tensors over a slot costs more
+than the copy itself for small blocks (``torch.frombuffer`` + two views per part and block).
 """
 
 from __future__ import annotations
@@ -83,3 +87,58 @@ class BlockLayout:
         """Copies ``buffer`` (>= block_bytes) into engine block ``block_id``."""
         for part in self.parts:
             part.rows(block_id).copy_(self._arena_tensor(buffer, part))
+
+    def arena_views(self, buffer, slot_bytes: int, slot_count: int) -> "ArenaViews":
+        """Views of this layout over every slot of an arena (``buffer``: the whole arena, slot ``s`` at
+        byte ``s * slot_bytes``). Build once per arena mapping and reuse."""
+        return ArenaViews(self, buffer, slot_bytes, slot_count)
+
+
+class ArenaViews:
+    """One tensor per part over a whole arena: ``views[i][slot]`` is part ``i`` of the block in ``slot``,
+    in the part's logical block shape. The tensors keep ``buffer`` exported (alive) while they exist."""
+
+    def __init__(self, layout: BlockLayout, buffer, slot_bytes: int, slot_count: int):
+        if layout.block_bytes > slot_bytes:
+            raise ValueError(f"block of {layout.block_bytes} bytes exceeds the slot size {slot_bytes}")
+        with memoryview(buffer) as whole:
+            size = whole.nbytes
+        if size < slot_bytes * slot_count:
+            raise ValueError(f"arena buffer of {size} bytes is smaller than {slot_count} slots of {slot_bytes}")
+        self.layout = layout
+        self.slot_bytes = slot_bytes
+        self.slot_count = slot_count
+        self._buffer = buffer
+        self.views: list[torch.Tensor | None] = []
+        for part in layout.parts:
+            item = part.tensor.element_size()
+            if slot_bytes % item:  # a slot stride that is not whole elements: per-slot tensors instead
+                self.views.append(None)
+                continue
+            shape = part.block_shape
+            flat = torch.frombuffer(buffer, dtype=part.tensor.dtype, offset=part.offset,
+                                    count=(size - part.offset) // item)
+            self.views.append(flat.as_strided((slot_count, *shape),
+                                              (slot_bytes // item, *torch.empty(shape, device="meta").stride())))
+
+    def _slot(self, index: int, part: Part, slot: int) -> torch.Tensor:
+        if not 0 <= slot < self.slot_count:
+            raise IndexError(f"slot {slot} outside the arena's {self.slot_count} slots")
+        view = self.views[index]
+        if view is not None:
+            return view[slot]
+        raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=part.nbytes,
+                               offset=slot * self.slot_bytes + part.offset)
+        return raw.view(part.tensor.dtype).view(part.block_shape)
+
+    def pack(self, block_ids, slots) -> None:
+        """Copies engine block ``block_ids[j]`` into arena slot ``slots[j]``, for every j."""
+        for index, part in enumerate(self.layout.parts):
+            for block_id, slot in zip(block_ids, slots):
+                self._slot(index, part, slot).copy_(part.rows(block_id))
+
+    def unpack(self, slots, block_ids) -> None:
+        """Copies arena slot ``slots[j]`` into engine block ``block_ids[j]``, for every j."""
+        for index, part in enumerate(self.layout.parts):
+            for slot, block_id in zip(slots, block_ids):
+                part.rows(block_id).copy_(self._slot(index, part, slot))

@@ -26,6 +26,12 @@ and rank (no rank for MLA, whose KV every rank replicates), PP/CP/DCP shard, and
 registered its class, layout, KV dtype, page size, geometry, page bytes and the page format (v1 or
 tensor). Engines whose pages are not byte-compatible therefore never see each other's blocks.
 
+Retention (agent hints, ``_hints``): every backup is committed with the retention of the hint object
+``extra_config["default_hints"]`` over, per batch, ``extra_info.extra_info["kvtier"]`` when the caller
+sets one (SGLang's own controller passes no per-request data to a storage backend). Token ranges need
+the page's position in its sequence: known when SGLang passes ``prefix_keys``
+(``"hicache_storage_pass_prefix_keys": true``), otherwise the request retention applies to every page.
+
 Failures: no daemon error reaches SGLang. Reads degrade to misses, writes to ``False``; errors are
 logged (rate-limited) and counted in ``stats``.
 """
@@ -51,6 +57,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 
 from kvtier.client.client import DEFAULT_SOCKET, Client, block_checksum
+from kvtier.connectors._hints import HINTS_KEY, HintError, parse_hints, to_pb
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -185,7 +192,8 @@ class KvtierHiCacheStorage(HiCacheStorage):
     ``kvtier-data/kvtierd.sock``), ``timeout_s`` (per RPC, default 5), ``allocate_wait_ms`` (how long a
     write waits for free arena slots, default 200), ``wait_durable`` (commit waits for the disk tier,
     default false), ``skip_existing`` (``batch_set_v1`` looks up and skips stored pages, default true),
-    ``interface_v1`` (SGLang's zero-copy page functions), ``clear_timeout_s``, ``warning_interval_s``.
+    ``interface_v1`` (SGLang's zero-copy page functions), ``clear_timeout_s``, ``warning_interval_s``,
+    ``default_hints`` (retention of stored pages; ``_hints`` and docs/sglang.md).
     """
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None):
@@ -202,6 +210,12 @@ class KvtierHiCacheStorage(HiCacheStorage):
         timeout = max(self.timeout_s, self.allocate_wait_ms / 1000.0 + 1.0)
         self._client = Client(self.socket, timeout=timeout)
         self._log = _RateLimitedLog(float(extra.get("warning_interval_s", 30.0)))
+        try:
+            self.default_hints, unknown = parse_hints(extra.get("default_hints"))
+        except HintError as error:
+            raise ValueError(f"kvtier: extra_config['default_hints']: {error}") from None
+        if unknown:
+            logger.warning("kvtier: default_hints: unknown keys %s ignored", unknown)
         self._lock = threading.Lock()
         self._registered: set[str] = set()
         self._max_keys: Optional[int] = None
@@ -211,7 +225,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self._metrics = {"prefetch_pgs": [], "backup_pgs": [], "prefetch_bandwidth": [], "backup_bandwidth": []}
         self.stats = {"lookups": 0, "hit_pages": 0, "loaded_pages": 0, "load_misses": 0, "checksum_errors": 0,
                       "stored_pages": 0, "duplicate_pages": 0, "skipped_pages": 0, "save_errors": 0,
-                      "rpc_errors": 0}
+                      "rpc_errors": 0, "bad_hints": 0}
         self._base_attributes = config_attributes(storage_config)
         self.attributes = dict(self._base_attributes)
         self.namespace = namespace_for(self.attributes)
@@ -282,6 +296,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
 
     def _failed(self, kind: str, what: str, error: BaseException) -> None:
         self.stats["rpc_errors"] += 1
+        self._max_keys = None  # asked again: the daemon may have restarted with other limits
         self._log.warning(kind, "%s failed (%s), reported as a miss/failure", what, _error_text(error))
 
     @staticmethod
@@ -289,6 +304,49 @@ class KvtierHiCacheStorage(HiCacheStorage):
         prefix = getattr(extra_info, "prefix_keys", None) if extra_info is not None else None
         first = page_key(prefix[-1]) if prefix else b""
         return [first, *keys[:-1]] if keys else []
+
+    # -- retention -------------------------------------------------------------------------------------
+    def _page_tokens(self) -> Optional[int]:
+        pool = self.mem_pool_host
+        if pool is None:
+            return None
+        tokens = getattr(pool, "logical_page_size", None) or getattr(pool, "page_size", None)
+        return int(tokens) if tokens else None
+
+    def _retentions(self, count: int, extra_info: Optional[HiCacheStorageExtraInfo]) -> list:
+        """Retention of each page of a backup batch: the batch's hints (``extra_info.extra_info["kvtier"]``)
+        over ``default_hints``; token ranges when the batch's position in its sequence is known
+        (``prefix_keys``) and the page size too."""
+        hints = self.default_hints
+        extra = getattr(extra_info, "extra_info", None) if extra_info is not None else None
+        if isinstance(extra, dict) and extra.get(HINTS_KEY) is not None:
+            try:
+                hints, unknown = parse_hints(extra[HINTS_KEY], self.default_hints)
+                if unknown:
+                    self._log.warning("hintkeys", "unknown hint keys %s ignored", unknown)
+            except Exception as error:  # noqa: BLE001 - HintError, or anything odd in the object: the defaults
+                self.stats["bad_hints"] += 1
+                self._log.warning("hints", "extra_info[%r] ignored, default hints used: %s", HINTS_KEY, error)
+        if not hints.sets_retention:
+            return [None] * count
+        prefix = getattr(extra_info, "prefix_keys", None) if extra_info is not None else None
+        page_tokens = self._page_tokens()
+        if prefix is None or page_tokens is None:  # position unknown: no ranges
+            return [hints.retention] * count
+        first = len(prefix)
+        return [hints.retention_of_block(first + i, page_tokens) for i in range(count)]
+
+    def _commit(self, allocation_id: int, namespace: str, entries: list[tuple], retentions: list) -> list[int]:
+        """One Commit: the retention as the request's when every page has the same, else per entry."""
+        if len(set(retentions)) <= 1:
+            return self._client.commit(allocation_id, namespace, entries, self.wait_durable,
+                                       to_pb(retentions[0]) if retentions else None)
+        request = pb.CommitRequest(allocation_id=allocation_id, namespace=namespace, wait_durable=self.wait_durable)
+        for (key, parent, slot, length, checksum), retention in zip(entries, retentions):
+            entry = request.entries.add(key=key, parent=parent, slot=slot, length=length, checksum=checksum)
+            if retention is not None:
+                entry.retention.CopyFrom(to_pb(retention))
+        return list(self._client.call(self._client.stub.Commit, request).status)
 
     # -- lookups --------------------------------------------------------------------------------------
     def _leading_hits(self, keys: list[bytes]) -> int:
@@ -425,16 +483,18 @@ class KvtierHiCacheStorage(HiCacheStorage):
                 return results
             kv_keys = [page_key(k) for k in keys]
             parents = self._parents(kv_keys, extra_info)
+            retentions = self._retentions(len(kv_keys), extra_info)
             step = self._pages_per_call()
             for start in range(0, len(kv_keys), step):
                 stop = start + step
-                self._set_chunk(kv_keys[start:stop], parents[start:stop], segments[start:stop], results, start)
+                self._set_chunk(kv_keys[start:stop], parents[start:stop], segments[start:stop], results, start,
+                                retentions[start:stop])
         except Exception as error:  # noqa: BLE001
             self._failed("set", "batch_set_v1", error)
         self._record("backup", sum(results), sum(results) * (self.page_bytes or 0), started)
         return results
 
-    def _set_chunk(self, keys, parents, segments, results, offset) -> None:
+    def _set_chunk(self, keys, parents, segments, results, offset, retentions) -> None:
         skip = self._leading_hits(keys) if self.skip_existing else 0
         for i in range(skip):
             results[offset + i] = True
@@ -454,12 +514,14 @@ class KvtierHiCacheStorage(HiCacheStorage):
         pending = list(range(skip, len(keys)))
         statuses = self._stage_and_commit([keys[i] for i in pending], [parents[i] for i in pending],
                                           [sum(n for _, n in segments[i]) for i in pending],
-                                          [lambda view, i=i: fill(view, i) for i in pending])
+                                          [lambda view, i=i: fill(view, i) for i in pending],
+                                          [retentions[i] for i in pending])
         for i, status in zip(pending, statuses):
             results[offset + i] = status in _OK
 
-    def _stage_and_commit(self, keys, parents, lengths, writers) -> list[int]:
-        """One Allocate, each writer(view) fills its slot, one Commit; a CommitStatus per key."""
+    def _stage_and_commit(self, keys, parents, lengths, writers, retentions) -> list[int]:
+        """One Allocate, each writer(view) fills its slot, one Commit (with each page's retention); a
+        CommitStatus per key."""
         arena = self._client.arena()
         if max(lengths) > arena.slot_bytes:
             self.stats["save_errors"] += len(keys)
@@ -476,7 +538,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
                 if written != length:
                     raise ValueError(f"page copy wrote {written} of {length} bytes")
                 entries.append((key, parent, slot, length, block_checksum(view)))
-            statuses = self._call(lambda ns: self._client.commit(allocation.id, ns, entries, self.wait_durable))
+            statuses = self._call(lambda ns: self._commit(allocation.id, ns, entries, retentions))
         except BaseException:
             try:  # a refused commit leaves the allocation open: give its slots back now
                 self._client.abort(allocation.id)
@@ -575,6 +637,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         try:
             kv_keys = [page_key(k) for k in keys]
             parents = self._parents(kv_keys, None)
+            retentions = self._retentions(len(kv_keys), None)
             sources = [_tensor_bytes(v) for v in values]
             step = self._pages_per_call()
             statuses: list[int] = []
@@ -588,7 +651,8 @@ class KvtierHiCacheStorage(HiCacheStorage):
                 stop = start + step
                 statuses += self._stage_and_commit(kv_keys[start:stop], parents[start:stop],
                                                    [len(s) for s in sources[start:stop]],
-                                                   [writer(s) for s in sources[start:stop]])
+                                                   [writer(s) for s in sources[start:stop]],
+                                                   retentions[start:stop])
             ok = len(statuses) == len(keys) and all(s in _OK for s in statuses)
         except Exception as error:  # noqa: BLE001
             self._failed("set", "batch_set", error)

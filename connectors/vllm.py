@@ -18,6 +18,13 @@ into the arena, one ``Commit``. Loads are synchronous (done in ``start_load_kv``
 Every daemon failure degrades to a cache miss: a failed load is reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes those tokens (set
 ``kv_load_failure_policy="recompute"``); a failed save is dropped.
+
+Agent hints (``_hints``): a request's ``kv_transfer_params["kvtier"]`` (the OpenAI request's
+``kv_transfer_params``, or ``SamplingParams.extra_args["kv_transfer_params"]`` offline) over the
+connector-wide ``default_hints`` decide the retention each saved block is committed with (class,
+priority, TTL pin; per token range), and may ask for a prefetch of the request's stored blocks. They
+are read once per request, in ``on_new_request``; a bad hint is a warning and the defaults, never an
+error.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +49,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvtier.client.client import DEFAULT_SOCKET, Client, block_checksum
-from kvtier.connectors._layout import BlockLayout
+from kvtier.connectors._hints import HINTS_KEY, NO_HINTS, HintError, Hints, parse_hints, to_pb
+from kvtier.connectors._layout import ArenaViews, BlockLayout
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 try:
@@ -60,7 +70,8 @@ if TYPE_CHECKING:
 # Under "vllm." so that vLLM's log handler prints it.
 logger = logging.getLogger("vllm.kvtier")
 
-MAX_KEYS_PER_CALL = 4096  # the daemon's default limits.max_keys_per_request
+DEFAULT_MAX_KEYS_PER_CALL = 4096  # until the daemon's ArenaInfo says (limits.max_keys_per_request)
+MAX_PENDING_PREFETCHES = 64
 
 
 class HashSeedError(RuntimeError):
@@ -164,6 +175,7 @@ class SaveWork:
     block_ids: list[int]
     keys: list[bytes]
     parents: list[bytes]
+    retentions: list = field(default_factory=list)  # kvtier.tiers.retention.Retention or None, per block
 
 
 @dataclass
@@ -176,6 +188,7 @@ class KvtierConnectorMetadata(KVConnectorMetadata):
 class _RequestState:
     request: "Request"
     saved_upto: int = 0  # blocks [0, saved_upto) are stored (or being saved) in kvtier
+    hints: Hints = NO_HINTS
 
 
 class _RateLimitedLog:
@@ -202,6 +215,7 @@ class _Daemon:
         self.client = Client(socket, timeout=timeout_s)
         self.namespaces = namespaces
         self._registered: set[str] = set()
+        self._max_keys: int | None = None
 
     def call(self, name: str, request):
         return self.client.call(getattr(self.client.stub, name), request)
@@ -223,11 +237,34 @@ class _Daemon:
             self.ensure_namespaces(force=True)
             return fn()
 
-    def arena(self, generation: str):
+    def arena(self, generation: str | None):
         return self.client.arena(generation)
+
+    def max_keys(self) -> int:
+        """The daemon's limits.max_keys_per_request, from ArenaInfo without mapping the arena (the
+        scheduler never maps it); asked again after `forget_limits` (a failed call: maybe a restart)."""
+        if self._max_keys is None:
+            info = self.call("ArenaInfo", pb.ArenaInfoRequest())
+            self._max_keys = int(info.max_keys_per_request or DEFAULT_MAX_KEYS_PER_CALL)
+        return self._max_keys
+
+    def forget_limits(self) -> None:
+        self._max_keys = None
+
+    def fresh_arena(self):
+        """The mapped arena, checked against the daemon's current generation (one ArenaInfo)."""
+        info = self.call("ArenaInfo", pb.ArenaInfoRequest())
+        return self.client.arena(info.generation)
 
     def close(self) -> None:
         self.client.close()
+
+
+def _arena_buffer(arena):
+    """The whole mapped arena, for ArenaViews: the client's mmap itself. Not its memoryview: the client
+    releases that when it remaps (a daemon restart), which must not fail while our tensors exist; an
+    mmap that is still exported just stays mapped until they are dropped."""
+    return arena._mmap
 
 
 def _error_text(error: BaseException) -> str:
@@ -257,6 +294,12 @@ class KvtierConnector(KVConnectorBase_V1):
                              f"{hash_block_size}")
         self._hashes_per_block = self._block_size // hash_block_size
         self._log = _RateLimitedLog(float(extra.get("warning_interval_s", 30.0)))
+        try:
+            self._default_hints, unknown = parse_hints(extra.get("default_hints"))
+        except HintError as error:
+            raise ValueError(f"kvtier: kv_connector_extra_config['default_hints']: {error}") from None
+        if unknown:
+            logger.warning("kvtier: default_hints: unknown keys %s ignored", unknown)
         policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
         if policy != "recompute" and role == KVConnectorRole.SCHEDULER:
             logger.warning("kvtier: kv_load_failure_policy=%r: a block lost or corrupted in the daemon fails the "
@@ -281,18 +324,94 @@ class KvtierConnector(KVConnectorBase_V1):
         self._requests: dict[str, _RequestState] = {}
         self._lookups: dict[str, tuple[int, int, int]] = {}  # req_id -> (start, hit blocks, stored prefix)
         self._pending_loads: dict[str, LoadWork] = {}
+        self._hints: dict[str, Hints] = {}
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._prefetch_lock = threading.Lock()
+        self._prefetch_pending = 0
         # worker state
         self._layout: BlockLayout | None = None
+        self._views: ArenaViews | None = None
+        self._views_of = None  # the Arena object self._views map
+        self._stale_arena = False
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
         self.stats = {"lookups": 0, "hit_blocks": 0, "loaded_blocks": 0, "load_errors": 0,
-                      "saved_blocks": 0, "duplicate_blocks": 0, "save_errors": 0}
+                      "saved_blocks": 0, "duplicate_blocks": 0, "save_errors": 0, "retained_blocks": 0,
+                      "hinted_requests": 0, "bad_hints": 0, "prefetches": 0, "prefetched_blocks": 0,
+                      "prefetch_errors": 0}
 
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a dropped save is just a future miss
 
     # ===================================== scheduler side =====================================
+    def on_new_request(self, request: "Request") -> None:
+        """Reads the request's hints once, as it arrives, and starts its prefetch (if asked)."""
+        try:
+            hints = self._request_hints(request)
+            if hints.prefetch:
+                self._start_prefetch(request)
+        except Exception as error:  # noqa: BLE001 - a hint never fails a request
+            self._log.warning("hints", "hints of request %s not applied (%r)", request.request_id, error)
+
+    def _request_hints(self, request: "Request") -> Hints:
+        hints = self._hints.get(request.request_id)
+        if hints is None:
+            hints = self._hints[request.request_id] = self._parse_hints(request)
+        return hints
+
+    def _parse_hints(self, request: "Request") -> Hints:
+        params = getattr(request, "kv_transfer_params", None)
+        obj = params.get(HINTS_KEY) if isinstance(params, dict) else None
+        if obj is None:
+            return self._default_hints
+        try:
+            hints, unknown = parse_hints(obj, self._default_hints)
+        except Exception as error:  # noqa: BLE001 - HintError, or anything odd in the object: the defaults
+            self.stats["bad_hints"] += 1
+            logger.warning("kvtier: request %s: kv_transfer_params[%r] ignored, connector defaults used: %s",
+                           request.request_id, HINTS_KEY, error)
+            return self._default_hints
+        if unknown:
+            logger.warning("kvtier: request %s: unknown hint keys %s ignored", request.request_id, unknown)
+        self.stats["hinted_requests"] += 1
+        return hints
+
+    def _start_prefetch(self, request: "Request") -> None:
+        """Warms the request's stored blocks in the daemon (disk or S3 -> CPU tier) in the background,
+        while the request waits to be scheduled: the load in `start_load_kv` is synchronous."""
+        keys = self._keys(request)
+        if not keys:
+            return
+        with self._prefetch_lock:
+            if self._prefetch_pending >= MAX_PENDING_PREFETCHES:
+                self._log.warning("prefetch", "%d prefetches pending: prefetch of request %s skipped",
+                                  self._prefetch_pending, request.request_id)
+                return
+            self._prefetch_pending += 1
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvtier-prefetch")
+        self._prefetcher.submit(self._prefetch, keys)
+
+    def _prefetch(self, keys: list[bytes]) -> None:
+        try:
+            limit = self._daemon.max_keys()
+            for namespace in self._namespaces:
+                for start in range(0, len(keys), limit):  # the chain's stored prefix: it ends at a gap
+                    chunk = keys[start:start + limit]
+                    reply = self._daemon.with_namespace(lambda: self._daemon.client.prefetch(namespace, chunk))
+                    self.stats["prefetched_blocks"] += reply.warmed
+                    if reply.matched < len(chunk):
+                        break
+            self.stats["prefetches"] += 1
+        except Exception as error:  # noqa: BLE001 - a prefetch is only an optimisation
+            self.stats["prefetch_errors"] += 1
+            self._daemon.forget_limits()
+            self._log.warning("prefetch", "prefetch failed (%s)", _error_text(error))
+        finally:
+            with self._prefetch_lock:
+                self._prefetch_pending -= 1
+
     def _keys(self, request: "Request", start: int = 0, stop: int | None = None) -> list[bytes]:
         """kvtier keys of the request's full blocks [start, stop): vLLM's hash of each block's last
         hash-block (the block hash itself when hash and cache block sizes agree)."""
@@ -308,12 +427,14 @@ class KvtierConnector(KVConnectorBase_V1):
         return len(request.block_hashes) // self._hashes_per_block
 
     def _stored_prefix(self, keys: list[bytes]) -> int:
-        """Longest prefix of keys stored in every namespace (one Lookup per namespace and 4096 keys)."""
+        """Longest prefix of keys stored in every namespace (one Lookup per namespace and
+        max_keys_per_request keys)."""
         matched = len(keys)
+        limit = self._daemon.max_keys()
         for namespace in self._namespaces:
             count = 0
-            for start in range(0, matched, MAX_KEYS_PER_CALL):
-                chunk = keys[start:min(start + MAX_KEYS_PER_CALL, matched)]
+            for start in range(0, matched, limit):
+                chunk = keys[start:min(start + limit, matched)]
                 got = self._daemon.with_namespace(
                     lambda: self._daemon.call("Lookup", pb.LookupRequest(namespace=namespace, keys=chunk))).matched
                 count += got
@@ -342,6 +463,7 @@ class KvtierConnector(KVConnectorBase_V1):
             else:
                 hit = 0
         except Exception as error:  # noqa: BLE001 - the daemon never fails a request: serve without it
+            self._daemon.forget_limits()
             self._log.warning("lookup", "lookup failed, serving from the engine alone (%s)", _error_text(error))
             return 0, False
         self.stats["lookups"] += 1
@@ -351,6 +473,10 @@ class KvtierConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         state = self._requests.setdefault(request.request_id, _RequestState(request))
         state.request = request
+        try:
+            state.hints = self._request_hints(request)
+        except Exception as error:  # noqa: BLE001 - a hint never fails a request
+            self._log.warning("hints", "hints of request %s not applied (%r)", request.request_id, error)
         start, hit, stored = self._lookups.pop(request.request_id, (0, 0, 0))
         state.saved_upto = stored
         count = min(num_external_tokens // self._block_size, hit)
@@ -385,7 +511,9 @@ class KvtierConnector(KVConnectorBase_V1):
             first = state.saved_upto
             keys = self._keys(state.request, max(first - 1, 0), min(done, len(block_ids)))
             offset = first - max(first - 1, 0)  # keys[offset + j] is block first + j; keys[offset-1] its parent
-            work = SaveWork(req_id, [], [], [])
+            work = SaveWork(req_id, [], [], [], [])
+            hints = state.hints
+            prompt_tokens = getattr(state.request, "num_prompt_tokens", None)
             for j, i in enumerate(range(first, min(done, len(block_ids)))):
                 key = keys[offset + j]
                 if key in step_keys:
@@ -394,6 +522,8 @@ class KvtierConnector(KVConnectorBase_V1):
                 work.block_ids.append(block_ids[i])
                 work.keys.append(key)
                 work.parents.append(keys[offset + j - 1] if i else b"")
+                work.retentions.append(hints.retention_of_block(i, self._block_size, prompt_tokens)
+                                       if hints.sets_retention else None)
             state.saved_upto = done
             if work.keys:
                 meta.saves.append(work)
@@ -407,6 +537,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._requests.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
+        self._hints.pop(request.request_id, None)
         return False, None
 
     # ====================================== worker side =======================================
@@ -423,6 +554,25 @@ class KvtierConnector(KVConnectorBase_V1):
             logger.error("kvtier: a block is %d bytes but the daemon's slots hold %d: nothing will be stored "
                          "(raise cpu.slot_bytes to at least the block size)", self._layout.block_bytes,
                          info.slot_bytes)
+            return
+        self._arena_views(info)
+
+    def _worker_arena(self):
+        """The mapped arena; after a failed call, checked against the daemon first (it may have restarted
+        with another generation or other limits)."""
+        if self._stale_arena:
+            arena = self._daemon.fresh_arena()
+            self._stale_arena = False
+            return arena
+        return self._daemon.arena(None)
+
+    def _arena_views(self, arena) -> ArenaViews:
+        """The layout's tensors over `arena`, built once per mapping (a daemon restart maps a new one)."""
+        if self._views_of is not arena:
+            self._views = None  # drop the old mapping's tensors first: they keep it alive
+            self._views = self._layout.arena_views(_arena_buffer(arena), arena.slot_bytes, arena.slot_count)
+            self._views_of = arena
+        return self._views
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         if not self.has_connector_metadata():
@@ -441,19 +591,24 @@ class KvtierConnector(KVConnectorBase_V1):
         leases: list[int] = []
         found: dict[bytes, pb.AcquiredBlock] = {}
         corrupt: set[bytes] = set()
+        arena = None
         try:
-            for start in range(0, len(unique), MAX_KEYS_PER_CALL):
-                chunk = unique[start:start + MAX_KEYS_PER_CALL]
+            arena = self._worker_arena()
+            limit = arena.max_keys_per_request or DEFAULT_MAX_KEYS_PER_CALL
+            for start in range(0, len(unique), limit):
+                chunk = unique[start:start + limit]
                 reply = self._daemon.with_namespace(lambda: self._daemon.call(
                     "Acquire", pb.AcquireRequest(namespace=namespace, keys=chunk)))
                 if reply.lease_id:
                     leases.append(reply.lease_id)
                 arena = self._daemon.arena(reply.generation)
                 found.update(zip(chunk, reply.blocks))
+            views = self._arena_views(arena)
             failed: list[tuple[str, int, bytes]] = []
+            slots, block_ids = [], []
             for req_id, block_id, key in wanted:
                 block = found.get(key)
-                reason = self._check(block, arena if found else None, layout)
+                reason = self._check(block, arena, layout)
                 if reason:
                     failed.append((req_id, block_id, key))
                     if block is not None and block.found:
@@ -461,11 +616,14 @@ class KvtierConnector(KVConnectorBase_V1):
                     self._log.warning(f"load:{reason.split()[0]}", "block %s not loaded (%s); vLLM recomputes it",
                                       key.hex()[:16], reason)
                     continue
-                layout.unpack(arena.view(block.slot), block_id)
-                self.stats["loaded_blocks"] += 1
+                slots.append(block.slot)
+                block_ids.append(block_id)
+            views.unpack(slots, block_ids)
+            self.stats["loaded_blocks"] += len(block_ids)
             if failed:
                 self._fail_loads(failed, None)
         except Exception as error:  # noqa: BLE001 - never fail the step: recompute instead
+            self._stale_arena = True
             self._log.warning("load", "load of %d blocks failed (%s); vLLM recomputes them", len(wanted),
                               _error_text(error))
             self._fail_loads(wanted, None)
@@ -516,14 +674,22 @@ class KvtierConnector(KVConnectorBase_V1):
         failed_reqs, self._failed_reqs = self._failed_reqs, set()
         # A request whose load failed this step computed its later tokens against a missing block: its KV
         # from this step is not stored (vLLM recomputes it, and the scheduler schedules the save again).
-        work = [(b, k, p) for w in meta.saves if w.req_id not in failed_reqs
-                for b, k, p in zip(w.block_ids, w.keys, w.parents)]
+        work = [(b, k, p, r) for w in meta.saves if w.req_id not in failed_reqs
+                for b, k, p, r in zip(w.block_ids, w.keys, w.parents, w.retentions or [None] * len(w.keys))]
         if not work or self._layout is None:
             return
-        for start in range(0, len(work), MAX_KEYS_PER_CALL):
-            self._save(work[start:start + MAX_KEYS_PER_CALL])
+        try:
+            arena = self._worker_arena()
+        except Exception as error:  # noqa: BLE001 - a dropped save is only a future miss
+            self._stale_arena = True
+            self.stats["save_errors"] += len(work)
+            self._log.warning("save", "%d blocks not stored (%s)", len(work), _error_text(error))
+            return
+        limit = arena.max_keys_per_request or DEFAULT_MAX_KEYS_PER_CALL
+        for start in range(0, len(work), limit):
+            self._save(work[start:start + limit])
 
-    def _save(self, work: list[tuple[int, bytes, bytes]]) -> None:
+    def _save(self, work: list[tuple[int, bytes, bytes, Any]]) -> None:
         layout = self._layout
         namespace = self._namespaces[0]
         try:
@@ -531,6 +697,7 @@ class KvtierConnector(KVConnectorBase_V1):
             reply = self._daemon.call("Allocate", pb.AllocateRequest(count=len(work),
                                                                      wait_ms=self._allocate_wait_ms))
         except grpc.RpcError as error:
+            self._stale_arena = True
             self.stats["save_errors"] += len(work)
             self._log.warning("save", "%d blocks not stored (%s)", len(work), _error_text(error))
             return
@@ -538,18 +705,24 @@ class KvtierConnector(KVConnectorBase_V1):
             arena = self._daemon.arena(reply.generation)
             if layout.block_bytes > arena.slot_bytes:
                 raise ValueError(f"block of {layout.block_bytes} bytes exceeds the slot size {arena.slot_bytes}")
+            slots = list(reply.slots)[:len(work)]
+            self._arena_views(arena).pack([b for b, _, _, _ in work], slots)
             entries = []
-            for slot, (block_id, key, parent) in zip(reply.slots, work):
-                view = arena.view(slot)
-                layout.pack(block_id, view)
-                entries.append(pb.CommitEntry(key=key, parent=parent, slot=slot, length=layout.block_bytes,
-                                              checksum=block_checksum(view[:layout.block_bytes])))
+            for slot, (_, key, parent, retention) in zip(slots, work):
+                entry = pb.CommitEntry(key=key, parent=parent, slot=slot, length=layout.block_bytes,
+                                       checksum=block_checksum(arena.view(slot)[:layout.block_bytes]))
+                if retention is not None:
+                    entry.retention.CopyFrom(to_pb(retention))
+                entries.append(entry)
             statuses = self._daemon.with_namespace(lambda: self._daemon.call("Commit", pb.CommitRequest(
                 allocation_id=reply.allocation_id, namespace=namespace, entries=entries)).status)
             stored = sum(1 for s in statuses if s == pb.STORED)
             self.stats["saved_blocks"] += stored
             self.stats["duplicate_blocks"] += len(statuses) - stored
+            self.stats["retained_blocks"] += sum(1 for s, (_, _, _, r) in zip(statuses, work)
+                                                 if s == pb.STORED and r is not None)
         except Exception as error:  # noqa: BLE001 - a dropped save is only a future miss
+            self._stale_arena = True
             self.stats["save_errors"] += len(work)
             self._log.warning("save", "%d blocks not stored (%s)", len(work), _error_text(error))
             try:
@@ -562,5 +735,8 @@ class KvtierConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self):
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
         logger.info("kvtier: %s connector stats %s", self._role.name.lower(), self.stats)
+        self._views = self._views_of = None
         self._daemon.close()

@@ -4,8 +4,11 @@ python _vllm_engine.py SPEC.json OUT.json
 
 SPEC: {"model": dir, "socket": kvtierd socket or null (no connector), "hash_algo": "sha256",
        "max_tokens": 8, "max_num_batched_tokens": 1024 (smaller: chunked prefill),
-       "prompts": [{"tokens": [...], "salt": optional str}, ...]}
-OUT:  {"results": [{"tokens": [...], "num_cached_tokens": n}, ...], "stats": connector worker stats}
+       "extra_config": optional, merged into kv_connector_extra_config,
+       "prompts": [{"tokens": [...], "salt": optional str, "max_tokens": optional,
+                    "kv_transfer_params": optional (SamplingParams.extra_args, as the OpenAI server passes it)}]}
+OUT:  {"results": [{"tokens": [...], "num_cached_tokens": n, "keys": [hex, ...] of every full block of
+       prompt + output}, ...], "stats": connector worker stats}
 """
 
 from __future__ import annotations
@@ -42,24 +45,27 @@ def main(spec_path: str, out_path: str) -> None:
         kv_transfer_config = KVTransferConfig(
             kv_connector="KvtierConnector", kv_connector_module_path="kvtier.connectors.vllm",
             kv_role="kv_both", kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"socket": spec["socket"]})
+            kv_connector_extra_config={"socket": spec["socket"], **spec.get("extra_config", {})})
     started = time.monotonic()
     llm = LLM(model=spec["model"], tokenizer=spec["model"], dtype="float32", block_size=32, max_model_len=1024,
               kv_cache_memory_bytes=64 << 20, enforce_eager=True, enable_prefix_caching=True,
               prefix_caching_hash_algo=spec.get("hash_algo", "sha256"), seed=0, max_num_seqs=8,
               max_num_batched_tokens=spec.get("max_num_batched_tokens", 1024), kv_transfer_config=kv_transfer_config)
     ready = time.monotonic()
-    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), ignore_eos=True)
     results = []
     for prompt in spec["prompts"]:
+        extra_args = ({"kv_transfer_params": prompt["kv_transfer_params"]} if "kv_transfer_params" in prompt
+                      else None)
+        params = SamplingParams(temperature=0.0, max_tokens=prompt.get("max_tokens", spec.get("max_tokens", 8)),
+                                ignore_eos=True, extra_args=extra_args)
         request = TokensPrompt(prompt_token_ids=prompt["tokens"])
         if prompt.get("salt"):
             request["cache_salt"] = prompt["salt"]
         (output,) = llm.generate([request], params, use_tqdm=False)
-        results.append({"tokens": list(output.outputs[0].token_ids),
-                        "num_cached_tokens": output.num_cached_tokens or 0,
+        tokens = list(output.outputs[0].token_ids)
+        results.append({"tokens": tokens, "num_cached_tokens": output.num_cached_tokens or 0,
                         "keys": None if prompt.get("salt") or not spec.get("keys", True)
-                        else block_keys(spec, prompt["tokens"])})
+                        else block_keys(spec, prompt["tokens"] + tokens)})
     stats = None
     try:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group

@@ -439,3 +439,36 @@ def test_clear_and_storage_metrics(sgl, srv):
     assert backend.batch_exists(keys) == 0
     assert other.batch_exists(keys) == 4  # only this backend's namespace
     backend.close()
+
+
+def test_hints_set_the_retention_of_stored_pages(sgl, srv):
+    """extra_config default_hints for every page; a batch's extra_info.extra_info["kvtier"] over them, with
+    token ranges placed by prefix_keys; bad hints fall back to the defaults."""
+    pool = host_pool(sgl)
+    backend = make_backend(sgl, srv.socket, pool, model=srv.model,
+                           default_hints={"retention": {"class": "subagent", "priority": 30}})
+    keys = chain(sgl, tokens(8, seed=31))
+    idx = pool.alloc(8 * PAGE)
+    pages = lambda a, b: idx[a * PAGE:b * PAGE]  # noqa: E731
+    assert backend.batch_set_v1(keys[:2], pages(0, 2)) == [True] * 2  # no extra_info: the defaults
+    hints = {"kvtier": {"ranges": [{"tokens": 3 * PAGE, "class": "system", "priority": 90,
+                                    "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+                        "retention": {"class": "conversation", "priority": 70}}}
+    # Pages 2..5 after 2 prefix pages: page 2 (tokens 16..23) is in the first 3 pages' range, 3..5 are not.
+    assert backend.batch_set_v1(keys[2:6], pages(2, 6),
+                                sgl.HiCacheStorageExtraInfo(prefix_keys=keys[:2], extra_info=hints)) == [True] * 4
+    # Without prefix_keys the batch's position is unknown: the request retention, no ranges.
+    assert backend.batch_set_v1(keys[6:7], pages(6, 7), sgl.HiCacheStorageExtraInfo(extra_info=hints)) == [True]
+    bad = {"kvtier": {"retention": {"class": "forever"}}}
+    assert backend.batch_set_v1(keys[7:], pages(7, 8),
+                                sgl.HiCacheStorageExtraInfo(prefix_keys=keys[:7], extra_info=bad)) == [True]
+    assert backend.stats["bad_hints"] == 1
+    tensor_key = chain(sgl, tokens(1, seed=32))[0]
+    assert backend.batch_set([tensor_key], [torch.zeros(64, dtype=torch.bfloat16)])  # tensor API: the defaults
+    with Client(srv.socket) as c:
+        got = [c.stat(backend.namespace, page_key(k)).retention for k in keys + [tensor_key]]
+    assert [(r.cls, r.priority, r.ttl_s) for r in got] == [
+        ("subagent", 30, 0.0)] * 2 + [("system", 90, 3600.0)] + [("conversation", 70, 0.0)] * 4 + [
+        ("subagent", 30, 0.0)] * 2
+    with pytest.raises(Exception, match="default_hints"):
+        make_backend(sgl, srv.socket, pool, model=srv.model, default_hints={"ranges": [{"tokens": -1}]})

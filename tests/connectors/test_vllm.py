@@ -48,13 +48,22 @@ def _engine_env(hash_seed: str | None = "0") -> dict:
     return env
 
 
+def _prompt(item) -> dict:
+    """A prompt of the engine spec from a name, (name, salt) or {"name": ..., any other prompt field}."""
+    if isinstance(item, str):
+        return {"tokens": ALL[item]}
+    if isinstance(item, tuple):
+        return {"tokens": ALL[item[0]], "salt": item[1]}
+    return {"tokens": ALL[item["name"]], **{k: v for k, v in item.items() if k != "name"}}
+
+
 def run_engine(tmp_path, model: str, prompts: list, socket: str | None, name: str, hash_algo: str = "sha256",
-               hash_seed: str | None = "0", check: bool = True, chunk: int = 1024):
-    """Runs prompts (name or (name, salt)) in sequence in a fresh engine process; returns (results, stats, log).
-    chunk < 100: prefills are split into steps of `chunk` tokens (chunked prefill)."""
-    items = [(p, None) if isinstance(p, str) else p for p in prompts]
+               hash_seed: str | None = "0", check: bool = True, chunk: int = 1024, extra_config: dict | None = None):
+    """Runs prompts (name, (name, salt) or a dict, see _prompt) in sequence in a fresh engine process; returns
+    (results, stats, log). chunk < 100: prefills are split into steps of `chunk` tokens (chunked prefill)."""
     spec = {"model": model, "socket": socket, "hash_algo": hash_algo, "max_tokens": 8,
-            "max_num_batched_tokens": chunk, "prompts": [{"tokens": ALL[p], "salt": salt} for p, salt in items]}
+            "max_num_batched_tokens": chunk, "prompts": [_prompt(p) for p in prompts],
+            "extra_config": extra_config or {}}
     spec_path, out_path = tmp_path / f"{name}.spec.json", tmp_path / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "_vllm_engine.py"), str(spec_path), str(out_path)],
@@ -178,6 +187,72 @@ def test_restart_corruption_and_outage_never_change_tokens(make_daemon, models, 
     assert "kvtier: lookup failed" in log3
 
 
+# -- agent hints ------------------------------------------------------------------------------------------
+HINTED_DAEMON = {**DAEMON, "cpu.policy": "retention",
+                 # Every call is at most 2 keys: the connector must batch by the daemon's ArenaInfo limit.
+                 "limits.max_keys_per_request": 2, "peers.max_blocks_per_fetch": 2}
+DEFAULT_HINTS = {"retention": {"class": "subagent", "priority": 30}}
+PIN_1H = {"type": "ephemeral", "ttl": "1h"}
+
+
+def _retention(info) -> tuple:
+    r = info.retention
+    return (r.cls, r.priority, r.ttl_s) if info.HasField("retention") else None
+
+
+def test_agent_hints_set_the_retention_of_every_stored_block(make_daemon, models, reference, tmp_path):
+    """kv_transfer_params["kvtier"] -> per-block Retention on commit (ranges, request default, decode blocks,
+    connector defaults), read back from the daemon; bad hints change nothing but the retention; prefetch."""
+    daemon = make_daemon(HINTED_DAEMON)
+    system_then_conversation = {"kvtier": {
+        "ranges": [{"tokens": 40, "class": "system", "priority": 90, "cache_control": PIN_1H}],
+        "retention": {"class": "conversation", "priority": 80, "cache_control": {"type": "ephemeral"}},
+        "osl": 8, "latency_sensitivity": 1.0}}                  # an unknown key: reported, ignored
+    with_decode = {"kvtier": {"retention": {"class": "conversation", "priority": 60},
+                              "decode": {"class": "decode", "priority": 0}}}
+    bad = [{"kvtier": {"retention": {"class": "forever"}}},
+           {"kvtier": "system please"},
+           {"kvtier": {"osl": -1, "prefetch": "yes", "ranges": [{"tokens": 0}]}}]
+    prompts = [{"name": "A", "kv_transfer_params": system_then_conversation},
+               {"name": "E", "kv_transfer_params": with_decode, "max_tokens": 61},  # 161 tokens: 5 full blocks
+               *({"name": "S", "kv_transfer_params": b} for b in bad),
+               "C"]                                                                # no hints: the defaults
+    first, stats, log = run_engine(tmp_path, models[0], prompts, daemon.socket, "e1",
+                                   extra_config={"default_hints": DEFAULT_HINTS})
+    a, e, s1, s2, s3, c = first
+    assert [r["tokens"] for r in (a, s1, s2, s3, c)] == [reference[p] for p in "ASSSC"]
+    assert e["tokens"][:8] == reference["E"] and len(e["keys"]) == 5
+    assert stats["saved_blocks"] == 3 + 5 + 3 + 3 and stats["retained_blocks"] == 14
+    assert stats["save_errors"] == 0 and stats["load_errors"] == 0
+    assert log.count("kv_transfer_params['kvtier'] ignored, connector defaults used") == 3
+    assert "retention.class must be one of" in log and "unknown hint keys ['latency_sensitivity']" in log
+
+    (namespace,) = _namespaces(daemon)
+    keys = {name: [bytes.fromhex(k) for k in r["keys"]] for name, r in zip("AESC", (a, e, s1, c))}
+    with daemon.client() as client:
+        got = {name: [client.stat(namespace, k) for k in ks] for name, ks in keys.items()}
+    assert [_retention(i) for i in got["A"]] == [("system", 90, 3600.0)] * 2 + [("conversation", 80, 300.0)]
+    assert [_retention(i) for i in got["E"]] == [("conversation", 60, 0.0)] * 4 + [("decode", 0, 0.0)]
+    assert [_retention(i) for i in got["S"] + got["C"]] == [("subagent", 30, 0.0)] * 6
+    pinned = [i.pinned_until_unix_ms - i.created_unix_ms for i in got["A"]]
+    assert abs(pinned[0] - 3600e3) < 10e3 and abs(pinned[2] - 300e3) < 10e3
+    assert all(i.pinned_until_unix_ms == 0 for i in got["E"] + got["C"])
+    assert all(i.hits == 0 for name in "AC" for i in got[name])
+
+    # A fresh engine: A asks for a prefetch; its blocks keep the retention they were stored with.
+    second, stats2, _ = run_engine(tmp_path, models[0], [{"name": "A", "kv_transfer_params": {
+        "kvtier": {"prefetch": True, "retention": {"class": "ephemeral"}}}}, "C"], daemon.socket, "e2",
+        extra_config={"default_hints": DEFAULT_HINTS})
+    assert [r["num_cached_tokens"] for r in second] == [3 * BLOCK, 3 * BLOCK]
+    assert [r["tokens"] for r in second] == [reference["A"], reference["C"]]
+    assert stats2["loaded_blocks"] == 6 and stats2["saved_blocks"] == 0 and stats2["load_errors"] == 0
+    with daemon.client() as client:
+        again = {name: [client.stat(namespace, k) for k in keys[name]] for name in "AC"}
+    assert [_retention(i) for i in again["A"]] == [_retention(i) for i in got["A"]]
+    assert [i.hits for i in again["A"]] == [2, 2, 2]   # the prefetch's read and the load's
+    assert [i.hits for i in again["C"]] == [1, 1, 1]   # the load's only
+
+
 def test_random_root_hash_is_refused(make_daemon, models, tmp_path):
     """xxhash without PYTHONHASHSEED: vLLM seeds NONE_HASH randomly per process; the connector refuses."""
     daemon = make_daemon(DAEMON)
@@ -213,3 +288,34 @@ def test_block_layout_round_trips_any_block_major_layout():
     assert bytes(buffer[:8]) == caches["l0"][0, 3].contiguous().view(torch.uint8).flatten()[:8].numpy().tobytes()
     with pytest.raises(ValueError, match="blocks"):
         BlockLayout({"x": torch.zeros(7, 3)}, num_blocks)
+
+
+@pytest.mark.parametrize("slot_bytes", [16384, 16384 + 3])  # +3: not whole elements, per-slot tensors
+def test_arena_views_copy_the_same_bytes_as_per_block_packing(slot_bytes):
+    import mmap
+
+    import torch
+    from kvtier.connectors._layout import BlockLayout
+
+    num_blocks, slot_count = 6, 5
+    caches = {"a": torch.randn(num_blocks, 2, 32, 16), "b": torch.randn(2, num_blocks, 8, 4).to(torch.bfloat16),
+              "c": torch.randn(num_blocks * 2, 3, 5)}
+    layout = BlockLayout(caches, num_blocks)
+    arena = mmap.mmap(-1, slot_bytes * slot_count)
+    views = layout.arena_views(arena, slot_bytes, slot_count)
+    views.pack([4, 1, 2], [0, 3, 4])
+    for block_id, slot in ((4, 0), (1, 3), (2, 4)):
+        want = bytearray(layout.block_bytes)
+        layout.pack(block_id, memoryview(want))
+        assert arena[slot * slot_bytes:slot * slot_bytes + layout.block_bytes] == want
+    before = {name: t.clone() for name, t in caches.items()}
+    views.unpack([3, 0], [5, 0])  # block 1's bytes into block 5, block 4's into block 0
+    assert torch.equal(caches["a"][5], before["a"][1]) and torch.equal(caches["a"][0], before["a"][4])
+    assert torch.equal(caches["b"][:, 5], before["b"][:, 1]) and torch.equal(caches["c"][10:12], before["c"][2:4])
+    assert torch.equal(caches["a"][1:5], before["a"][1:5])
+    with pytest.raises(IndexError):
+        views.pack([0], [slot_count])
+    with pytest.raises(ValueError, match="slot size"):
+        layout.arena_views(arena, 64, slot_count)
+    del views
+    arena.close()  # the views were the only export
