@@ -206,6 +206,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self.skip_existing = bool(extra.get("skip_existing", True))
         self.interface_v1 = bool(int(extra.get("interface_v1", 0) or 0))
         self.clear_timeout_s = float(extra.get("clear_timeout_s", 10.0))
+        self.consult_peers = bool(extra.get("consult_peers", False))  # pull misses from peers (docs/peers.md)
         # An RPC deadline shorter than the arena wait would turn every full arena into an error.
         timeout = max(self.timeout_s, self.allocate_wait_ms / 1000.0 + 1.0)
         self._client = Client(self.socket, timeout=timeout)
@@ -354,7 +355,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         matched = 0
         for start in range(0, len(keys), step):
             chunk = keys[start:start + step]
-            got = self._call(lambda ns, chunk=chunk: self._client.lookup(ns, chunk)).matched
+            got = self._call(lambda ns, chunk=chunk: self._client.lookup(ns, chunk, self.consult_peers)).matched
             matched += got
             if got < len(chunk):
                 break

@@ -287,6 +287,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self._socket = str(extra.get("socket") or os.environ.get("KVTIER_SOCKET") or DEFAULT_SOCKET)
         self._timeout_s = float(extra.get("timeout_s", 5.0))
         self._allocate_wait_ms = int(extra.get("allocate_wait_ms", 200))
+        # On a local miss, let the daemon pull the chain from its peers before answering (docs/peers.md).
+        self._consult_peers = bool(extra.get("consult_peers", False))
         self._block_size = vllm_config.cache_config.block_size
         hash_block_size = getattr(kv_cache_config, "hash_block_size", None) or self._block_size
         if self._block_size % hash_block_size:
@@ -436,7 +438,8 @@ class KvtierConnector(KVConnectorBase_V1):
             for start in range(0, matched, limit):
                 chunk = keys[start:min(start + limit, matched)]
                 got = self._daemon.with_namespace(
-                    lambda: self._daemon.call("Lookup", pb.LookupRequest(namespace=namespace, keys=chunk))).matched
+                    lambda: self._daemon.call("Lookup", pb.LookupRequest(
+                        namespace=namespace, keys=chunk, consult_peers=self._consult_peers))).matched
                 count += got
                 if got < len(chunk):
                     break

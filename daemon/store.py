@@ -27,7 +27,7 @@ from kvtier.tiers.block import BlockHeader, checksum
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskEntry, DiskTier
 from kvtier.tiers.eviction import POLICIES as BASIC_POLICIES
-from kvtier.tiers.retention import RETENTION_POLICIES
+from kvtier.tiers.retention import DEFAULT_RETENTION, RETENTION_POLICIES
 from kvtier.tiers.gpu import GpuTier
 from kvtier.tiers.s3 import S3Tier
 
@@ -270,9 +270,12 @@ class BlockStore:
         statuses, stored = [], []
         created = now_ms()
         for entry in staged:
-            if self.catalog.get(namespace, entry.key) is not None:
+            existing = self.catalog.get(namespace, entry.key)
+            if existing is not None:
                 statuses.append(pb.DUPLICATE)
                 self.counters.duplicates += 1
+                if entry.retention is not None:
+                    self._strengthen(existing, entry.retention)
                 continue
             block = Block(namespace, entry.key, entry.parent, entry.length, entry.checksum, created, created,
                           tiers=CPU, retention=entry.retention, retained_ms=created)
@@ -618,6 +621,15 @@ class BlockStore:
                     tier.policy.retain(block.id, retention)
             updated += 1
         return updated
+
+    def _strengthen(self, block: Block, asked) -> None:
+        """A block shared by several requests keeps the strongest retention any of them asked for:
+        the higher (class, priority) and the longer TTL pin. A weaker ask never demotes it."""
+        current = block.retention or DEFAULT_RETENTION
+        stronger = max(current, asked, key=lambda r: (r.rank, r.priority))
+        merged = dataclasses.replace(stronger, ttl_s=max(current.ttl_s or 0, asked.ttl_s or 0) or None)
+        if merged != block.retention or asked.ttl_s:  # a pinned re-commit restarts the pin, like a hit
+            self.set_retention(block.namespace, [block.key], merged)
 
     async def prefetch(self, namespace: str, keys, gpu: bool) -> tuple[int, int]:
         """Warms the stored prefix of a chain into the CPU tier (and the GPU tier): (matched, warmed).

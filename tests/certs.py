@@ -67,3 +67,12 @@ class Authority:
         stem = f"{self.name}-{common_name}{'-expired' if expired else ''}"
         return (self._write(f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM)),
                 self._write(f"{stem}.key", _pem_key(key)))
+
+
+def peer_overrides(authority: Authority, ports: list[int], index: int, transport: str) -> dict:
+    """Daemon config for node `index` of a loopback cluster on `ports`, peering with all the others."""
+    cert, key = authority.issue(f"node{index}")
+    return {"peers.listen": f"127.0.0.1:{ports[index]}", "peers.node_id": f"node{index}",
+            "peers.addresses": [f"127.0.0.1:{p}" for j, p in enumerate(ports) if j != index],
+            "peers.tls_cert": cert, "peers.tls_key": key, "peers.tls_ca": authority.ca_path,
+            "peers.transport": transport}

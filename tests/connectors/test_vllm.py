@@ -12,12 +12,15 @@ import importlib.util
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from certs import Authority, peer_overrides
 from kvtier.client import block_checksum
+from kvtier.proto.v1 import kvtier_pb2 as pb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLOCK = 32
@@ -26,6 +29,12 @@ DAEMON = {"cpu.capacity": "64MiB", "cpu.slot_bytes": "64KiB", "disk.capacity": "
 # No skip when vLLM is missing: `make test` installs it (requirements/engines.txt), and a suite
 # that silently skips the engine tests would pass without proving anything.
 assert importlib.util.find_spec("vllm") is not None, "vLLM is not installed: run `make test`"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _tokens(seed: int, n: int = 100) -> list[int]:
@@ -251,6 +260,25 @@ def test_agent_hints_set_the_retention_of_every_stored_block(make_daemon, models
     assert [_retention(i) for i in again["A"]] == [_retention(i) for i in got["A"]]
     assert [i.hits for i in again["A"]] == [2, 2, 2]   # the prefetch's read and the load's
     assert [i.hits for i in again["C"]] == [1, 1, 1]   # the load's only
+
+
+def test_an_engine_on_another_node_loads_a_prefix_pulled_from_its_peer(make_daemon, models, reference, tmp_path):
+    """One prefill, then a load on another node: its daemon pulls the blocks from the first node's
+    daemon (NIXL) on the lookup, verifies them, and the engine loads them from local shared memory."""
+    authority, ports = Authority(tmp_path / "pki"), [free_port(), free_port()]
+    node_a, node_b = (make_daemon({**DAEMON, **peer_overrides(authority, ports, i, "nixl")}, name=f"node{i}")
+                      for i in range(2))
+    first, stats1, _ = run_engine(tmp_path, models[0], ["A"], node_a.socket, "on-a")
+    assert stats1["saved_blocks"] == 3 and first[0]["tokens"] == reference["A"]
+    second, stats2, _ = run_engine(tmp_path, models[0], ["A"], node_b.socket, "on-b",
+                                   extra_config={"consult_peers": True})
+    assert second[0]["num_cached_tokens"] == 3 * BLOCK  # no prefill on node b
+    assert second[0]["tokens"] == reference["A"]
+    assert stats2["loaded_blocks"] == 3 and stats2["saved_blocks"] == 0
+    with node_b.client() as c:
+        (namespace,) = [n.name for n in c.list_namespaces()]
+        assert [b.tiers & pb.TIER_CPU for b in c.iter_inventory(namespace)] == [pb.TIER_CPU] * 3
+    assert "NIXL agent" in node_b.log()
 
 
 def test_random_root_hash_is_refused(make_daemon, models, tmp_path):

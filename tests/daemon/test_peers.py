@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from certs import Authority
+from certs import Authority, peer_overrides
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 TRANSPORTS = ["nixl", "grpc"]
@@ -44,13 +44,10 @@ def cluster(make_daemon, tmp_path):
         ports = [free_port() for _ in range(n)]
         daemons = []
         for i in range(n):
-            cert, key = ca.issue(f"node{i}")
             metrics_port = free_port()
             daemons.append(make_daemon({"metrics.listen": f"127.0.0.1:{metrics_port}",
-                "peers.listen": f"127.0.0.1:{ports[i]}", "peers.node_id": f"node{i}",
-                "peers.addresses": [f"127.0.0.1:{p}" for j, p in enumerate(ports) if j != i],
-                "peers.tls_cert": cert, "peers.tls_key": key, "peers.tls_ca": ca.ca_path,
-                "peers.transport": transport, "peers.timeout_s": 2.0, **(overrides or {})}, name=f"node{i}"))
+                                        **peer_overrides(ca, ports, i, transport), "peers.timeout_s": 2.0,
+                                        **(overrides or {})}, name=f"node{i}"))
             daemons[-1].metrics_port = metrics_port
         return daemons
     return make

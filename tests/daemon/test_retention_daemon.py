@@ -132,3 +132,21 @@ def test_streamed_put_carries_retention(make_daemon):
         c.put(NS, key(1), b"streamed", retention=retention("system", 95, ttl_s=300))
         info = c.stat(NS, key(1))
         assert (info.retention.cls, info.retention.priority, info.retention.ttl_s) == ("system", 95, 300)
+
+
+def test_a_shared_block_keeps_the_strongest_retention_it_was_committed_with(make_daemon):
+    daemon = make_daemon({"cpu.policy": "retention"})
+    with daemon.client() as c:
+        c.register_namespace(NS)
+        c.put_blocks(NS, [(key(1), b"", b"shared prefix")], retention=retention("conversation", 60, ttl_s=300))
+        # a subagent re-sends the same prefix with a weak hint: no demotion
+        assert c.put_blocks(NS, [(key(1), b"", b"shared prefix")], retention=retention("subagent", 0)) == [pb.DUPLICATE]
+        r = c.stat(NS, key(1)).retention
+        assert (r.cls, r.priority, r.ttl_s) == ("conversation", 60, 300)
+        # the harness marks it as the system prompt with a 1h pin: promoted
+        c.put_blocks(NS, [(key(1), b"", b"shared prefix")], retention=retention("system", 90, ttl_s=3600))
+        r = c.stat(NS, key(1)).retention
+        assert (r.cls, r.priority, r.ttl_s) == ("system", 90, 3600)
+        c.put_blocks(NS, [(key(2), b"", b"plain")])
+        c.put_blocks(NS, [(key(2), b"", b"plain")], retention=retention("decode", 5))
+        assert c.stat(NS, key(2)).retention.cls == "conversation"  # the default is not demoted either
