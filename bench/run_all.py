@@ -1,7 +1,7 @@
-"""Runs every kvtier benchmark and writes bench/out/{shm,disk,lookup,s3,gpu}.{json,md,png} plus summary.{md,json}.
+"""Runs every kvtier benchmark and writes bench/out/{shm,disk,lookup,s3,gpu,peer}.{json,md,png} plus summary.{md,json}.
 The vLLM TTFT benchmark (bench_vllm_ttft.py) runs on its own: it needs minutes and the engine stack.
 
-    .venv/bin/python bench/run_all.py               # shm, disk, lookup, s3, gpu at default sizes (a few minutes on 2 cores)
+    .venv/bin/python bench/run_all.py               # shm, disk, lookup, s3, gpu, peer at default sizes (a few minutes on 2 cores)
     .venv/bin/python bench/run_all.py --only lookup
     .venv/bin/python bench/run_all.py --quick       # smaller sizes, for a smoke test
 """
@@ -17,9 +17,10 @@ from pathlib import Path
 
 from _common import DEFAULT_OUT, dict_table, env_info, fmt, goal_text, Row
 
-BENCHES = ("shm", "disk", "lookup", "s3", "gpu")
+BENCHES = ("shm", "disk", "lookup", "s3", "gpu", "peer")
 QUICK = {"shm": ["--rounds", "4"], "disk": ["--total", "256MiB"], "lookup": ["--seconds", "1", "--sweep", "1024"],
-         "s3": ["--total", "32MiB", "--rounds", "1"], "gpu": ["--blocks", "16", "--rounds", "2"]}
+         "s3": ["--total", "32MiB", "--rounds", "1"], "gpu": ["--blocks", "16", "--rounds", "2"],
+         "peer": ["--rounds", "4", "--pull-rounds", "3"]}
 
 
 def main(argv=None) -> int:

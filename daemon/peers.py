@@ -13,14 +13,19 @@ through). Every peer call and transfer is bounded by peers.timeout_s; a peer tha
 skipped for PEER_BACKOFF_S. A block that fails verification is dropped with everything after
 it: a peer costs at most its timeout and never a wrong block.
 
-Event loop only, except the NIXL wait, which runs in a worker thread.
+Event loop only, except the NIXL READs and the checksums, which run in worker threads: a NIXL pull
+READs in pieces of about VERIFY_PIECE_BYTES, and each piece is verified (xxh3 releases the GIL) while
+the next one is read, so verification costs about one piece beyond the transfer. The owner's lease
+is released in the background once the READs are over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import socket
 import time
 
@@ -40,6 +45,8 @@ log = logging.getLogger("kvtier.peers")
 PEER_OWNER = "\0peer"          # owner tag of leases opened through the peer API
 PEER_BACKOFF_S = 5.0           # a failed peer is not asked again for this long
 ALLOCATE_WAIT_MS = 500         # local slots for a pull: wait this long, then give up the pull
+VERIFY_PIECE_BYTES = 8 << 20   # a NIXL pull READs pieces of about this size; piece k is verified during READ k+1
+VERIFY_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def channel_credentials(cfg: Config) -> grpc.ChannelCredentials:
@@ -213,6 +220,8 @@ class PeerFetcher:
         credentials = channel_credentials(cfg)
         options = [("grpc.max_receive_message_length", cfg.server.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.server.max_message_bytes)]
+        self._verifier = concurrent.futures.ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="kvtier-peer-verify")
+        self._background: set[asyncio.Task] = set()  # Release calls not waited for
         self.links = []
         for address in cfg.peers.addresses:
             channel = grpc.aio.secure_channel(address, credentials, options=options)
@@ -224,10 +233,13 @@ class PeerFetcher:
         return "nixl" if self.transport is not None else "grpc"
 
     async def close(self) -> None:
+        if self._background:  # Releases in flight, each bounded by peers.timeout_s
+            await asyncio.wait(list(self._background))
         for link in self.links:
             await link.channel.close()
         if self.transport is not None:
             await asyncio.to_thread(self.transport.close)  # waits for in-flight READs (bounded)
+        await asyncio.to_thread(self._verifier.shutdown)
 
     async def fetch(self, namespace: str, keys: list[bytes], start: int) -> int:
         """Pulls keys[start:] (at most max_blocks_per_fetch) from the peer holding most of it;
@@ -316,19 +328,21 @@ class PeerFetcher:
                 raise OSError("the peer restarted (new arena generation); hello again next time")
             blocks = _found_prefix(pin.blocks)
             if not blocks:
-                return await self._commit(held, namespace, [], [])
-            await self._nixl_read(link, held, blocks)
+                return await self._commit(held, namespace, [], [], 0)
+            verified = await self._nixl_read(link, held, blocks)
         except BaseException:
             self._abort(held)
             raise
         finally:
-            if pin is not None and pin.lease_id:
-                await self._release_remote(link, pin.lease_id)
-        landed = await self._commit(held, namespace, want, blocks)
+            if pin is not None and pin.lease_id:  # the READs are over: nothing waits for the Release
+                self._in_background(self._release_remote(link, pin.lease_id))
+        landed = await self._commit(held, namespace, want, blocks, verified)
         self.counters.fetched_blocks_nixl += landed
         return landed
 
-    async def _nixl_read(self, link: PeerLink, held, blocks: list[pb.PeerBlock]) -> None:
+    async def _nixl_read(self, link: PeerLink, held, blocks: list[pb.PeerBlock]) -> int:
+        """READs the blocks into the allocation's slots, verifying them as they land; returns how
+        many blocks, from the first, landed with their checksum."""
         local, remote = self.store.arena, link.hello
         pairs = []
         for slot, block in zip(held.items, blocks):
@@ -337,9 +351,10 @@ class PeerFetcher:
                 raise OSError(f"peer {link.address} described a block outside its arena")
             pairs.append((local.address + slot * local.slot_bytes,
                           remote.arena_address + block.slot * remote.slot_bytes, block.length))
-        reading = asyncio.ensure_future(asyncio.to_thread(self._read_batches, link.agent, pairs))
+        sums = [block.checksum for block in blocks]
+        reading = asyncio.ensure_future(asyncio.to_thread(self._read_verified, link.agent, pairs, held.items, sums))
         try:
-            await asyncio.shield(reading)
+            return await asyncio.shield(reading)
         finally:
             if not reading.done():
                 # The caller went away, but the READ still targets our slots: they may be reused
@@ -349,17 +364,48 @@ class PeerFetcher:
             if isinstance(failure, TransferAbandoned):
                 self._withhold(held, failure.settled)
 
-    def _read_batches(self, agent: str, pairs: list[tuple[int, int, int]]) -> None:
-        """Worker thread: the pairs in READs within the transport's per-read bounds."""
-        batch, size = [], 0
-        for pair in pairs:
-            if batch and (len(batch) == MAX_PAIRS_PER_READ or size + pair[2] > MAX_BYTES_PER_READ):
-                self.transport.read(agent, batch, self.cfg.peers.timeout_s)
-                batch, size = [], 0
-            batch.append(pair)
-            size += pair[2]
-        if batch:
-            self.transport.read(agent, batch, self.cfg.peers.timeout_s)
+    def _read_verified(self, agent: str, pairs: list[tuple[int, int, int]], slots: list[int],
+                       sums: list[int]) -> int:
+        """Worker thread: READs the pairs in pieces (within the transport's per-read bounds) and has
+        each piece verified in the verifier pool while the next one is read. Returns how many blocks,
+        from the first, landed with their checksum; stops reading after a block that failed. Returns
+        or raises only once no verification is reading the slots any more."""
+        pieces = _pieces(pairs)
+        verifying: list[concurrent.futures.Future] = []
+        try:
+            for start, end in pieces:
+                if any(f.done() and f.result() < e - s for f, (s, e) in zip(verifying, pieces)):
+                    break  # a block already failed: what follows it would be dropped anyway
+                self.transport.read(agent, pairs[start:end], self.cfg.peers.timeout_s)
+                verifying.append(self._verifier.submit(self._verify, slots[start:end],
+                                                       [n for _, _, n in pairs[start:end]], sums[start:end]))
+        finally:
+            concurrent.futures.wait(verifying)
+        good = 0
+        for future, (start, end) in zip(verifying, pieces):
+            ok = future.result()
+            good += ok
+            if ok < end - start:
+                break
+        return good
+
+    def _verify(self, slots: list[int], lengths: list[int], sums: list[int]) -> int:
+        """Verifier thread: how many of the blocks, from the first, match their checksum."""
+        arena = self.store.arena
+        for index, (slot, length, expected) in enumerate(zip(slots, lengths, sums)):
+            if checksum(arena.view(slot)[:length]) != expected:
+                return index
+        return len(slots)
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("peer call in the background failed: %r", task.exception())
 
     def _withhold(self, held, settled) -> None:
         """A READ still in flight may land late: its slots leave the pool until it settles."""
@@ -404,7 +450,14 @@ class PeerFetcher:
             raise
         if blocks and filled != blocks[-1].length:
             blocks.pop()  # the stream ended inside this block
-        landed = await self._commit(held, namespace, want, blocks)
+        try:
+            verified = await asyncio.get_running_loop().run_in_executor(
+                self._verifier, self._verify, held.items[:len(blocks)], [b.length for b in blocks],
+                [b.checksum for b in blocks])
+        except BaseException:
+            self._abort(held)
+            raise
+        landed = await self._commit(held, namespace, want, blocks, verified)
         self.counters.fetched_blocks_grpc += landed
         if broken is not None:
             self._failed(link, f"stream after {landed} of {len(want)} blocks", broken)
@@ -424,22 +477,39 @@ class PeerFetcher:
         view[filled:filled + len(chunk.data)] = chunk.data
         return filled + len(chunk.data)
 
-    async def _commit(self, held, namespace: str, want: list[bytes], blocks: list[pb.PeerBlock]) -> int:
-        """Verifies each pulled block on arrival and commits the verified prefix."""
+    async def _commit(self, held, namespace: str, want: list[bytes], blocks: list[pb.PeerBlock],
+                      verified: int) -> int:
+        """Commits the prefix of the pulled blocks that passed verification on arrival (`verified`
+        of them, checked by _verify against the bytes in the slots); a block that failed is dropped
+        with everything after it."""
         staged = []
-        for key, slot, block in zip(want, held.items, blocks):
-            if checksum(self.store.arena.view(slot)[:block.length]) != block.checksum:
-                self.counters.corrupt_blocks += 1
-                log.error("block %s/%s from a peer failed verification: dropped with the rest of the chain",
-                          namespace, key.hex())
-                break
+        for key, slot, block in zip(want[:verified], held.items, blocks[:verified]):
             staged.append(Staged(key, block.parent, slot, block.length, block.checksum, _retention_of(block)))
+        if verified < len(blocks):
+            self.counters.corrupt_blocks += 1
+            log.error("block %s/%s from a peer failed verification: dropped with the rest of the chain",
+                      namespace, want[verified].hex())
         if not staged:
             self.store.abort(held.id)
             return 0
         statuses = await self.store.commit(held.id, namespace, staged, wait_durable=False, verified=True)
         self.counters.fetched_bytes += sum(s.length for s in staged)
         return sum(1 for status in statuses if status in (pb.STORED, pb.DUPLICATE))
+
+
+def _pieces(pairs: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """(start, end) index ranges of pairs, each one READ: about VERIFY_PIECE_BYTES (at least one
+    block), never over the transport's MAX_PAIRS_PER_READ / MAX_BYTES_PER_READ."""
+    limit = min(VERIFY_PIECE_BYTES, MAX_BYTES_PER_READ)
+    out, start, size = [], 0, 0
+    for index, (_, _, length) in enumerate(pairs):
+        if index > start and (index - start == MAX_PAIRS_PER_READ or size + length > limit):
+            out.append((start, index))
+            start, size = index, 0
+        size += length
+    if start < len(pairs):
+        out.append((start, len(pairs)))
+    return out
 
 
 def _found_prefix(blocks) -> list[pb.PeerBlock]:
