@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvtier.tiers.eviction import EvictionPolicy, LruPolicy
-from kvtier.tiers.retention import (DEFAULT_RETENTION, RETENTION_POLICIES, Retention, RetentionPolicy,
+from kvtier.tiers.retention import (DEFAULT_RETENTION, RETENTION_POLICIES, HitDensity, Retention, RetentionPolicy,
                                     parse_cache_control, range_retention)
 from kvtier.tiers.slots import FreeList, SlotTier
 
@@ -119,7 +119,7 @@ def test_ttl_pins_survive_a_tool_call_pause_where_lru_evicts(clock, policy):
         lru.inserted(b)
     assert list(lru.candidates())[:3] == conv      # LRU: the paused conversation goes first
     order = list(policy.candidates())
-    assert order[:3] == noise and order[3:] == conv
+    assert order[:3] == noise and order[3:] == conv[::-1]   # pinned, one window: the chain's tail first
     assert all(policy.is_ttl_pinned(b) for b in conv) and not any(policy.is_ttl_pinned(b) for b in noise)
 
 
@@ -234,3 +234,159 @@ def test_slot_tier_caller_counts_pressure_evictions(clock):
     pressure = [v for v in victims if policy.is_ttl_pinned(v)]
     slots, evicted = tier.reserve(2)
     assert evicted == victims == [1, 0] and pressure == [0]
+
+
+# -- pinned order: rank merge, windows, hit density ------------------------------------------------
+CONV_5M = Retention("conversation", 50, 300)
+
+
+def test_pinned_subagent_ranks_with_conversation_unpinned_below_it(clock, policy):
+    """A running subagent (pinned) is re-read every turn: among pinned blocks it is not evicted just for
+    its class; once unpinned (finished: demoted without TTL) it goes before any conversation block."""
+    fill(policy, [("sub_running", Retention("subagent", 50, 300))])
+    clock.advance(5)
+    fill(policy, [("conv", CONV_5M)])
+    assert list(policy.candidates()) == ["sub_running", "conv"]      # older window first (no data yet)
+    policy.accessed("sub_running")                                    # its next turn
+    assert list(policy.candidates()) == ["conv", "sub_running"]      # a class rank would keep "conv"
+    fill(policy, [("conv_plain", Retention("conversation", 50))])
+    policy.retain("sub_running", Retention("subagent", 50))           # finished: demoted, no TTL
+    assert list(policy.candidates()) == ["sub_running", "conv_plain", "conv"]
+
+
+def test_pinned_window_yields_chain_tail_first(clock, policy):
+    chain = [("s", i) for i in range(4)]
+    fill(policy, [(b, CONV_5M) for b in chain])
+    clock.advance(0.2)                                                # same window (epoch_s = 1)
+    policy.accessed(chain[0])                                         # re-filed last: goes first
+    assert list(policy.candidates()) == [chain[0], chain[3], chain[2], chain[1]]
+    clock.advance(2)
+    for b in chain:                                                   # the next request re-reads the prefix
+        policy.accessed(b)
+    assert list(policy.candidates()) == chain[::-1]
+
+
+def test_pinned_order_lru_option_and_validation(clock):
+    lru_pinned = RetentionPolicy(clock=clock, pinned_order="lru")
+    fill(lru_pinned, [("a", CONV_5M)])
+    clock.advance(10)
+    fill(lru_pinned, [("b", CONV_5M)])
+    assert list(lru_pinned.candidates()) == ["a", "b"]
+    with pytest.raises(ValueError):
+        RetentionPolicy(clock=clock, pinned_order="mru")
+    with pytest.raises(ValueError):
+        RetentionPolicy(clock=clock, epoch_s=0)
+
+
+def test_hit_density_model():
+    model = HitDensity(refresh=1)
+    assert model.density(5) == 0                                      # no data
+    for _ in range(100):
+        model.record(10.2, hit=True)                                  # re-read 10 s after the last read
+    for _ in range(5):
+        model.record(100.0, hit=False)                                # gone: evicted after 100 s unused
+    young, due, old = model.density(0.3), model.density(9.0), model.density(150.0)
+    assert due > young > 0 and old == 0
+    assert HitDensity.bin_of(0) == 0 and HitDensity.bin_of(0.49) == 0 and HitDensity.bin_of(0.5) == 1
+    assert HitDensity.bin_of(1e9) == len(HitDensity.EDGES)
+    decaying = HitDensity(refresh=1, decay_every=4)
+    for _ in range(4):
+        decaying.record(10.2, hit=True)
+    assert sum(decaying.hits) == 2.0 and sum(decaying.ends) == 2.0     # halved every 4 events
+    with pytest.raises(ValueError):
+        HitDensity(refresh=0)
+
+
+def train_sessions(clock, policy, pause: float = 10.0, rounds: int = 60, dead_after: float = 100.0):
+    """History the policy learns from: conversation blocks re-read every `pause` s, and some blocks
+    stored, never read again and evicted after `dead_after` s."""
+    for r in range(rounds):
+        blocks = [("train", r, i) for i in range(4)]
+        fill(policy, [(b, CONV_5M) for b in blocks])
+        clock.advance(pause)
+        for b in blocks:
+            policy.accessed(b)                                        # hit at age `pause`
+        clock.advance(pause)
+        for b in blocks:
+            policy.accessed(b)
+        if r % 10 == 0:
+            gone = ("gone", r)
+            fill(policy, [(gone, CONV_5M)])
+            clock.advance(dead_after)
+            policy.removed(gone)                                      # evicted unread (a removal = an end)
+        for b in blocks:
+            policy.removed(b)
+
+
+def test_density_keeps_the_session_due_back_and_drops_the_one_just_served_or_gone(clock, policy):
+    """Learned from history: sessions come back ~10 s after a request. Under pressure the pinned order
+    is: the session idle far longer than any pause seen (gone) first, then the one that was just served
+    (its tool call has just started), and last the one that has been paused for 9 s (due back now).
+    Plain LRU among pinned blocks would keep the one just served and evict the one due back."""
+    train_sessions(clock, policy)
+    fill(policy, [(("old", i), CONV_5M) for i in range(2)])
+    for b in [("old", i) for i in range(2)]:
+        policy.accessed(b)                                            # a reused session ...
+    clock.advance(150)                                                # ... idle for 150 s: gone
+    fill(policy, [(("due", i), CONV_5M) for i in range(2)])
+    for b in [("due", i) for i in range(2)]:
+        policy.accessed(b)
+    clock.advance(9)
+    fill(policy, [(("fresh", i), CONV_5M) for i in range(2)])
+    for b in [("fresh", i) for i in range(2)]:
+        policy.accessed(b)
+    clock.advance(0.3)
+    order = list(policy.candidates())
+    assert [b[0] for b in order] == ["old", "old", "fresh", "fresh", "due", "due"]
+    assert all(policy.is_ttl_pinned(b) for b in order)               # all pinned: the order is the policy's
+
+
+def test_blocks_never_hit_are_modelled_apart_from_reused_ones(clock, policy):
+    """Two kinds within one class: stored-and-never-read blocks (here they are never read, evicted
+    after 50 s) and blocks already hit once (re-read every 10 s). A never-read block goes before a
+    reused one of the same age even when the reused one is older."""
+    for r in range(60):
+        reused = ("reused", r)
+        fill(policy, [(reused, CONV_5M)])
+        clock.advance(1)
+        policy.accessed(reused)
+        clock.advance(10)
+        policy.accessed(reused)                                       # reused kind: hit at age 10
+        one_off = ("one_off", r)
+        fill(policy, [(one_off, CONV_5M)])
+        clock.advance(50)
+        policy.removed(one_off)                                       # never-read kind: ends unread
+        policy.removed(reused)
+    fill(policy, [("r", CONV_5M)])
+    clock.advance(1)
+    policy.accessed("r")
+    clock.advance(1.5)
+    fill(policy, [("n", CONV_5M)])                                    # younger, but of the kind never read
+    clock.advance(3)
+    assert list(policy.candidates()) == ["n", "r"]
+
+
+def test_slot_tier_reserve_with_density_order_counts_pressure(clock):
+    """SlotTier walks candidates(): a tier-pinned (transfer) block is skipped, the learned order decides
+    among TTL-pinned blocks, and every such victim is a pressure eviction."""
+    policy = RetentionPolicy(clock=clock)
+    train_sessions(clock, policy, rounds=30)
+    tier = SlotTier(Pool(6), policy)
+    for name, age in (("gone", 150), ("due", 9), ("fresh", 0.3)):
+        for i in range(2):
+            slots, _ = tier.reserve(1)
+            policy.retain((name, i), CONV_5M)
+            tier.install((name, i), slots[0], 1)
+            policy.accessed((name, i))
+    # ages: install order is time order; re-touch to give each pair its age
+    clock.advance(150)
+    for i in range(2):
+        tier.touch(("due", i))
+    clock.advance(9)
+    for i in range(2):
+        tier.touch(("fresh", i))
+    clock.advance(0.3)
+    tier.pin(("gone", 0))                                             # being read: the tier skips it
+    slots, evicted = tier.reserve(3)
+    assert evicted == [("gone", 1), ("fresh", 1), ("fresh", 0)] and tier.pressure_evictions == 3
+    tier.unreserve(slots)
