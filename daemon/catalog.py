@@ -15,6 +15,7 @@ import time
 from sortedcontainers import SortedDict
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.tiers.retention import Retention
 
 from .errors import exhausted, not_found, precondition
 
@@ -57,14 +58,23 @@ class Block:
         return pb.BlockInfo(namespace=self.namespace, key=self.key, parent=self.parent, length=self.length,
                             checksum=self.checksum, tiers=self.tiers, created_unix_ms=self.created_ms,
                             last_access_unix_ms=self.last_access_ms, hits=self.hits, readers=self.readers,
-                            write_pending=self.write_pending, retention=_retention_message(self.retention),
+                            write_pending=self.write_pending, retention=retention_message(self.retention),
                             pinned_until_unix_ms=self.pinned_until_ms())
 
 
-def _retention_message(retention) -> pb.Retention | None:
+def retention_message(retention: Retention | None) -> pb.Retention | None:
+    """The wire form of a block's retention (None stays unset)."""
     if retention is None:
         return None
     return pb.Retention(cls=retention.cls, priority=retention.priority, ttl_s=retention.ttl_s or 0.0)
+
+
+def retention_of(holder) -> Retention | None:
+    """The `retention` field of a message as a Retention; None when unset; ValueError when invalid."""
+    if not holder.HasField("retention"):
+        return None
+    r = holder.retention
+    return Retention(r.cls, r.priority, r.ttl_s or None)
 
 
 @dataclasses.dataclass(slots=True)

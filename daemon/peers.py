@@ -34,9 +34,11 @@ import grpc
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 from kvtier.tiers.block import checksum
+from kvtier.tiers import nixl
 from kvtier.tiers.nixl import MAX_BYTES_PER_READ, MAX_PAIRS_PER_READ, TransferAbandoned
 from kvtier.tiers.retention import Retention
 
+from .catalog import retention_message, retention_of
 from .config import Config
 from .errors import ApiError
 from .store import BlockStore, Staged
@@ -67,7 +69,6 @@ def open_transport(cfg: Config, store: BlockStore):
     """The NIXL transport over this node's arena, or (None, why) for the gRPC fallback."""
     if cfg.peers.transport == "grpc":
         return None, "peers.transport = \"grpc\""
-    from kvtier.tiers import nixl  # noqa: PLC0415
     module, reason = nixl.load_nixl()
     if module is None:
         if cfg.peers.transport == "nixl":
@@ -82,17 +83,13 @@ def node_id(cfg: Config) -> str:
     return cfg.peers.node_id or socket.gethostname()
 
 
-def _retention_of(message) -> Retention | None:
-    if not message.HasField("retention"):
+def _peer_retention(block: pb.PeerBlock) -> Retention | None:
+    """A peer's retention is a hint: an invalid one is dropped, the (verified) block is kept."""
+    try:
+        return retention_of(block)
+    except ValueError as exc:
+        log.warning("a peer sent an invalid retention (%s): the block is stored with the default", exc)
         return None
-    r = message.retention
-    return Retention(r.cls, r.priority, r.ttl_s or None)
-
-
-def _retention_message(retention) -> pb.Retention | None:
-    if retention is None:
-        return None
-    return pb.Retention(cls=retention.cls, priority=retention.priority, ttl_s=retention.ttl_s or 0.0)
 
 
 # -- owner side -------------------------------------------------------------------------------
@@ -144,7 +141,7 @@ class PeerService(pb_grpc.KvTierPeerServicer):
             return pb.PeerBlock()
         return pb.PeerBlock(found=True, slot=self.store.cpu.slot_of(block.id), length=block.length,
                             checksum=block.checksum, parent=block.parent,
-                            retention=_retention_message(block.retention))
+                            retention=retention_message(block.retention))
 
     async def Release(self, request, context):
         return await self._guard(context, self._release, request)
@@ -484,7 +481,7 @@ class PeerFetcher:
         with everything after it."""
         staged = []
         for key, slot, block in zip(want[:verified], held.items, blocks[:verified]):
-            staged.append(Staged(key, block.parent, slot, block.length, block.checksum, _retention_of(block)))
+            staged.append(Staged(key, block.parent, slot, block.length, block.checksum, _peer_retention(block)))
         if verified < len(blocks):
             self.counters.corrupt_blocks += 1
             log.error("block %s/%s from a peer failed verification: dropped with the rest of the chain",

@@ -24,6 +24,7 @@ from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 from kvtier.tiers.retention import CLASS_RANK, Retention
 
 from .auth import LOCAL, Principal
+from .catalog import retention_of
 from .config import LimitsConfig
 from .errors import ApiError, denied, invalid, precondition
 from .events import OVERFLOW
@@ -79,13 +80,11 @@ class Validator:
 
     def retention(self, holder, what: str, fallback: Retention | None = None) -> Retention | None:
         """The message's `retention` field as a Retention (fallback when unset); INVALID_ARGUMENT if bad."""
-        if not holder.HasField("retention"):
-            return fallback
-        r = holder.retention
         try:
-            return Retention(r.cls, r.priority, r.ttl_s or None)
+            retention = retention_of(holder)
         except ValueError as exc:
             raise invalid(f"{what}.retention: {exc}") from exc
+        return fallback if retention is None else retention
 
     def attributes(self, attributes) -> dict[str, str]:
         if len(attributes) > self.limits.max_attributes:

@@ -12,12 +12,12 @@ import importlib.util
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from s3server import free_port
 from certs import Authority, peer_overrides
 from kvtier.client import block_checksum
 from kvtier.proto.v1 import kvtier_pb2 as pb
@@ -30,11 +30,6 @@ DAEMON = {"cpu.capacity": "64MiB", "cpu.slot_bytes": "64KiB", "disk.capacity": "
 # that silently skips the engine tests would pass without proving anything.
 assert importlib.util.find_spec("vllm") is not None, "vLLM is not installed: run `make test`"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tokens(seed: int, n: int = 100) -> list[int]:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from certs import Authority
 from kvtier.daemon.auth import token_digest
 from kvtier.proto.v1 import kvtier_pb2 as pb
-from test_security import free_port
+from s3server import free_port
 
 SERVICE = pb.DESCRIPTOR.services_by_name["KvTier"]
 METHODS = [m for m in SERVICE.methods]

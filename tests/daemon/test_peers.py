@@ -6,23 +6,18 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import threading
 import time
 
 import pytest
 
+from s3server import free_port
 from certs import Authority, peer_overrides
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 TRANSPORTS = ["nixl", "grpc"]
 ATTRS = {"model": "tiny", "block_tokens": "16"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chain(n: int, seed: int = 1, size: int = 50_000) -> list[tuple[bytes, bytes, bytes]]:

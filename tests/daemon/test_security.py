@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import grpc
@@ -12,17 +11,13 @@ from kvtier.client import Client
 from kvtier.daemon.auth import AuthConfigError, TokenTable, token_digest
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
+from s3server import free_port
 from certs import Authority
 
 TOKENS = {"admin": "admin-token-0123456789abcdef", "a": "tenant-a-token-0123456789",
           "b": "tenant-b-token-0123456789", "old": "expired-token-0123456789ab"}
 KEY = b"k" * 32
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_tokens(path) -> str:
