@@ -28,12 +28,20 @@ $(VENV)/.installed-engines: $(VENV)/.installed requirements/engines.txt requirem
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# s3rver: a second S3 implementation (it ignores If-None-Match) for the S3 tests; node and npm come
+# with the machine, or from Debian.
+NODE_DEPS := tests/node/node_modules/.installed
+$(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
+	cd tests/node && npm ci --silent --no-audit --no-fund
+	touch $@
+
 venv: $(VENV)/.installed
 
 run: venv
 	$(VENV)/bin/kvtierd $(if $(CONFIG),-c $(CONFIG))
 
-test: $(VENV)/.installed-engines
+test: $(VENV)/.installed-engines $(NODE_DEPS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv

@@ -96,9 +96,7 @@ def main(argv=None) -> dict:
                                                     response_checksum_validation="when_required")),
     }
     bodies = {"boto3 defaults": payloads, "boto3 tuned": buffers}
-    journal = work_dir(args.out) / f"s3-journal-{os.getpid()}"
-    tier = S3Tier(S3Config(endpoint, BUCKET, prefix="bench", region="us-east-1", max_concurrency=args.threads),
-                  str(journal), journal_map_bytes=16 << 20)
+    tier = S3Tier(S3Config(endpoint, BUCKET, prefix="bench", region="us-east-1", max_concurrency=args.threads))
     pool = ThreadPoolExecutor(args.threads)
     local = threading.local()
 
@@ -168,7 +166,6 @@ def main(argv=None) -> dict:
         tier.close()
         for client in clients.values():
             client.close()
-        shutil.rmtree(journal, ignore_errors=True)
         if server is not None:
             server.__exit__()
 

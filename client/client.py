@@ -33,13 +33,22 @@ def target_of(address: str) -> str:
     return address
 
 
+CONNECT_TIMEOUT_MS = 20_000  # the least time one connection attempt is given (see _channel_args)
+
+
 def _channel_args(token: str | None):
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                # A restarted daemon is back within a second or two; gRPC's default backoff (up to
                # 2 min) would turn that into minutes of misses for a long-running engine.
-               ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-               ("grpc.max_reconnect_backoff_ms", 2000)]
+               ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000),
+               # NOT the backoff: gRPC core reads grpc.min_reconnect_backoff_ms as the minimum time
+               # one connection attempt may take (the server's HTTP/2 SETTINGS frame must arrive
+               # within it). 100 ms failed every call with UNAVAILABLE ("connection attempt timed out
+               # before receiving SETTINGS frame") whenever a loaded daemon answered a new connection
+               # late. Stated explicitly at gRPC's own default, 20 s; a refused connection (no daemon)
+               # still fails at once and is retried after the short backoff above.
+               ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS)]
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     return options, metadata
 
@@ -167,7 +176,8 @@ class Client:
         """Any unary RPC (a stub method) with this client's token and deadline."""
         return method(request, metadata=self._metadata, timeout=self.timeout)
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Blocks until the channel is connected (raises grpc.FutureTimeoutError past `timeout`)."""
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
 
     # namespaces, lookup

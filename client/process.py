@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .client import Client
+from .client import Client, _open_channel
 
 
 def toml_text(data_dir: str, overrides: dict, log_level: str = "info") -> str:
@@ -73,27 +73,39 @@ class DaemonProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 60.0) -> "DaemonProcess":
+    def start(self, timeout: float = 120.0) -> "DaemonProcess":
+        """Starts kvtierd and returns once gRPC health says SERVING on its socket; raises (with the
+        log) if it exits first or is not serving within `timeout` seconds (generous: a loaded machine
+        may need many seconds just to import it)."""
         env = None if self.env is None else {**os.environ, **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, *self.python_args, "-m", "kvtier.daemon.main",
                                           "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kvtierd exited with {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.socket) and self._serving():
-                return self
-            time.sleep(0.05)
+        # One channel for the whole wait, with the client's connection settings: each attempt is
+        # given gRPC's full connect timeout, not a short per-call one that a slow start would miss.
+        channel, _ = _open_channel(grpc, self.socket, None, None)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"kvtierd exited with {self.proc.returncode}:\n{self.log()}")
+                if os.path.exists(self.socket) and self._serving(channel, deadline):
+                    return self
+                time.sleep(0.05)  # polls the process and its socket file; bounded by `deadline`
+        finally:
+            channel.close()
         self.kill()
         raise TimeoutError(f"kvtierd did not start in {timeout}s:\n{self.log()}")
 
-    def _serving(self) -> bool:
-        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            except grpc.RpcError:
-                return False
+    def _serving(self, channel, deadline: float) -> bool:
+        # Each check waits for the connection (wait_for_ready) up to a few seconds, then the loop
+        # looks at the process again: a daemon that died is reported at once, not at the deadline.
+        wait = max(0.1, min(5.0, deadline - time.monotonic()))
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=wait,
+                                                              wait_for_ready=True)
+        except grpc.RpcError:
+            return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def client(self) -> Client:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -19,6 +20,7 @@ from kvtier.tiers.retention import Retention
 
 from .errors import exhausted, not_found, precondition
 
+log = logging.getLogger("kvtier.catalog")
 SCAN_PAGES_PER_CALL = 64  # a filtered page call examines at most this many pages' worth of blocks
 TIER_NAMES = {pb.TIER_GPU: "gpu", pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk", pb.TIER_S3: "s3"}
 
@@ -38,8 +40,6 @@ class Block:
     last_access_ms: int = 0
     hits: int = 0
     tiers: int = 0
-    readers: int = 0
-    write_pending: bool = False
     retention: object = None  # kvtier.tiers.retention.Retention, re-applied whenever a tier installs it
     retained_ms: int = 0      # when the retention was last set: with a hit, it restarts the TTL pin
 
@@ -54,11 +54,12 @@ class Block:
     def id(self) -> tuple[str, bytes]:
         return (self.namespace, self.key)
 
-    def info(self) -> pb.BlockInfo:
+    def info(self, readers: int = 0, write_pending: bool = False) -> pb.BlockInfo:
+        """The wire form; `readers` and `write_pending` come from the CPU tier's holds (its owner)."""
         return pb.BlockInfo(namespace=self.namespace, key=self.key, parent=self.parent, length=self.length,
                             checksum=self.checksum, tiers=self.tiers, created_unix_ms=self.created_ms,
-                            last_access_unix_ms=self.last_access_ms, hits=self.hits, readers=self.readers,
-                            write_pending=self.write_pending, retention=retention_message(self.retention),
+                            last_access_unix_ms=self.last_access_ms, hits=self.hits, readers=readers,
+                            write_pending=write_pending, retention=retention_message(self.retention),
                             pinned_until_unix_ms=self.pinned_until_ms())
 
 
@@ -95,20 +96,34 @@ class Catalog:
         self.bytes = 0
 
     # -- namespaces -------------------------------------------------------------------------
-    def load_namespaces(self) -> None:
-        try:
-            with open(self._path, encoding="utf-8") as file:
-                saved = json.load(file)
-        except FileNotFoundError:
-            return
-        for name, attributes in saved.items():
-            self.namespaces[name] = Namespace(name, dict(attributes))
+    def load_namespaces(self) -> str:
+        """Loads namespaces.json, or its backup when it is damaged; returns what happened (for the
+        recovery log line). With both damaged it starts empty and the namespaces are re-adopted from
+        the blocks' headers as recovery finds them (their attributes come back with the next
+        registration)."""
+        problems = []
+        for path in (self._path, self._path + ".bak"):
+            try:
+                saved = _read_namespaces(path)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                problems.append(f"{os.path.basename(path)} unreadable ({exc})")
+                log.error("namespace registry %s is damaged (%s); trying the next copy", path, exc)
+                continue
+            for name, attributes in saved.items():
+                self.namespaces[name] = Namespace(name, dict(attributes))
+            what = f"{len(saved)} namespaces from {os.path.basename(path)}"
+            return "; ".join(problems + [what])
+        if problems:
+            log.error("namespace registry lost: %s; namespaces are re-adopted from the blocks on disk",
+                      "; ".join(problems))
+        return "; ".join(problems + ["no namespace registry"])
 
     def register(self, name: str, attributes: dict[str, str]) -> bool:
         existing = self.namespaces.get(name)
         if existing is not None and existing.adopted:
             existing.attributes, existing.adopted = dict(attributes), False  # first registration names it
-            self._save()
             return False
         if existing is not None:
             if existing.attributes != attributes:
@@ -118,7 +133,6 @@ class Catalog:
         if len(self.namespaces) >= self._max_namespaces:
             raise exhausted(f"namespace limit reached ({self._max_namespaces}); raise limits.max_namespaces")
         self.namespaces[name] = Namespace(name, dict(attributes))
-        self._save()
         return True
 
     def adopt_namespace(self, name: str) -> Namespace:
@@ -127,13 +141,16 @@ class Catalog:
             self.namespaces[name] = Namespace(name, {}, adopted=True)
         return self.namespaces[name]
 
-    def _save(self) -> None:
-        tmp = self._path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as file:
-            json.dump({n.name: n.attributes for n in self.namespaces.values()}, file, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, self._path)
+    def registry(self) -> bytes:
+        """The registry's file contents now (event loop); `save` writes them (any thread)."""
+        return json.dumps({n.name: n.attributes for n in self.namespaces.values() if not n.adopted},
+                          sort_keys=True).encode()
+
+    def save(self, data: bytes) -> None:
+        """Writes the registry and then its backup, each atomically (tmp, fsync, rename, dir fsync):
+        a crash or a damaged file leaves at least one good copy. One writer at a time."""
+        for path in (self._path, self._path + ".bak"):
+            _write_atomically(path, data)
 
     def namespace(self, name: str) -> Namespace:
         found = self.namespaces.get(name)
@@ -215,6 +232,30 @@ class Catalog:
                     return out, _token(out[-1])
                 out.append(block)
         return out, b""
+
+
+def _read_namespaces(path: str) -> dict:
+    """Parses a registry file; ValueError when it is not a JSON object of string attribute maps."""
+    with open(path, "rb") as file:
+        saved = json.loads(file.read().decode("utf-8"))
+    if not isinstance(saved, dict) or not all(
+            isinstance(attrs, dict) and all(isinstance(v, str) for v in attrs.values()) for attrs in saved.values()):
+        raise ValueError("not a map of namespace -> attributes")
+    return saved
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _token(block: Block) -> bytes:

@@ -64,6 +64,7 @@ class DiskConfig:
     queue_blocks: int = 1024    # bound on the write-through backlog
     batch_blocks: int = 64      # blocks per fdatasync
     readers: int = 4            # threads serving disk reads
+    durable_wait_ms: int = 30_000  # a wait_durable commit fails UNAVAILABLE after this long (disk stuck)
 
 
 @dataclasses.dataclass
@@ -89,6 +90,7 @@ class S3TierConfig:
     read_timeout_s: float = 10.0
     list_interval_s: float = 60.0   # how often to list the bucket for blocks other nodes uploaded
     max_catalog_blocks: int = 2_000_000  # listing adopts others' blocks only while the catalog is smaller
+    allow_unconditional_puts: bool = False  # start even if the endpoint ignores If-None-Match (no cross-node dedup)
 
 
 @dataclasses.dataclass
@@ -104,6 +106,7 @@ class LimitsConfig:
     max_wait_ms: int = 30_000
     max_active_leases: int = 65536
     max_watchers: int = 64
+    max_ttl_s: float = 604_800.0   # longest retention TTL pin a client may ask for (7 days)
     put_chunk_bytes: int = 1 << 20
 
 
@@ -226,6 +229,8 @@ def validate(cfg: Config) -> Config:
         (1 <= cfg.disk.batch_blocks <= cfg.disk.queue_blocks <= 1 << 20,
          "need 1 <= disk.batch_blocks <= disk.queue_blocks <= 1048576"),
         (1 <= cfg.disk.readers <= 64, "disk.readers must be 1..64"),
+        (100 <= cfg.disk.durable_wait_ms <= 600_000, "disk.durable_wait_ms must be 100..600000"),
+        (1 <= cfg.limits.max_ttl_s <= 365 * 86400, "limits.max_ttl_s must be 1..31536000"),
         (1 <= cfg.limits.max_key_bytes <= 32, "limits.max_key_bytes must be 1..32"),
         (1 <= cfg.limits.max_keys_per_request <= 65536, "limits.max_keys_per_request must be 1..65536"),
         (1 <= cfg.limits.max_page_size <= 10000, "limits.max_page_size must be 1..10000"),

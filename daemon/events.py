@@ -12,9 +12,8 @@ from collections import deque
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 from .catalog import now_ms
-from .errors import ApiError, exhausted
+from .errors import exhausted, out_of_range
 
-import grpc
 
 OVERFLOW = object()
 
@@ -49,8 +48,8 @@ class EventLog:
         if from_seq:
             oldest = self._ring[0].seq if self._ring else self.seq + 1
             if from_seq < oldest and from_seq <= self.seq:
-                raise ApiError(grpc.StatusCode.OUT_OF_RANGE,
-                               f"sequence {from_seq} is no longer in the replay ring (oldest is {oldest}); "
+                raise out_of_range(
+                    f"sequence {from_seq} is no longer in the replay ring (oldest is {oldest}); "
                                "take a fresh Inventory and watch from the current sequence")
             replay = [e for e in self._ring if e.seq >= from_seq]
         queue: asyncio.Queue = asyncio.Queue(maxsize=self._watcher_queue)

@@ -34,7 +34,8 @@ from .auth import AuthConfigError, Principal, TokenTable
 from .errors import unauthenticated
 from .peers import PeerService
 from .service import KvTierService, Validator, add_to_server
-from .store import BlockStore
+from .s3sync import S3Refused
+from .store import BlockStore, wait_event
 
 log = logging.getLogger("kvtierd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvTier"].full_name
@@ -42,6 +43,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvTier"].full_name
 # below TimeoutStopSec= in packaging/kvtierd.service (60 s), or systemd SIGKILLs a draining daemon.
 GRPC_GRACE_S = 5.0
 DRAIN_TIMEOUT_S = 30.0
+HEALTH_INTERVAL_S = 1.0     # how often health follows the store's problems
 STATUS_INTERVAL_S = 10.0    # STATUS= refresh when there is no watchdog to piggyback on
 RELOADABLE = {"log_level"}  # config keys SIGHUP applies; any other change needs a restart
 
@@ -90,17 +92,26 @@ class StartupError(Exception):
 
 
 def lock_data_dir(data_dir: str) -> int:
+    """Locks the data dir itself (flock on the directory), so that removing or replacing a lock file
+    cannot let a second kvtierd in; kvtierd.lock only tells the owner's pid to whoever looks."""
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(data_dir, "kvtierd.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise StartupError(f"data dir {data_dir} is in use by another kvtierd (pid {owner or '?'})") from exc
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        raise StartupError(f"data dir {data_dir} is in use by another kvtierd (pid {_lock_owner(data_dir)})") from exc
+    with open(os.path.join(data_dir, "kvtierd.lock"), "w", encoding="utf-8") as file:
+        file.write(f"{os.getpid()}\n")
     return fd
+
+
+def _lock_owner(data_dir: str) -> str:
+    try:
+        with open(os.path.join(data_dir, "kvtierd.lock"), encoding="utf-8") as file:
+            return file.read(32).strip() or "?"
+    except OSError:
+        return "?"
 
 
 def prepare_socket_path(path: str) -> None:
@@ -219,7 +230,10 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     lock_fd = lock_data_dir(cfg.data_dir)
     sd_notify("STATUS=recovering the disk tier")
     store = BlockStore(cfg)
-    report = await store.start()
+    try:
+        report = await store.start()
+    except S3Refused as exc:
+        raise StartupError(str(exc)) from exc
     log.info("recovery: %s; %d blocks in %d namespaces", report, store.catalog.blocks,
              len(store.catalog.namespaces))
     kv_events = await _start_kv_events(cfg, store)
@@ -227,6 +241,7 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     servers, health_servicer = await _listen(cfg, store, transport, peers)
     metrics = serve_metrics(store, cfg.metrics.listen) if cfg.metrics.listen else None
     stop = asyncio.Event()
+    store._spawn(_report_health(store, health_servicer, stop), "health")
     beat = Heartbeat(lambda: status_line(store, draining=stop.is_set()), watchdog_period_s())
     _install_signal_handlers(stop, beat, reloader)
     log.info("kvtierd ready on unix:%s%s%s (cpu %d MiB in %d slots, disk %s)", cfg.server.socket,
@@ -245,6 +260,27 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
         metrics[0].shutdown()
     os.close(lock_fd)
     log.info("kvtierd stopped")
+
+
+async def _report_health(store: BlockStore, health_servicer, stop: asyncio.Event) -> None:
+    """NOT_SERVING (with a log line saying why) while the store cannot keep its promises, e.g. the
+    disk write-through or the S3 upload is stuck; SERVING again once it can."""
+    current = None
+    while True:  # supervised by the store: it must never end by itself, only be cancelled at close
+        if stop.is_set():  # draining: health is already NOT_SERVING for good
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            continue
+        problem = store.problem()
+        if problem != current:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING if problem else health_pb2.HealthCheckResponse.SERVING
+            if problem:
+                log.error("health: NOT_SERVING: %s", problem)
+            elif current is not None:
+                log.warning("health: SERVING again")
+            await health_servicer.set(SERVICE_NAME, status)
+            await health_servicer.set("", status)
+            current = problem
+        await wait_event(stop, HEALTH_INTERVAL_S)
 
 
 async def _start_kv_events(cfg: config_mod.Config, store: BlockStore):

@@ -1,32 +1,47 @@
 """Prometheus /metrics: a collector that reads the store's counters at scrape time.
 
-Reading plain ints from the HTTP thread is safe under the GIL; values are a snapshot, which is
-what a scrape wants. Nothing here is on the request path.
+The store is event-loop-only state, so a scrape (on the HTTP server's thread) asks the loop for a
+snapshot and waits for it (bounded): a consistent view, never a read of state being changed.
+Nothing here is on the request path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
+SCRAPE_TIMEOUT_S = 5.0
+
+
 class StoreCollector:
-    def __init__(self, store):
+    def __init__(self, store, loop: asyncio.AbstractEventLoop | None = None):
         self.store = store
+        self.loop = loop
 
     def collect(self):
+        if self.loop is None:  # the caller is on the loop's thread (tests)
+            return list(self._families())
+
+        async def snapshot():
+            return list(self._families())
+        return asyncio.run_coroutine_threadsafe(snapshot(), self.loop).result(SCRAPE_TIMEOUT_S)
+
+    def _families(self):
         store = self.store
         for name, value in dataclasses.asdict(store.counters).items():
             yield CounterMetricFamily(f"kvtier_{name}", f"kvtier {name.replace('_', ' ')}", value=value)
         gauges = {"blocks": store.catalog.blocks, "bytes": store.catalog.bytes,
                   "write_backlog": store.backlog, "active_leases": len(store.leases),
                   "active_allocations": len(store.allocations), "event_seq": store.events.seq,
-                  "watchers": store.events.watchers}
+                  "watchers": store.events.watchers, "healthy": int(store.problem() is None)}
         if store.s3sync is not None:  # the outage signal: obligations waiting, and whether S3 answers
             gauges["upload_backlog"] = store.s3sync.backlog
             gauges["s3_reachable"] = int(store.s3sync.reachable)
+            gauges["s3_conditional_puts"] = int(store.s3sync.conditional_puts)  # 0: no cross-node dedup
             for name, value in dataclasses.asdict(store.s3sync.counters).items():
                 yield CounterMetricFamily(f"kvtier_s3_{name}", f"kvtier s3 {name.replace('_', ' ')}", value=value)
         if store.peers is not None:
@@ -52,8 +67,8 @@ class StoreCollector:
 
 
 def serve_metrics(store, listen: str):
-    """Starts the /metrics HTTP endpoint on host:port; returns (server, thread)."""
+    """Starts the /metrics HTTP endpoint on host:port; returns (server, thread). Call from the loop."""
     host, _, port = listen.rpartition(":")
     registry = CollectorRegistry()
-    registry.register(StoreCollector(store))
+    registry.register(StoreCollector(store, asyncio.get_running_loop()))
     return start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)

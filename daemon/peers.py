@@ -40,7 +40,7 @@ from kvtier.tiers.retention import Retention
 
 from .catalog import retention_message, retention_of
 from .config import Config
-from .errors import ApiError
+from .errors import ApiError, grpc_code, invalid
 from .store import BlockStore, Staged
 
 log = logging.getLogger("kvtier.peers")
@@ -127,7 +127,7 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         namespace = self.check.namespace(request.namespace)
         keys = self.check.keys(request.keys)
         if len(keys) > self.cfg.peers.max_blocks_per_fetch:
-            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise invalid(
                            f"at most peers.max_blocks_per_fetch={self.cfg.peers.max_blocks_per_fetch} keys")
         lease_ms = min(request.lease_ms or self.cfg.peers.lease_ms, self.cfg.peers.lease_ms)
         held, found = await self.store.acquire(namespace, keys, lease_ms)
@@ -139,7 +139,7 @@ class PeerService(pb_grpc.KvTierPeerServicer):
     def _peer_block(self, block) -> pb.PeerBlock:
         if block is None:
             return pb.PeerBlock()
-        return pb.PeerBlock(found=True, slot=self.store.cpu.slot_of(block.id), length=block.length,
+        return pb.PeerBlock(found=True, slot=self.store.cpu.slot_of(block), length=block.length,
                             checksum=block.checksum, parent=block.parent,
                             retention=retention_message(block.retention))
 
@@ -157,17 +157,17 @@ class PeerService(pb_grpc.KvTierPeerServicer):
             namespace = self.check.namespace(request.namespace)
             keys = self.check.keys(request.keys)
             if len(keys) > self.cfg.peers.max_blocks_per_fetch:
-                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                raise invalid(
                                f"at most peers.max_blocks_per_fetch={self.cfg.peers.max_blocks_per_fetch} keys")
         except ApiError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(grpc_code(exc), exc.message)
         step = self.cfg.limits.put_chunk_bytes
         for index, key in enumerate(keys):  # one block pinned at a time: a slow reader pins little
             held, found = await self.store.acquire(namespace, [key], self.cfg.peers.lease_ms)
             if held is None:
                 return  # the chain ends here
             try:
-                block, view = found[0], self.store.cpu.view(found[0].id)
+                block, view = found[0], self.store.cpu.view(found[0])
                 yield pb.PeerFetchChunk(index=index, block=self._peer_block(block), data=bytes(view[:min(step, block.length)]))
                 for start in range(step, block.length, step):
                     yield pb.PeerFetchChunk(index=index, data=bytes(view[start:min(start + step, block.length)]))
@@ -179,7 +179,7 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         try:
             return await fn(request)
         except ApiError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(grpc_code(exc), exc.message)
 
 
 # -- requester side ---------------------------------------------------------------------------

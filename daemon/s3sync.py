@@ -1,23 +1,30 @@
 """S3 write-through and read-through for the block store.
 
 Contract
-- Crash-safe write-through: `journal(blocks)` makes each block's upload obligation durable (LMDB,
-  fsynced) before the commit that stored it is acknowledged. The uploader drains obligations in
-  the background with bounded concurrency; an obligation is removed only once S3 holds the object
-  (stored by us, or already there: If-None-Match makes writers race safely).
-- While an obligation is open, the block's disk segment is not evicted (`segment_evictable`), so
-  an S3 outage costs disk space, never data. When the disk is full of such blocks, write-through
-  to disk stalls and Allocate pushes back on clients.
-- Reads from S3 are verified by the S3 tier; a bad object is quarantined there and is a miss here.
+- Crash-safe write-through: a block's upload obligation is recorded by the disk tier in the same
+  LMDB transaction that indexes the block (DiskTier.write_batch(upload=...)), so no crash leaves a
+  durable block without its obligation, and a segment holding a block still owed to S3 is never
+  evicted: an S3 outage costs disk space, never acknowledged data. When the disk is full of such
+  blocks, write-through stalls (wait_durable commits answer UNAVAILABLE after their bound) and
+  Allocate pushes back on clients.
+- The uploader pages through the obligations oldest first (bounded memory), uploads with bounded
+  concurrency, and settles an obligation only once S3 holds the object (stored by us, or already
+  there: If-None-Match makes writers race safely). Every failure backs off with jitter, also when a
+  pass makes no progress; permanent errors (no bucket, access denied) mark S3 unreachable and
+  say why.
+- Start-up probes that the endpoint honours If-None-Match; when it does not, S3Refused stops the
+  daemon unless s3.allow_unconditional_puts is set (then logs and metrics say cross-node dedup is
+  not guaranteed).
+- Reads from S3 are verified against the block's own checksum and length (the catalog's, recorded
+  at commit or at listing): a replaced object is a miss, never data.
 - The lister adopts blocks that other nodes uploaded, so a fresh node sees the bucket's blocks.
-- Event loop only, except `segment_evictable`, which the disk writer thread calls (a dict read).
+- Event loop only; S3 and LMDB calls run on worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import mmap
 import random
@@ -26,15 +33,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.tiers.block import BlockHeader, align_up
-from kvtier.tiers.s3 import S3Config, S3Tier, S3Unavailable
+from kvtier.tiers.s3 import S3Config, S3Misconfigured, S3Tier, S3Unavailable
 
 from .catalog import Block
 from .config import S3TierConfig
+from .store import wait_event
 
 log = logging.getLogger("kvtier.s3sync")
 S3, CPU, DISK = pb.TIER_S3, pb.TIER_CPU, pb.TIER_DISK
+UPLOAD = "upload"
 UPLOAD_BATCH_PER_WORKER = 4
 BACKOFF_MAX_S = 30.0
+UNREACHABLE_PROBLEM_S = 30.0  # S3 unreachable this long with uploads owed: health says NOT_SERVING
+
+
+class S3Refused(Exception):
+    """The S3 endpoint cannot be trusted with write-through (the message says why and what to set)."""
 
 
 @dataclasses.dataclass
@@ -61,116 +75,132 @@ def tier_config(cfg: S3TierConfig) -> S3Config:
 
 
 class S3Sync:
-    def __init__(self, store, tier: S3Tier, cfg: S3TierConfig):
+    def __init__(self, store, cfg: S3TierConfig, tier: S3Tier | None = None):
         self.store = store
-        self.tier = tier
         self.cfg = cfg
+        self.tier = tier
         self.counters = S3Counters()
         self.blocks = 0                  # catalog blocks with the S3 bit
         self.reachable = True
+        self.unreachable_since: float | None = None
+        self.last_error = ""
+        self.conditional_puts = True     # the endpoint honours If-None-Match (probed before uploading)
+        self._probed = False
+        self.backlog = 0                 # open upload obligations (the disk tier's count, refreshed)
         self._pool = ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="kvtier-s3")
-        self._journal = ThreadPoolExecutor(1, thread_name_prefix="kvtier-s3-journal")
-        self._pending: dict[tuple[str, bytes], None] = {}   # journaled obligations, oldest first
-        self._segment_of: dict[tuple[str, bytes], int] = {}
-        self._by_segment: dict[int, int] = {}               # disk segment -> obligations in it
+        self._uploading: set[Block] = set()
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> str:
-        pending = await self._in(self._journal, lambda: self.tier.journal_pending(1 << 30))
-        for block_id in pending:
-            self._pending[block_id] = None
-            entry = self.store.disk.get_entry(*block_id) if self.store.disk is not None else None
-            if entry is not None:
-                self._count_segment(block_id, entry.segment)
-        loop = asyncio.get_running_loop()
+        if self.tier is None:
+            self.tier = await self._in(lambda: S3Tier(tier_config(self.cfg)))
         if self.cfg.write_through:
-            self._tasks.append(loop.create_task(self._upload_loop(), name="s3-upload"))
-        self._tasks.append(loop.create_task(self._list_loop(), name="s3-list"))
-        return f"s3 bucket {self.cfg.bucket}: {len(pending)} uploads pending from the journal"
+            await self._probe()
+            self.backlog = await self._count_backlog()
+            self.store._spawn(self._upload_loop(), "s3-upload")
+        self.store._spawn(self._list_loop(), "s3-list")
+        dedup = "" if self.conditional_puts else " (If-None-Match NOT honoured: no cross-node dedup)"
+        return f"s3 bucket {self.cfg.bucket}: {self.backlog} uploads owed{dedup}"
+
+    async def _probe(self) -> None:
+        """Raises S3Refused when the endpoint ignores If-None-Match and that is not allowed; an
+        unreachable endpoint is probed again before the first upload."""
+        try:
+            self.conditional_puts = await self._in(self.tier.probe_conditional_puts)
+        except S3Unavailable as exc:
+            log.warning("could not probe S3 for If-None-Match support (%s); probing again before uploading", exc)
+            return
+        self._probed = True
+        if self.conditional_puts:
+            return
+        if not self.cfg.allow_unconditional_puts:
+            raise S3Refused(f"S3 endpoint {self.cfg.endpoint_url or 'AWS'} ignores If-None-Match: a second writer "
+                            "would silently overwrite blocks; use an endpoint that honours conditional writes, "
+                            "or set s3.allow_unconditional_puts = true to accept that")
+        log.warning("S3 endpoint ignores If-None-Match; s3.allow_unconditional_puts is set: blocks are not "
+                    "deduplicated across nodes and a second writer may overwrite an object")
+
+    async def _count_backlog(self) -> int:
+        return await self.store._on_reader(self.store.disk.upload_backlog)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._pool.shutdown(wait=True)
-        self._journal.shutdown(wait=True)
-        self.tier.close()
+        if self.tier is not None:
+            self.tier.close()
 
-    @staticmethod
-    async def _in(pool, fn):
-        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+    async def _in(self, fn):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
-    @property
-    def backlog(self) -> int:
-        return len(self._pending)
-
-    # -- write-through --------------------------------------------------------------------------
-    async def journal(self, blocks: list[Block]) -> None:
-        """Durably records the upload obligation of each block; call before acknowledging a commit."""
-        if not self.cfg.write_through or not blocks:
-            return
-        ids = [b.id for b in blocks]
-        await self._in(self._journal, lambda: self.tier.journal_add(ids))
-        for block_id in ids:
-            self._pending[block_id] = None
+    def wake(self) -> None:
+        """A block with an upload obligation landed on disk."""
+        self.backlog += 1
         self._wake.set()
 
-    def landed_on_disk(self, block: Block, segment: int) -> None:
-        if block.id in self._pending:
-            self._count_segment(block.id, segment)
+    def uploading(self, block: Block) -> bool:
+        return block in self._uploading
 
-    def segment_evictable(self, segment: int) -> bool:
-        return not self._by_segment.get(segment)
+    def problem(self) -> str | None:
+        if self.unreachable_since is not None and self.backlog and \
+                time.monotonic() - self.unreachable_since > UNREACHABLE_PROBLEM_S:
+            return f"S3 unreachable for {time.monotonic() - self.unreachable_since:.0f}s with " \
+                   f"{self.backlog} uploads owed: {self.last_error}"
+        return None
 
-    def _count_segment(self, block_id, segment: int) -> None:
-        self._segment_of[block_id] = segment
-        self._by_segment[segment] = self._by_segment.get(segment, 0) + 1
-
-    def _settle(self, block_id) -> None:
-        self._pending.pop(block_id, None)
-        segment = self._segment_of.pop(block_id, None)
-        if segment is not None:
-            left = self._by_segment[segment] - 1
-            if left:
-                self._by_segment[segment] = left
-            else:
-                del self._by_segment[segment]
-
+    # -- write-through --------------------------------------------------------------------------
     async def _upload_loop(self) -> None:
-        failures = 0
+        failures, cursor = 0, None
+        batch_size = self.cfg.max_concurrency * UPLOAD_BATCH_PER_WORKER
         while True:
-            if not self._pending:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
-                except asyncio.TimeoutError:
-                    pass
+            page, next_cursor = await self.store._on_reader(
+                lambda after=cursor: self.store.disk.pending_uploads(after, batch_size))
+            if not page:
+                self.backlog = await self._count_backlog()
+                cursor = None
+                await self._idle(1.0)
                 continue
-            batch = list(itertools.islice(self._pending, self.cfg.max_concurrency * UPLOAD_BATCH_PER_WORKER))
             try:
-                done = await self._upload_batch(batch)
+                if not self._probed:
+                    await self._probe()  # S3Refused ends this task: the daemon stops, saying why
+                    if not self._probed:
+                        raise S3Unavailable("S3 did not answer the If-None-Match probe")
+                settled = await self._upload_batch(page)
             except S3Unavailable as exc:
                 failures += 1
-                self.counters.failures += 1
-                delay = min(BACKOFF_MAX_S, 0.5 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.5)
-                if self.reachable:
-                    log.error("S3 unreachable (%s): %d uploads waiting in the journal; local puts continue",
-                              exc, len(self._pending))
-                self.reachable = False
-                await asyncio.sleep(delay)
+                self._unreachable(exc, failures)
+                await asyncio.sleep(_backoff(failures))
                 continue
-            if not self.reachable:
-                log.warning("S3 reachable again: draining %d uploads", len(self._pending))
-            self.reachable, failures = True, 0
-            if done:
-                await self._in(self._journal, lambda: self.tier.journal_done(done))
-                for block_id in done:
-                    self._settle(block_id)
+            self._reachable_again()
+            if settled:
+                await self.store._on_writer(lambda done=settled: self.store.disk.settle_uploads(done))
+                self.backlog = max(0, self.backlog - len(settled))
+                failures = 0
+            cursor = next_cursor
+            if len(settled) < len(page):  # some could not be uploaded now: never spin on them
+                failures += 1
+                await asyncio.sleep(_backoff(failures))
+
+    async def _idle(self, timeout: float) -> None:
+        self._wake.clear()
+        await wait_event(self._wake, timeout)
+
+    def _unreachable(self, exc: Exception, failures: int) -> None:
+        self.counters.failures += 1
+        self.last_error = str(exc)
+        if self.reachable:
+            kind = "misconfigured" if isinstance(exc, S3Misconfigured) else "unreachable"
+            log.error("S3 %s (%s): %d uploads waiting; local puts continue", kind, exc, self.backlog)
+            self.unreachable_since = time.monotonic()
+        self.reachable = False
+
+    def _reachable_again(self) -> None:
+        if not self.reachable:
+            log.warning("S3 reachable again: draining %d uploads", self.backlog)
+        self.reachable, self.unreachable_since, self.last_error = True, None, ""
 
     async def _upload_batch(self, batch) -> list:
-        """Uploads a batch concurrently; returns the ids whose obligation is settled."""
+        """Uploads a batch concurrently; returns the ids whose obligation is settled. Raises
+        S3Unavailable when S3 failed every upload it was asked for."""
         work, settled = [], []
         for block_id in batch:
             block = self.store.catalog.get(*block_id)
@@ -196,25 +226,31 @@ class S3Sync:
     async def _upload_one(self, block: Block) -> str | None:
         header = BlockHeader(block.namespace, block.key, block.parent, block.length, block.checksum,
                              block.created_ms)
-        if block.tiers & CPU:
-            self.store.cpu.pin(block.id)  # the slot cannot be reused while the upload reads it
-            try:
-                view = self.store.cpu.view(block.id)[:block.length]
-                return await self._in(self._pool, lambda: self.tier.upload(header, view))
-            finally:
-                self.store.cpu.unpin(block.id)
-        payload = await self._read_disk_copy(block)
-        if payload is None:
-            return None
-        return await self._in(self._pool, lambda: self.tier.upload(header, payload))
+        self._uploading.add(block)  # Delete answers busy meanwhile
+        try:
+            if block in self.store.cpu:
+                slot = self.store.cpu.hold(block, UPLOAD)  # the slot cannot be reused while S3 reads it
+                try:
+                    view = self.store.arena.view(slot)[:block.length]
+                    return await self._in(lambda: self.tier.upload(header, view))
+                finally:
+                    self.store.cpu.release(slot, UPLOAD)
+            payload = await self._read_disk_copy(block)
+            if payload is None:
+                return None
+            return await self._in(lambda: self.tier.upload(header, payload))
+        finally:
+            self._uploading.discard(block)
 
     async def _read_disk_copy(self, block: Block):
-        entry = self.store.disk.get_entry(block.namespace, block.key)
-        if entry is None:
-            return None
+        disk = self.store.disk
         buffer = mmap.mmap(-1, align_up(max(block.length, 1), 4096))  # aligned, for O_DIRECT
-        ok = await self._in(self._pool, lambda: self.store.disk.read_into(entry, memoryview(buffer)))
-        if not ok:
+
+        def read() -> bool:
+            entry = disk.get_entry(block.namespace, block.key)
+            return entry is not None and entry.checksum == block.checksum and \
+                disk.read_into(entry, memoryview(buffer))
+        if not await self.store._on_reader(read):
             if self.store.catalog.get(block.namespace, block.key) is block and block.tiers & DISK:
                 self.store._quarantined(block, DISK)
             return None
@@ -234,9 +270,11 @@ class S3Sync:
 
     # -- read-through ---------------------------------------------------------------------------
     async def download(self, block: Block, dest: memoryview) -> bool:
-        """Copies the S3 object into dest, verified; False (and the S3 bit dropped) when it is bad."""
+        """Copies the S3 object into dest, verified against the block's checksum and length; False
+        (and the S3 bit dropped when the object is bad or gone) otherwise."""
         try:
-            length = await self._in(self._pool, lambda: self.tier.download_into(block.namespace, block.key, dest))
+            length = await self._in(lambda: self.tier.download_into(
+                block.namespace, block.key, dest, expected_checksum=block.checksum, expected_length=block.length))
         except S3Unavailable as exc:
             log.warning("S3 read of %s/%s failed: %s", block.namespace, block.key.hex(), exc)
             return False
@@ -249,10 +287,11 @@ class S3Sync:
         return True
 
     async def delete(self, block: Block) -> None:
-        await self._in(self._pool, lambda: self.tier.delete(block.namespace, block.key))
-        if block.id in self._pending:
-            await self._in(self._journal, lambda: self.tier.journal_done([block.id]))
-            self._settle(block.id)
+        try:
+            await self._in(lambda: self.tier.delete(block.namespace, block.key))
+        except S3Unavailable as exc:
+            log.warning("S3 delete of %s/%s failed (%s): the object stays in the bucket",
+                        block.namespace, block.key.hex(), exc)
 
     def dropped(self, block: Block) -> None:
         """The block's S3 bit was cleared (quarantine or delete)."""
@@ -260,22 +299,26 @@ class S3Sync:
 
     # -- adopting what other nodes uploaded -----------------------------------------------------
     async def _list_loop(self) -> None:
+        failures = 0
         while True:
             started = time.monotonic()
             try:
                 adopted = await self._list_once()
+                failures = 0
                 if adopted:
                     log.info("adopted %d blocks from s3://%s/%s", adopted, self.cfg.bucket, self.cfg.prefix)
             except S3Unavailable as exc:
+                failures += 1
                 log.warning("listing s3://%s failed: %s", self.cfg.bucket, exc)
-            await asyncio.sleep(max(0.0, self.cfg.list_interval_s - (time.monotonic() - started)))
+            wait = self.cfg.list_interval_s - (time.monotonic() - started)
+            await asyncio.sleep(max(wait, _backoff(failures) if failures else 0.0))
 
     async def _list_once(self) -> int:
         """One pass over the bucket: a LIST per page, a HEAD only for blocks the catalog lacks."""
         adopted, token = 0, ""
         digests = {self.tier.namespace_digest(name): name for name in self.store.catalog.namespaces}
         while True:
-            items, token = await self._in(self._pool, lambda: self.tier.list_keys(token))
+            items, token = await self._in(lambda after=token: self.tier.list_keys(after))
             unknown = [(okey, size) for okey, size in items if not self._known(okey, digests)]
             room = self.cfg.max_catalog_blocks - self.store.catalog.blocks
             if len(unknown) > room:  # the bucket outgrew what this node may index: stop here
@@ -285,7 +328,7 @@ class S3Sync:
                 log.warning("s3 listing stopped: the catalog holds s3.max_catalog_blocks=%d blocks; "
                             "blocks other nodes uploaded beyond that are not indexed here",
                             self.cfg.max_catalog_blocks)
-            entries = await asyncio.gather(*(self._in(self._pool, lambda o=o, n=n: self.tier.entry_for(o, n))
+            entries = await asyncio.gather(*(self._in(lambda o=o, n=n: self.tier.entry_for(o, n))
                                              for o, n in unknown))
             for entry in entries:
                 if entry is not None:
@@ -305,9 +348,8 @@ class S3Sync:
         block = self.store.catalog.get(entry.namespace, entry.key)
         if block is not None:
             if not block.tiers & S3 and block.checksum == entry.checksum:
-                block.tiers |= S3
+                block.tiers |= S3  # the obligation, if any, settles on the uploader's next pass
                 self.blocks += 1
-                self._settle(block.id)
                 self.store.events.emit(pb.BLOCK_STORED, block.namespace, block.key, S3, length=block.length)
             return 0
         self.store.catalog.adopt_namespace(entry.namespace)
@@ -319,3 +361,8 @@ class S3Sync:
         self.store.events.emit(pb.BLOCK_STORED, block.namespace, block.key, S3, length=block.length,
                                parent=block.parent)
         return 1
+
+
+def _backoff(failures: int) -> float:
+    """Exponential backoff with jitter, capped: retry loops never spin."""
+    return min(BACKOFF_MAX_S, 0.25 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.5)

@@ -26,7 +26,7 @@ from kvtier.tiers.retention import CLASS_RANK, Retention
 from .auth import LOCAL, Principal
 from .catalog import retention_of
 from .config import LimitsConfig
-from .errors import ApiError, denied, invalid, precondition
+from .errors import ApiError, denied, exhausted, grpc_code, invalid, not_found, precondition
 from .events import OVERFLOW
 
 from .store import BlockStore, Staged
@@ -84,6 +84,9 @@ class Validator:
             retention = retention_of(holder)
         except ValueError as exc:
             raise invalid(f"{what}.retention: {exc}") from exc
+        if retention is not None and retention.ttl_s and retention.ttl_s > self.limits.max_ttl_s:
+            raise invalid(f"{what}.retention.ttl_s {retention.ttl_s:g} exceeds limits.max_ttl_s "
+                          f"{self.limits.max_ttl_s:g}")
         return fallback if retention is None else retention
 
     def attributes(self, attributes) -> dict[str, str]:
@@ -96,13 +99,19 @@ class Validator:
 
 
 @contextlib.asynccontextmanager
-async def _status_on_error(context, name: str):
-    """ApiError becomes its status; anything unexpected is logged and becomes INTERNAL."""
+async def _status_on_error(context, name: str, store=None):
+    """ApiError becomes its status; a broken invariant (AssertionError) stops the daemon through
+    store.fatal (its state can no longer be trusted); anything else unexpected is logged and becomes
+    INTERNAL."""
     try:
         yield
     except ApiError as exc:
-        await context.abort(exc.code, exc.message)
+        await context.abort(grpc_code(exc), exc.message)
     except (grpc.aio.AbortError, grpc.aio.UsageError, asyncio.CancelledError):
+        raise
+    except AssertionError as exc:
+        if store is not None:
+            store.fatal(f"{name}: invariant broken: {exc!r}", exc)
         raise
     except Exception:
         log.exception("%s failed", name)
@@ -112,7 +121,7 @@ async def _status_on_error(context, name: str):
 def _unary(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        async with _status_on_error(context, method.__name__):
+        async with _status_on_error(context, method.__name__, self.store):
             return await method(self, request, context)
     return wrapper
 
@@ -120,7 +129,7 @@ def _unary(method):
 def _streaming(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        async with _status_on_error(context, method.__name__):
+        async with _status_on_error(context, method.__name__, self.store):
             async for item in method(self, request, context):
                 yield item
     return wrapper
@@ -168,7 +177,7 @@ class KvTierService(pb_grpc.KvTierServicer):
     @_unary
     async def RegisterNamespace(self, request, context):
         name = self._own(context, request.name)
-        created = self.store.register_namespace(name, self.check.attributes(request.attributes))
+        created = await self.store.register_namespace(name, self.check.attributes(request.attributes))
         if created:
             log.info("namespace %s registered by %s (%s)", name, self.identify(context).name,
                      dict(request.attributes))
@@ -210,7 +219,7 @@ class KvTierService(pb_grpc.KvTierServicer):
         while True:
             blocks, token = self.store.catalog.page(request.namespace, 0, self.limits.max_page_size, token,
                                                     names=names)
-            yield pb.SnapshotChunk(seq=seq, blocks=[b.info() for b in blocks])
+            yield pb.SnapshotChunk(seq=seq, blocks=[self.store.info(b) for b in blocks])
             if not token:
                 return
 
@@ -259,17 +268,17 @@ class KvTierService(pb_grpc.KvTierServicer):
                                                gpu=request.gpu)
         if held is not None:
             held.owner = self.identify(context).tenant
-        on_gpu = set(held.gpu_items) if held else set()
-        blocks = [self._acquired(b, b.id in on_gpu) if b is not None else pb.AcquiredBlock() for b in found]
+        on_gpu = {block for block, _ in held.gpu_items} if held else set()
+        blocks = [self._acquired(b, b in on_gpu) if b is not None else pb.AcquiredBlock() for b in found]
         return pb.AcquireResponse(lease_id=held.id if held else 0, blocks=blocks,
                                   generation=self.store.arena.generation,
                                   deadline_unix_ms=_deadline_unix_ms(held.deadline) if held else 0)
 
     def _acquired(self, block, on_gpu: bool) -> pb.AcquiredBlock:
-        acquired = pb.AcquiredBlock(found=True, slot=self.store.cpu.slot_of(block.id), length=block.length,
+        acquired = pb.AcquiredBlock(found=True, slot=self.store.cpu.slot_of(block), length=block.length,
                                     checksum=block.checksum)
         if on_gpu:
-            gpu_slot = self.store.gpu.slot_of(block.id)
+            gpu_slot = self.store.gpu.slot_of(block)
             acquired.on_gpu, acquired.gpu_slot = True, gpu_slot
             acquired.gpu_ipc_handle = self.store.gpu.ipc_handle(gpu_slot) or b""
         return acquired
@@ -298,11 +307,11 @@ class KvTierService(pb_grpc.KvTierServicer):
         key = self.check.key(request.key)
         held, found = await self.store.acquire(namespace, [key], self.limits.default_lease_ms)
         if held is None:
-            raise ApiError(grpc.StatusCode.NOT_FOUND, f"block {key.hex()} is not stored in {namespace}")
+            raise not_found(f"block {key.hex()} is not stored in {namespace}")
         try:
             block = found[0]
-            yield pb.GetResponse(info=block.info())
-            view, step = self.store.cpu.view(block.id), self.limits.put_chunk_bytes
+            yield pb.GetResponse(info=self.store.info(block))
+            view, step = self.store.cpu.view(block), self.limits.put_chunk_bytes
             for start in range(0, block.length, step):
                 yield pb.GetResponse(chunk=bytes(view[start:min(start + step, block.length)]))
         finally:
@@ -320,7 +329,7 @@ class KvTierService(pb_grpc.KvTierServicer):
         blocks, token = self.store.catalog.page(request.namespace, request.tier_mask, page_size, request.page_token,
                                                 match=self._inventory_filter(request),
                                                 names=self._tenant_names(context))
-        return pb.InventoryResponse(blocks=[b.info() for b in blocks], next_page_token=token)
+        return pb.InventoryResponse(blocks=[self.store.info(b) for b in blocks], next_page_token=token)
 
     @staticmethod
     def _inventory_filter(request):
@@ -346,8 +355,8 @@ class KvTierService(pb_grpc.KvTierServicer):
         self.store.catalog.namespace(namespace)
         block = self.store.catalog.get(namespace, self.check.key(request.key))
         if block is None:
-            raise ApiError(grpc.StatusCode.NOT_FOUND, f"block {request.key.hex()} is not stored in {namespace}")
-        return block.info()
+            raise not_found(f"block {request.key.hex()} is not stored in {namespace}")
+        return self.store.info(block)
 
     @_unary
     async def Stats(self, request, context):
@@ -406,7 +415,7 @@ class KvTierService(pb_grpc.KvTierServicer):
             while True:
                 event = await queue.get()
                 if event is OVERFLOW:
-                    raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    raise exhausted(
                                    f"watcher fell behind; resume with from_seq={last + 1}")
                 if event.seq > last and wanted(event):
                     last = event.seq
@@ -470,13 +479,13 @@ def _parsing(behaviour, request_type, client_streaming: bool, server_streaming: 
             request = parsed_stream(raw) if client_streaming else _parse(request_type, raw)
             return await behaviour(request, context)
         except ApiError as exc:  # a malformed first message (later stream messages: the method's handler)
-            await context.abort(exc.code, exc.message)
+            await context.abort(grpc_code(exc), exc.message)
 
     async def streaming(raw, context):
         try:
             request = _parse(request_type, raw)
         except ApiError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(grpc_code(exc), exc.message)
         async for reply in behaviour(request, context):
             yield reply
 

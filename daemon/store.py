@@ -1,48 +1,68 @@
 """BlockStore: the daemon's state machine over the catalog and the tiers.
 
 Contract
-- Runs on one asyncio event loop; every method must be called from it. Disk I/O runs on a
-  single writer thread (write-through, removals) and a pool of reader threads (promotions).
-- Commit returns once the blocks are in the CPU tier. Each stored block is then queued for
-  write-through to disk; it stays pinned in the CPU tier until it is durably on disk, so the CPU
-  tier never drops the only copy. The queue is bounded: Allocate waits while it is full.
-- Reads from the disk tier are verified; a block that fails verification is quarantined and
-  reported as a miss.
-- Leases and allocations expire; the reaper returns their slots and pins.
+- Runs on one asyncio event loop; every method must be called from it. Disk writes and removals run
+  on a single writer thread, disk reads on a pool of reader threads, hashing of large batches on
+  worker threads: the loop never blocks on I/O or on hashing megabytes.
+- Who owns which fact (one owner each):
+  - the catalog: which blocks exist and which tiers hold a verified copy (`Block.tiers`);
+  - the memory tiers (SlotTier): which slot holds a block and every reason the slot may not be
+    reused (holds: "reader", "write", "upload", "copy"); nothing else counts pins;
+  - the write-through queue (`_pending`): which blocks still have to reach the disk, and their
+    durability futures;
+  - the disk tier's LMDB: what is durable, and which S3 uploads are still owed (recorded in the
+    same transaction as the block's index entry);
+  - the retention policy of each memory tier: the block's retention while it is there
+    (`Block.retention` is re-applied whenever a tier installs the block).
+- Commit returns once the blocks are in the CPU tier. With `wait_durable` it returns once every
+  block of the commit, duplicates included, is fsynced and indexed on disk (and its S3 upload is
+  owed durably), or fails UNAVAILABLE after `disk.durable_wait_ms`. A block waiting for
+  write-through is held in the CPU tier, so the CPU tier never drops the only copy. The queue is
+  bounded: Allocate waits while it is full.
+- Reads from lower tiers are verified; a block that fails verification is quarantined and reported
+  as a miss. Promotions and their slots belong to the store (tasks a cancelled reader does not
+  cancel) and have a reserve of CPU slots that writes cannot take.
+- Every hold and reservation taken for a request is released on every path (finally), including
+  cancellation. Leases and allocations expire; the reaper returns their slots and holds.
+- Fail loudly: a background task that ends, or a broken invariant, calls `fatal`, which logs one
+  clear line and stops the process (systemd restarts it; recovery salvages what is durable).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
+import random
+import sys
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.tiers.arena import SharedArena
-from kvtier.tiers.block import BlockHeader, checksum
+from kvtier.tiers.block import BlockHeader, CorruptBlock, checksum
 from kvtier.tiers.cpu import CpuTier
-from kvtier.tiers.disk import DiskEntry, DiskTier
+from kvtier.tiers.disk import BatchFailed, DiskEntry, DiskTier
 from kvtier.tiers.eviction import POLICIES as BASIC_POLICIES
-from kvtier.tiers.retention import DEFAULT_RETENTION, RETENTION_POLICIES
 from kvtier.tiers.gpu import GpuTier
-from kvtier.tiers.s3 import S3Tier
+from kvtier.tiers.retention import DEFAULT_RETENTION, RETENTION_POLICIES
 
 from .catalog import TIER_NAMES, Block, Catalog, now_ms
 from .config import Config
-from .errors import ApiError, exhausted, invalid, precondition
+from .errors import ApiError, exhausted, invalid, precondition, unavailable
 from .events import EventLog
 from .leases import LeaseTable
-from .s3sync import S3Sync, tier_config
 
 log = logging.getLogger("kvtier.store")
 GPU, CPU, DISK, S3 = pb.TIER_GPU, pb.TIER_CPU, pb.TIER_DISK, pb.TIER_S3
+READER, WRITE, UPLOAD, COPY = "reader", "write", "upload", "copy"
 WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 POLICIES = {**BASIC_POLICIES, **RETENTION_POLICIES}
-PROMOTION_WAIT_MS = 2000  # a reader waits this long for CPU room, then takes a miss
+PROMOTION_WAIT_MS = 2000     # a reader waits this long for CPU room, then takes a miss
+HASH_OFF_LOOP_BYTES = 1 << 20  # commits hashing more than this hash on a worker thread
+STUCK_AFTER_S = 10.0         # write-through failing this long makes the daemon report NOT_SERVING
 
 
 @dataclasses.dataclass
@@ -65,6 +85,7 @@ class Counters:
     disk_write_bytes: int = 0
     disk_evictions: int = 0
     disk_write_errors: int = 0
+    durable_timeouts: int = 0
     leases_expired: int = 0
     allocations_expired: int = 0
 
@@ -80,15 +101,32 @@ class Staged:
     retention: object = None  # kvtier.tiers.retention.Retention or None (the policy's default)
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class _Pending:
+    """A block waiting for write-through: its held CPU slot and its durability future."""
+    slot: int
+    durable: asyncio.Future
+    upload: bool  # owe an S3 upload once it is on disk
+
+
+def _die(message: str) -> None:
+    """The default on_fatal: the state can no longer be trusted, so stop now without draining."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(70)
+
+
 def _install_in(tier, block, slot: int) -> None:
     """Installs in a memory tier, re-applying the block's retention first (a tier forgets it on eviction)."""
     if block.retention is not None and hasattr(tier.policy, "retain"):
-        tier.policy.retain(block.id, block.retention)
-    tier.install(block.id, slot, block.length)
+        tier.policy.retain(block, block.retention)
+    tier.install(block, slot, block.length)
 
 
 class BlockStore:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, on_fatal=_die, fs=None, s3_tier=None):
+        """`fs` (tiers.fs.FileSystem) and `s3_tier` replace the real ones for fault injection."""
         self.cfg = cfg
         self.started = time.monotonic()
         self.counters = Counters()
@@ -97,26 +135,32 @@ class BlockStore:
         arena = SharedArena(cfg.cpu.shm_dir, _arena_prefix(cfg), cfg.cpu.capacity, cfg.cpu.slot_bytes,
                             cfg.cpu.arena_mode)
         self.cpu = CpuTier(arena, POLICIES[cfg.cpu.policy]())
+        self.read_reserve = arena.slot_count // 64  # slots only promotions may take
         self.disk: DiskTier | None = None
-        self.s3sync: S3Sync | None = None
+        self.s3sync = None  # daemon.s3sync.S3Sync when the S3 tier is on
         self.gpu: GpuTier | None = None
         self.allocations = LeaseTable(cfg.limits.max_active_leases)
         self.leases = LeaseTable(cfg.limits.max_active_leases)
-        self._backlog: deque[Block] = deque()
+        self._pending: dict[Block, _Pending] = {}   # write-through queue, oldest first
         self._backlog_ready = asyncio.Event()
         self._space_freed = asyncio.Event()
-        self._durable: dict[tuple, asyncio.Future] = {}
-        self._promotions: dict[tuple, asyncio.Future] = {}
+        self._promotions: dict[Block, asyncio.Task] = {}
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvtier-disk-writer")
         self._readers = ThreadPoolExecutor(cfg.disk.readers, thread_name_prefix="kvtier-disk-reader")
         self._tasks: list[asyncio.Task] = []
+        self._registry_lock = asyncio.Lock()
         self._closing = False
+        self._on_fatal = on_fatal
+        self._fs = fs
+        self._s3_tier = s3_tier
+        self.fatal_error: str | None = None
+        self.write_error: tuple[float, str] | None = None  # (since, why) while write-through fails
         self.disk_blocks = 0
         self.peers = None  # daemon.peers.PeerFetcher, when peers are configured (metrics read it)
 
     @property
     def backlog(self) -> int:
-        return len(self._backlog)
+        return len(self._pending)
 
     @property
     def arena(self) -> SharedArena:
@@ -124,35 +168,37 @@ class BlockStore:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> str:
-        """Recovers the disk tier into the catalog; returns a one-line report."""
-        self.catalog.load_namespaces()
-        report = "disk tier disabled"
+        """Recovers the disk tier into the catalog; returns a one-line report. Raises
+        daemon.s3sync.S3Refused when the S3 endpoint cannot be trusted with write-through."""
+        report = self.catalog.load_namespaces()
         if self.cfg.gpu.enabled:  # create() logs why when the machine cannot host it
             self.gpu = GpuTier.create(self.cfg.gpu.device, self.cfg.gpu.capacity, self.cfg.cpu.slot_bytes,
                                       POLICIES[self.cfg.gpu.policy]())
-        if self.cfg.s3.enabled:
-            tier = await self._on_writer(lambda: S3Tier(tier_config(self.cfg.s3),
-                                                        os.path.join(self.cfg.data_dir, "s3-journal")))
-            self.s3sync = S3Sync(self, tier, self.cfg.s3)
         if self.cfg.disk.enabled:
+            owe_uploads = self.cfg.s3.enabled and self.cfg.s3.write_through
             self.disk = DiskTier(self.cfg.disk_dir, capacity_bytes=self.cfg.disk.capacity,
                                  segment_bytes=self.cfg.disk.segment_bytes, align=self.cfg.disk.align,
-                                 o_direct=self.cfg.disk.o_direct, evictable=self._segment_evictable)
+                                 o_direct=self.cfg.disk.o_direct, track_uploads=owe_uploads, fs=self._fs)
             recovery = await self._on_writer(self.disk.recover)
-            entries = await self._on_writer(lambda: list(self.disk.entries()))
-            for entry in entries:
-                self._adopt(entry)
-            report = recovery.summary()
-        if self.s3sync is not None:
+            await self._adopt_disk()
+            report += "; " + recovery.summary()
+        if self.cfg.s3.enabled:
+            from .s3sync import S3Sync  # noqa: PLC0415 - boto3 only when the S3 tier is on
+            self.s3sync = S3Sync(self, self.cfg.s3, self._s3_tier)
             report += "; " + await self.s3sync.start()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._write_through(), name="write-through"),
-                       loop.create_task(self._reap(), name="lease-reaper")]
+        self._spawn(self._write_through(), "write-through")
+        self._spawn(self._reap(), "lease-reaper")
         return report
 
-    def _segment_evictable(self, segment: int) -> bool:
-        """Disk writer thread: a segment holding blocks still to be uploaded to S3 stays."""
-        return self.s3sync is None or self.s3sync.segment_evictable(segment)
+    async def _adopt_disk(self) -> None:
+        """Indexes every recovered disk entry in the catalog, a page at a time off the loop."""
+        entries = self.disk.entries()
+        while True:
+            page = await self._on_writer(lambda: list(itertools.islice(entries, 4096)))
+            for entry in page:
+                self._adopt(entry)
+            if len(page) < 4096:
+                return
 
     def _adopt(self, entry: DiskEntry) -> None:
         self.catalog.adopt_namespace(entry.namespace)
@@ -161,20 +207,46 @@ class BlockStore:
         self.catalog.add(block)
         self.disk_blocks += 1
 
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        """A supervised background task: if it ever ends while the store runs, the daemon stops."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(self._task_ended)
+        return task
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        if task.cancelled() and self._closing:
+            return
+        error = None if task.cancelled() else task.exception()
+        self.fatal(f"background task {task.get_name()!r} ended unexpectedly: {error!r}", error)
+
+    def fatal(self, message: str, error: BaseException | None = None) -> None:
+        """A broken invariant: one clear log line, then stop (the default kills the process)."""
+        log.critical("FATAL, stopping kvtierd: %s", message, exc_info=error)
+        self.fatal_error = message
+        self._on_fatal(message)
+
+    def problem(self) -> str | None:
+        """Why the daemon cannot keep its promises right now (health says NOT_SERVING), or None."""
+        if self.write_error is not None and time.monotonic() - self.write_error[0] > STUCK_AFTER_S:
+            return f"disk write-through failing for {time.monotonic() - self.write_error[0]:.0f}s: " \
+                   f"{self.write_error[1]}"
+        if self.s3sync is not None:
+            return self.s3sync.problem()
+        return None
+
     async def close(self, drain_timeout_s: float) -> int:
         """Drains the write-through backlog (bounded), stops tasks, closes tiers; returns blocks left undrained."""
-        self._closing = True
         deadline = time.monotonic() + drain_timeout_s
-        while self._backlog and time.monotonic() < deadline and self.disk is not None:
-            await asyncio.sleep(0.02)
-        left = len(self._backlog) if self.disk is not None else 0
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._writer.shutdown(wait=True)
-        self._readers.shutdown(wait=True)
+        while self._pending and time.monotonic() < deadline and self.disk is not None:
+            await self._wait_for_space(deadline - time.monotonic())
+        self._closing = True
+        left = len(self._pending) if self.disk is not None else 0
+        await stop_tasks(self._tasks + list(self._promotions.values()))
         if self.s3sync is not None:
             await self.s3sync.close()
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         if self.gpu is not None:
             self.gpu.close()
         if self.disk is not None:
@@ -185,9 +257,16 @@ class BlockStore:
     async def _on_writer(self, fn):
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
 
+    async def _on_reader(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+
     # -- namespaces and lookup ----------------------------------------------------------------
-    def register_namespace(self, name: str, attributes: dict[str, str]) -> bool:
-        return self.catalog.register(name, attributes)
+    async def register_namespace(self, name: str, attributes: dict[str, str]) -> bool:
+        created = self.catalog.register(name, attributes)
+        async with self._registry_lock:  # one writer of the registry file at a time, off the loop
+            data = self.catalog.registry()
+            await asyncio.to_thread(self.catalog.save, data)
+        return created
 
     def lookup(self, namespace: str, keys) -> bytes:
         tiers = self.catalog.lookup(namespace, keys)
@@ -196,39 +275,52 @@ class BlockStore:
         self.counters.lookup_hit_keys += len(tiers)
         return tiers
 
+    def info(self, block: Block) -> pb.BlockInfo:
+        holds = self.cpu.holds(block)
+        return block.info(readers=holds[READER], write_pending=block in self._pending)
+
     # -- write path ---------------------------------------------------------------------------
     async def allocate(self, count: int, wait_ms: int, lease_ms: int):
-        if count > self.arena.slot_count:
-            raise invalid(f"count {count} exceeds the arena's {self.arena.slot_count} slots")
+        if count > self.arena.slot_count - self.read_reserve:
+            raise invalid(f"count {count} exceeds the {self.arena.slot_count - self.read_reserve} arena slots "
+                          "that writes may use")
         if self.allocations.full():
             raise exhausted("too many open allocations; commit or abort some first")
-        slots = await self._reserve(count, wait_ms)
+        slots = await self._reserve_for_write(count, wait_ms)
+        if self.allocations.full():  # others filled the table while this call waited for room
+            self._unreserve(slots)
+            raise exhausted("too many open allocations; commit or abort some first")
         return self.allocations.add(slots, lease_ms)
 
-    async def _reserve(self, count: int, wait_ms: int) -> list[int]:
+    async def _reserve_for_write(self, count: int, wait_ms: int) -> list[int]:
         deadline = time.monotonic() + wait_ms / 1000
         while True:
-            if len(self._backlog) < self.cfg.disk.queue_blocks:
-                slots, evicted = self.cpu.reserve(count)
+            if len(self._pending) < self.cfg.disk.queue_blocks or self.disk is None:
+                slots, evicted = self.cpu.reserve_room(count, floor=self.read_reserve)
                 if slots:
                     self._evicted_from_cpu(evicted)
                     return slots
             left = deadline - time.monotonic()
             if left <= 0 or self._closing:
                 raise exhausted(self._why_full(count))
-            self._space_freed.clear()
-            try:
-                await asyncio.wait_for(self._space_freed.wait(), left)
-            except asyncio.TimeoutError:
-                pass
+            await self._wait_for_space(left)
+
+    async def _wait_for_space(self, timeout: float) -> None:
+        self._space_freed.clear()
+        await wait_event(self._space_freed, timeout)
 
     def _why_full(self, count: int) -> str:
-        return (f"no room for {count} blocks in the CPU tier: {self.arena.free_count()} slots free, "
-                f"{len(self._backlog)} blocks waiting for write-through (limit {self.cfg.disk.queue_blocks}), "
-                f"{len(self.leases)} read leases and {len(self.allocations)} allocations open; retry later")
+        return (f"no room for {count} blocks in the CPU tier: {self.cpu.available()} slots available "
+                f"({self.read_reserve} kept for reads), {len(self._pending)} blocks waiting for "
+                f"write-through (limit {self.cfg.disk.queue_blocks}), {len(self.leases)} read leases and "
+                f"{len(self.allocations)} allocations open; retry later")
 
     def _signal_space(self) -> None:
         self._space_freed.set()
+
+    def _unreserve(self, slots) -> None:
+        self.cpu.unreserve(slots)
+        self._signal_space()
 
     async def commit(self, allocation_id: int, namespace: str, staged: list[Staged], wait_durable: bool,
                      verified: bool = False):
@@ -238,20 +330,20 @@ class BlockStore:
         if held is None:
             raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
         self.catalog.namespace(namespace)
-        self._check_staged(held.items, staged, verified)
-        self.allocations.take(allocation_id)
-        statuses, stored = self._install(namespace, staged)
+        self._check_staged(held.items, staged)
+        if not verified:
+            await self._check_checksums(staged)
+        if self.allocations.take(allocation_id) is not held:  # aborted or expired while hashing
+            raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
+        statuses, stored, duplicates = self._install(namespace, staged)
         leftover = set(held.items) - {s.slot for s, st in zip(staged, statuses) if st == pb.STORED}
-        self.cpu.unreserve(sorted(leftover))
-        self._signal_space()
-        if self.s3sync is not None:
-            await self.s3sync.journal(stored)  # durable obligation before the commit is acknowledged
+        self._unreserve(sorted(leftover))
         if wait_durable:
-            await self._wait_durable(stored)
+            await self._wait_durable(stored + duplicates)
         return statuses
 
-    def _check_staged(self, slots: list[int], staged: list[Staged], verified: bool = False) -> None:
-        """Validates every entry before anything changes, so a bad entry commits nothing."""
+    def _check_staged(self, slots: list[int], staged: list[Staged]) -> None:
+        """Validates every entry's shape before anything changes, so a bad entry commits nothing."""
         owned = set(slots)
         seen: set[int] = set()
         for index, entry in enumerate(staged):
@@ -262,17 +354,32 @@ class BlockStore:
             seen.add(entry.slot)
             if not 0 <= entry.length <= self.arena.slot_bytes:
                 raise invalid(f"entry {index}: length {entry.length} exceeds slot size {self.arena.slot_bytes}")
-            if not verified and checksum(self.arena.view(entry.slot)[:entry.length]) != entry.checksum:
-                raise invalid(f"entry {index} (key {entry.key.hex()}): checksum does not match the bytes in "
-                              f"slot {entry.slot}; nothing was committed")
+
+    async def _check_checksums(self, staged: list[Staged]) -> None:
+        total = sum(entry.length for entry in staged)
+        if total > HASH_OFF_LOOP_BYTES:
+            bad = await asyncio.to_thread(self._first_mismatch, staged)
+        else:
+            bad = self._first_mismatch(staged)
+        if bad is not None:
+            entry = staged[bad]
+            raise invalid(f"entry {bad} (key {entry.key.hex()}): checksum does not match the bytes in "
+                          f"slot {entry.slot}; nothing was committed")
+
+    def _first_mismatch(self, staged: list[Staged]) -> int | None:
+        for index, entry in enumerate(staged):
+            if checksum(self.arena.view(entry.slot)[:entry.length]) != entry.checksum:
+                return index
+        return None
 
     def _install(self, namespace: str, staged: list[Staged]):
-        statuses, stored = [], []
+        statuses, stored, duplicates = [], [], []
         created = now_ms()
         for entry in staged:
             existing = self.catalog.get(namespace, entry.key)
             if existing is not None:
                 statuses.append(pb.DUPLICATE)
+                duplicates.append(existing)
                 self.counters.duplicates += 1
                 if entry.retention is not None:
                     self._strengthen(existing, entry.retention)
@@ -285,18 +392,20 @@ class BlockStore:
             self.counters.cpu_writes += 1
             self.counters.cpu_write_bytes += block.length
             if self.disk is not None:
-                self._queue_write(block)
+                self._queue_write(block, upload=self._owes_upload())
             statuses.append(pb.STORED)
             stored.append(block)
         self.counters.commits += len(staged)
-        return statuses, stored
+        return statuses, stored, duplicates
+
+    def _owes_upload(self) -> bool:
+        return self.s3sync is not None and self.cfg.s3.write_through
 
     def abort(self, allocation_id: int) -> None:
         held = self.allocations.take(allocation_id)
         if held is None:
             raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
-        self.cpu.unreserve(held.items)
-        self._signal_space()
+        self._unreserve(held.items)
 
     async def put(self, namespace: str, key: bytes, parent: bytes, data_chunks, length: int, expected: int,
                   wait_ms: int, wait_durable: bool, retention=None) -> int:
@@ -314,94 +423,112 @@ class BlockStore:
                 filled += len(chunk)
             if filled != length:
                 raise invalid(f"stream ended after {filled} of {length} bytes")
-        except BaseException:
-            if self.allocations.get(held.id) is not None:
-                self.abort(held.id)
-            raise
-        staged = [Staged(key, parent, held.items[0], length, expected, retention)]
-        try:
+            staged = [Staged(key, parent, held.items[0], length, expected, retention)]
             return (await self.commit(held.id, namespace, staged, wait_durable))[0]
-        except BaseException:
-            if self.allocations.get(held.id) is not None:
+        finally:
+            if self.allocations.get(held.id) is held:
                 self.abort(held.id)
-            raise
 
     # -- write-through ------------------------------------------------------------------------
-    def _queue_write(self, block: Block) -> None:
-        block.write_pending = True
-        self.cpu.pin(block.id)
-        self._backlog.append(block)
+    def _queue_write(self, block: Block, upload: bool) -> None:
+        assert block not in self._pending and block in self.cpu
+        slot = self.cpu.hold(block, WRITE)
+        self._pending[block] = _Pending(slot, asyncio.get_running_loop().create_future(), upload)
         self._backlog_ready.set()
 
     async def _wait_durable(self, blocks: list[Block]) -> None:
-        loop = asyncio.get_running_loop()
+        """Waits until every block is durable (disk or S3), bounded by disk.durable_wait_ms."""
+        if self.disk is None:
+            return  # no durable tier configured: nothing more to wait for (documented in the proto)
         waits = []
         for block in blocks:
-            if block.write_pending:
-                waits.append(self._durable.setdefault(block.id, loop.create_future()))
-        if waits:
-            await asyncio.gather(*waits)
+            if block.tiers & (DISK | S3):
+                continue
+            pending = self._pending.get(block)
+            if pending is None:
+                if block not in self.cpu or self.catalog.get(block.namespace, block.key) is not block:
+                    raise unavailable(f"block {block.key.hex()} left the node before it was durable; "
+                                      "store it again")
+                self._queue_write(block, upload=self._owes_upload())  # e.g. its disk copy was evicted
+                pending = self._pending[block]
+            waits.append(pending.durable)
+        if not waits:
+            return
+        timeout = self.cfg.disk.durable_wait_ms / 1000
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(asyncio.gather(*waits))
+        except TimeoutError:
+            self.counters.durable_timeouts += 1
+            why = self.write_error[1] if self.write_error else f"{len(self._pending)} blocks queued ahead"
+            raise unavailable(f"not durable within disk.durable_wait_ms={self.cfg.disk.durable_wait_ms}: "
+                              f"{why}; the blocks stay queued for write-through") from None
 
     async def _write_through(self) -> None:
         failures = 0
         while True:
             await self._backlog_ready.wait()
-            batch = [self._backlog[i] for i in range(min(len(self._backlog), self.cfg.disk.batch_blocks))]
+            batch = list(itertools.islice(self._pending.items(), self.cfg.disk.batch_blocks))
             if not batch:
                 self._backlog_ready.clear()
                 continue
-            records = [(BlockHeader(b.namespace, b.key, b.parent, b.length, b.checksum, b.created_ms),
-                        self.cpu.view(b.id)) for b in batch]
+            records = [(_header(block), self.arena.view(item.slot)) for block, item in batch]
+            uploads = [item.upload for _, item in batch]
             try:
-                written, evicted = await self._on_writer(lambda: self.disk.write_batch(records))
-            except Exception as exc:  # noqa: BLE001 - the write-through must outlive any one batch
-                if self._drop_modified(batch):
+                written, evicted = await self._on_writer(lambda: self.disk.write_batch(records, upload=uploads))
+            except Exception as exc:  # noqa: BLE001 - the write-through outlives any one batch
+                self._evicted_from_disk(getattr(exc, "evicted", None) or [])
+                if isinstance(exc, CorruptBlock) and await self._drop_modified(batch):
                     continue
-                self.counters.disk_write_errors += 1
-                delay = WRITE_RETRY_S[min(failures, len(WRITE_RETRY_S) - 1)]
                 failures += 1
-                log.error("disk write-through failed (%r); %d blocks waiting, retrying in %.1fs",
-                          exc, len(self._backlog), delay)
-                await asyncio.sleep(delay)
+                await self._write_failed(exc, failures)
                 continue
             failures = 0
-            for _ in batch:
-                self._backlog.popleft()
+            self.write_error = None
             self._evicted_from_disk(evicted)
-            for block, entry in zip(batch, written):
+            for (block, _), entry in zip(batch, written, strict=True):
                 self._landed_on_disk(block, entry)
             self._signal_space()
 
-    def _drop_modified(self, batch: list[Block]) -> bool:
+    async def _write_failed(self, exc: Exception, failures: int) -> None:
+        self.counters.disk_write_errors += 1
+        delay = WRITE_RETRY_S[min(failures - 1, len(WRITE_RETRY_S) - 1)] * random.uniform(0.75, 1.25)
+        if self.write_error is None:
+            self.write_error = (time.monotonic(), repr(exc))
+        log.error("disk write-through failed (%r); %d blocks waiting, retrying in %.1fs",
+                  exc, len(self._pending), delay)
+        await asyncio.sleep(delay)
+
+    async def _drop_modified(self, batch) -> bool:
         """Quarantines blocks whose arena bytes changed after commit (a client wrote into a slot it
         no longer owned); returns whether any was found. Such bytes never reach the disk."""
-        modified = [b for b in batch if checksum(self.cpu.view(b.id)[:b.length]) != b.checksum]
+        sums = await asyncio.to_thread(
+            lambda: [checksum(self.arena.view(item.slot)[:block.length]) for block, item in batch])
+        modified = [block for (block, _), got in zip(batch, sums) if got != block.checksum]
         for block in modified:
-            self._backlog.remove(block)
-            block.write_pending = False
-            self.cpu.unpin(block.id)
+            item = self._pending.pop(block)
+            self.cpu.release(item.slot, WRITE)
             self._quarantined(block, CPU)
-            waiter = self._durable.pop(block.id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(precondition(f"block {block.key.hex()} was modified in shared memory "
-                                                  "after commit; quarantined"))
+            item.durable.set_exception(precondition(f"block {block.key.hex()} was modified in shared memory "
+                                                    "after commit; quarantined"))
+            item.durable.exception()  # retrieved: a waiter may or may not exist
+        self._signal_space()
         return bool(modified)
 
     def _landed_on_disk(self, block: Block, entry: DiskEntry) -> None:
-        assert entry.key == block.key and entry.checksum == block.checksum
-        block.write_pending = False
-        block.tiers |= DISK
-        self.disk_blocks += 1
-        if self.s3sync is not None:
-            self.s3sync.landed_on_disk(block, entry.segment)
-        self.cpu.unpin(block.id)
+        assert entry.key == block.key and entry.checksum == block.checksum, "disk wrote another block"
+        item = self._pending.pop(block)
+        self.cpu.release(item.slot, WRITE)
         self.counters.disk_writes += 1
         self.counters.disk_write_bytes += block.length
-        self.events.emit(pb.BLOCK_STORED, block.namespace, block.key, DISK, length=block.length,
-                         parent=block.parent)
-        waiter = self._durable.pop(block.id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self.catalog.get(block.namespace, block.key) is block and not block.tiers & DISK:
+            block.tiers |= DISK
+            self.disk_blocks += 1
+            self.events.emit(pb.BLOCK_STORED, block.namespace, block.key, DISK, length=block.length,
+                             parent=block.parent)
+        if item.upload and self.s3sync is not None:
+            self.s3sync.wake()
+        item.durable.set_result(None)
 
     def _evicted_from_disk(self, entries: list[DiskEntry]) -> None:
         for entry in entries:
@@ -411,18 +538,18 @@ class BlockStore:
             self.counters.disk_evictions += 1
             self._drop_tier(block, DISK)
 
-    def _evicted_from_cpu(self, block_ids) -> None:
-        for namespace, key in block_ids:
-            block = self.catalog.get(namespace, key)
-            assert block is not None and not block.write_pending
+    def _evicted_from_cpu(self, blocks) -> None:
+        for block in blocks:
+            assert block not in self._pending, "evicted a block waiting for write-through"
             self._drop_tier(block, CPU, already_removed=True)
 
     def _drop_tier(self, block: Block, tier: int, already_removed: bool = False) -> None:
         """The block left `tier`; when no tier keeps it, it leaves the catalog."""
+        assert block.tiers & tier, f"dropping {TIER_NAMES[tier]} from a block not there"
         if tier == CPU and not already_removed:
-            self.cpu.remove(block.id)
+            self.cpu.remove(block)
         elif tier == GPU and not already_removed:
-            self.gpu.remove(block.id)
+            self.gpu.remove(block)
         block.tiers &= ~tier
         self.disk_blocks -= tier == DISK
         if tier == S3:
@@ -433,154 +560,198 @@ class BlockStore:
 
     # -- read path ----------------------------------------------------------------------------
     async def acquire(self, namespace: str, keys: list[bytes], lease_ms: int, gpu: bool = False):
-        """Pins each found block in the CPU tier (promoting from lower tiers) and, with gpu, in the GPU
-        tier too; returns (lease or None, blocks)."""
+        """Holds each found block in the CPU tier (promoting from lower tiers) and, with gpu, in the GPU
+        tier too; returns (lease or None, blocks). Cancellation releases every hold taken."""
         self.catalog.namespace(namespace)
         if self.leases.full():
             raise exhausted("too many open read leases; release some first")
         found: list[Block | None] = [None] * len(keys)
-        lower: list[tuple[int, Block]] = []
-        for index, key in enumerate(keys):
-            block = self.catalog.get(namespace, key)
-            if block is not None and block.tiers & CPU:
-                found[index] = self._pin_reader(block)  # pinned first: promotions below cannot evict it
-            elif block is not None:
-                lower.append((index, block))
-        promoted = await asyncio.gather(*(self._promote_and_pin(block) for _, block in lower))
-        for (index, _), block in zip(lower, promoted):
-            found[index] = block
-        pinned = [b.id for b in found if b is not None]
-        self.counters.acquire_hits += len(pinned)
-        self.counters.acquire_misses += len(keys) - len(pinned)
-        if not pinned:
-            return None, found
-        held = self.leases.add(pinned, lease_ms, namespace)
+        taken: list[tuple[Block, int]] = []  # holds owned by this call until a lease owns them
+        try:
+            lower = []
+            for index, key in enumerate(keys):
+                block = self.catalog.get(namespace, key)
+                if block is not None and block in self.cpu:
+                    found[index] = block  # held first: promotions below cannot evict it
+                    taken.append((block, self._hold_reader(block)))
+                elif block is not None:
+                    lower.append((index, block))
+            await asyncio.gather(*(self._promote_and_hold(block, index, found, taken) for index, block in lower))
+            self.counters.acquire_hits += len(taken)
+            self.counters.acquire_misses += len(keys) - len(taken)
+            if not taken:
+                return None, found
+            if self.leases.full():
+                raise exhausted("too many open read leases; release some first")
+            held = self.leases.add(taken, lease_ms, namespace)
+            taken = []
+        finally:
+            self._release_holds(taken, [])
         if gpu and self.gpu is not None:
-            for block in found:
-                if block is not None and await self._pin_on_gpu(block):
-                    held.gpu_items.append(block.id)
+            try:
+                for block in found:
+                    if block is not None:
+                        await self._hold_on_gpu(block, held)
+            except BaseException:
+                self.release(held.id)
+                raise
         return held, found
 
-    async def _pin_on_gpu(self, block: Block) -> bool:
-        """Promotes a CPU-pinned block into the GPU tier (if it is not there) and pins it there."""
-        if block.id not in self.gpu:
-            slots, evicted = self.gpu.reserve(1)
-            if not slots:
-                return False  # every GPU slot is held by readers: the CPU copy serves this lease
-            for block_id in evicted:
-                self._evicted_from_gpu(block_id)
-            await _finished(self.gpu.copy_in(slots[0], self.cpu.view(block.id), block.length))
-            if self.catalog.get(block.namespace, block.key) is not block or block.id in self.gpu:
-                self.gpu.unreserve(slots)  # deleted, or promoted by a concurrent reader meanwhile
-            else:
-                _install_in(self.gpu, block, slots[0])
-                block.tiers |= GPU
-                self.events.emit(pb.BLOCK_MOVED, block.namespace, block.key, GPU, from_tier=CPU,
-                                 length=block.length)
-        if block.id not in self.gpu:
-            return False
-        self.gpu.pin(block.id)
-        self.gpu.touch(block.id)
-        return True
-
-    def _evicted_from_gpu(self, block_id) -> None:
-        """A GPU copy was dropped to make room; every block entered through the CPU tier, so a lower
-        tier still holds it unless the disk tier is off and the CPU tier evicted it too."""
-        block = self.catalog.get(*block_id)
-        if block is not None and block.tiers & GPU:
-            self._drop_tier(block, GPU, already_removed=True)
-
-    def _pin_reader(self, block: Block) -> Block:
-        self.cpu.pin(block.id)
-        self.cpu.touch(block.id)
-        block.readers += 1
-        block.hits += 1
-        block.last_access_ms = now_ms()
-        self.counters.cpu_reads += 1
-        self.counters.cpu_read_bytes += block.length
-        return block
-
-    async def _promote_and_pin(self, block: Block) -> Block | None:
-        """Promotes and pins; a block evicted again before this reader resumed is promoted again
+    async def _promote_and_hold(self, block: Block, index: int, found: list, taken: list) -> None:
+        """Promotes and holds; a block evicted again before this reader resumed is promoted again
         (bounded), and no room in the CPU tier is a miss, not an error."""
         for _ in range(3):
             try:
                 promoted = await self._promote(block)
             except ApiError as exc:
                 log.warning("promotion of %s/%s skipped: %s", block.namespace, block.key.hex(), exc.message)
-                return None
+                return
             if promoted is None:
-                return None
-            if promoted.tiers & CPU and self.catalog.get(block.namespace, block.key) is promoted:
-                return self._pin_reader(promoted)
-        return None
+                return
+            if promoted in self.cpu and self.catalog.get(block.namespace, block.key) is promoted:
+                found[index] = promoted
+                taken.append((promoted, self._hold_reader(promoted)))  # no await since the check
+                return
+
+    def _hold_reader(self, block: Block) -> int:
+        slot = self.cpu.hold(block, READER)
+        self.cpu.touch(block)
+        block.hits += 1
+        block.last_access_ms = now_ms()
+        self.counters.cpu_reads += 1
+        self.counters.cpu_read_bytes += block.length
+        return slot
+
+    async def _hold_on_gpu(self, block: Block, held) -> None:
+        """Promotes a CPU-held block into the GPU tier (if it is not there) and holds it there."""
+        if block not in self.gpu:
+            slots, evicted = self.gpu.reserve(1)
+            if not slots:
+                return  # every GPU slot is held by readers: the CPU copy serves this lease
+            for victim in evicted:
+                self._evicted_from_gpu(victim)
+            try:
+                await _finished(self.gpu.copy_in(slots[0], self.cpu.view(block), block.length))
+            except BaseException:
+                self.gpu.unreserve(slots)  # the tier's stream orders a later copy into this slot
+                raise
+            if self.catalog.get(block.namespace, block.key) is not block or block in self.gpu:
+                self.gpu.unreserve(slots)  # deleted, or promoted by a concurrent reader meanwhile
+            else:
+                _install_in(self.gpu, block, slots[0])
+                block.tiers |= GPU
+                self.events.emit(pb.BLOCK_MOVED, block.namespace, block.key, GPU, from_tier=CPU,
+                                 length=block.length)
+        if block in self.gpu:
+            held.gpu_items.append((block, self.gpu.hold(block, READER)))
+            self.gpu.touch(block)
+
+    def _evicted_from_gpu(self, block: Block) -> None:
+        """A GPU copy was dropped to make room; every block entered through the CPU tier, so a lower
+        tier still holds it unless the disk tier is off and the CPU tier evicted it too."""
+        if block.tiers & GPU:
+            self._drop_tier(block, GPU, already_removed=True)
 
     async def _promote(self, block: Block) -> Block | None:
-        """Copies a disk-only block into a CPU slot, verified; concurrent callers share one read."""
-        pending = self._promotions.get(block.id)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._promotions[block.id] = pending
-            try:
-                pending.set_result(await self._read_from_lower(block))
-            except BaseException as exc:
-                pending.set_exception(exc)
-                pending.exception()  # retrieved: other readers may or may not be waiting on it
-                raise
-            finally:
-                del self._promotions[block.id]
-        return await asyncio.shield(pending)
+        """Copies a lower-tier block into a CPU slot, verified. The copy is a store-owned task that
+        concurrent readers share; a reader that is cancelled stops waiting, the copy goes on."""
+        task = self._promotions.get(block)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._read_from_lower(block), name="promotion")
+            self._promotions[block] = task
+            task.add_done_callback(lambda done: self._promotion_done(block, done))
+        return await asyncio.shield(task)
+
+    def _promotion_done(self, block: Block, task: asyncio.Task) -> None:
+        if self._promotions.get(block) is task:
+            del self._promotions[block]
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            if not isinstance(error, ApiError):
+                self.fatal(f"promotion of {block.namespace}/{block.key.hex()} failed: {error!r}", error)
 
     async def _read_from_lower(self, block: Block) -> Block | None:
         """Copies a block from the highest lower tier that has a good copy into a CPU slot."""
-        slots = await self._reserve(1, PROMOTION_WAIT_MS)
-        view = self.arena.view(slots[0])
-        source = 0
+        slots = await self._reserve_for_read()
+        if not slots:
+            return None
+        installed = False
+        try:
+            view = self.arena.view(slots[0])
+            source = await self._read_into(block, view)
+            current = self.catalog.get(block.namespace, block.key)
+            if not source or current is not block or block in self.cpu:
+                return block if source and current is block else None
+            _install_in(self.cpu, block, slots[0])
+            installed = True
+            block.tiers |= CPU
+            self.events.emit(pb.BLOCK_MOVED, block.namespace, block.key, CPU, from_tier=source,
+                             length=block.length)
+            if source == S3 and self.disk is not None:
+                self._queue_write(block, upload=False)  # a local copy: the next restart reads it from disk
+            return block
+        finally:
+            if not installed:
+                self._unreserve(slots)
+
+    async def _reserve_for_read(self) -> list[int]:
+        """One CPU slot for a promotion: it may use the read reserve and does not wait for the
+        write backlog; no room within PROMOTION_WAIT_MS is a miss."""
+        deadline = time.monotonic() + PROMOTION_WAIT_MS / 1000
+        while True:
+            slots, evicted = self.cpu.reserve(1)
+            if slots:
+                self._evicted_from_cpu(evicted)
+                return slots
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closing:
+                log.warning("no CPU slot for a promotion within %d ms: served as a miss", PROMOTION_WAIT_MS)
+                return []
+            await self._wait_for_space(left)
+
+    async def _read_into(self, block: Block, view: memoryview) -> int:
+        """Reads the best lower copy into view, verified; returns the tier read (0: none good)."""
         if block.tiers & GPU and await self._read_gpu_into(block, view):
-            source = GPU
-        elif block.tiers & DISK and await self._read_disk_into(block, view):
-            source = DISK
-        elif block.tiers & S3 and self.s3sync is not None and await self.s3sync.download(block, view):
-            source = S3
-        current = self.catalog.get(block.namespace, block.key)
-        if not source or current is not block or block.tiers & CPU:
-            self.cpu.unreserve(slots)
-            self._signal_space()
-            return block if source and current is block else None
-        _install_in(self.cpu, block, slots[0])
-        block.tiers |= CPU
-        self.events.emit(pb.BLOCK_MOVED, block.namespace, block.key, CPU, from_tier=source, length=block.length)
-        if source == S3 and self.disk is not None:
-            self._queue_write(block)  # keep a local copy: the next restart reads it from disk
-        return block
+            return GPU
+        if block.tiers & DISK and await self._read_disk_into(block, view):
+            return DISK
+        if block.tiers & S3 and self.s3sync is not None and await self.s3sync.download(block, view):
+            return S3
+        return 0
 
     async def _read_gpu_into(self, block: Block, view: memoryview) -> bool:
         """Demotion: the CPU tier lost the block but the GPU tier has it; copied down and verified."""
-        if self.gpu is None or block.id not in self.gpu:
+        if self.gpu is None or block not in self.gpu:
             return False
-        self.gpu.pin(block.id)  # its slot cannot be reused while the copy reads it
+        slot = self.gpu.hold(block, COPY)  # its slot cannot be reused while the copy reads it
         try:
-            await _finished(self.gpu.copy_out(self.gpu.slot_of(block.id), view, block.length))
+            await _finished(self.gpu.copy_out(slot, view, block.length))
         finally:
-            self.gpu.unpin(block.id)
+            self.gpu.release(slot, COPY)
         if checksum(view[:block.length]) == block.checksum:
             return True
-        if self.catalog.get(block.namespace, block.key) is block and block.tiers & GPU:
+        if block.tiers & GPU and block in self.gpu:
             self._quarantined(block, GPU)
         return False
 
     async def _read_disk_into(self, block: Block, view: memoryview) -> bool:
-        entry = self.disk.get_entry(block.namespace, block.key) if self.disk is not None else None
-        if entry is None:
+        disk = self.disk
+        if disk is None:
             return False
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(self._readers, self.disk.read_into, entry, view)
+
+        def read() -> bool | None:  # LMDB and the read both off the loop
+            entry = disk.get_entry(block.namespace, block.key)
+            if entry is None or entry.checksum != block.checksum:
+                return None
+            return disk.read_into(entry, view)
+        ok = await self._on_reader(read)
         if ok:
             self.counters.disk_reads += 1
             self.counters.disk_read_bytes += block.length
-        elif self.catalog.get(block.namespace, block.key) is block and block.tiers & DISK:
-            self._quarantined(block, DISK)
-        return ok
+            return True
+        if self.catalog.get(block.namespace, block.key) is block and block.tiers & DISK:
+            self._quarantined(block, DISK)  # corrupt, or no longer indexed: the catalog must not say "disk"
+        return False
 
     def _quarantined(self, block: Block, tier: int) -> None:
         log.error("block %s/%s failed verification on the %s tier: quarantined, served as a miss",
@@ -593,18 +764,15 @@ class BlockStore:
         held = self.leases.take(lease_id)
         if held is None:
             raise precondition(f"lease {lease_id} is not held (already released, expired, or never granted)")
-        self._unpin_readers(held)
+        self._release_holds(held.items, held.gpu_items)
 
-    def _unpin_readers(self, held) -> None:
-        for block_id in held.gpu_items:
-            if self.gpu is not None and block_id in self.gpu:
-                self.gpu.unpin(block_id)
-        for namespace, key in held.items:
-            block = self.catalog.get(namespace, key)
-            if block is not None and block.id in self.cpu:
-                block.readers -= 1
-                self.cpu.unpin(block.id)
-        self._signal_space()
+    def _release_holds(self, cpu_items, gpu_items) -> None:
+        for _, slot in gpu_items:
+            self.gpu.release(slot, READER)
+        for _, slot in cpu_items:
+            self.cpu.release(slot, READER)
+        if cpu_items:
+            self._signal_space()
 
     # -- agent hints --------------------------------------------------------------------------
     def set_retention(self, namespace: str, keys, retention) -> int:
@@ -617,8 +785,8 @@ class BlockStore:
                 continue
             block.retention, block.retained_ms = retention, now
             for tier in (self.cpu, self.gpu):
-                if tier is not None and block.id in tier and hasattr(tier.policy, "retain"):
-                    tier.policy.retain(block.id, retention)
+                if tier is not None and block in tier and hasattr(tier.policy, "retain"):
+                    tier.policy.retain(block, retention)
             updated += 1
         return updated
 
@@ -633,7 +801,7 @@ class BlockStore:
 
     async def prefetch(self, namespace: str, keys, gpu: bool) -> tuple[int, int]:
         """Warms the stored prefix of a chain into the CPU tier (and the GPU tier): (matched, warmed).
-        An acquire released at once: the promotions stay, the pins do not."""
+        An acquire released at once: the promotions stay, the holds do not."""
         matched = len(self.catalog.lookup(namespace, keys))
         if not matched:
             return 0, 0
@@ -645,15 +813,21 @@ class BlockStore:
         return matched, warmed
 
     # -- admin --------------------------------------------------------------------------------
+    def busy(self, block: Block) -> bool:
+        """Whether something still uses the block: a reader, the write-through, an upload or a copy."""
+        return (block in self._pending or block in self._promotions or self.cpu.held(block)
+                or (self.gpu is not None and self.gpu.held(block))
+                or (self.s3sync is not None and self.s3sync.uploading(block)))
+
     async def delete(self, namespace: str, keys) -> tuple[int, int]:
-        """Removes blocks from every tier; blocks held by a reader or the write-through are busy."""
+        """Removes blocks from every tier; blocks in use (see busy) are counted busy and kept."""
         self.catalog.namespace(namespace)
         deleted = busy = 0
         for key in keys:
             block = self.catalog.get(namespace, key)
             if block is None:
                 continue
-            if block.readers or block.write_pending:
+            if self.busy(block):
                 busy += 1
                 continue
             await self._delete_block(block)
@@ -662,21 +836,24 @@ class BlockStore:
         return deleted, busy
 
     async def _delete_block(self, block: Block) -> None:
-        if block.tiers & DISK:
-            await self._on_writer(lambda: self.disk.remove(block.namespace, block.key))
-        if block.tiers & S3:
-            await self.s3sync.delete(block)
+        """Leaves the catalog and the memory tiers at once, then the durable tiers (the disk removal,
+        queued on the writer thread before any later write of the same key, drops its upload too)."""
+        tiers = block.tiers
         for tier in (GPU, CPU, DISK, S3):
-            if block.tiers & tier and self.catalog.get(block.namespace, block.key) is block:
+            if block.tiers & tier:
                 self._drop_tier(block, tier)
+        assert self.catalog.get(block.namespace, block.key) is not block
+        if tiers & DISK:
+            await self._on_writer(lambda: self.disk.remove(block.namespace, block.key))
+        if tiers & S3:
+            await self.s3sync.delete(block)
 
     async def clear(self, namespace: str) -> int:
         names = sorted(self.catalog.namespaces) if namespace == "*" else [self.catalog.namespace(namespace).name]
         deleted = 0
         for name in names:
-            blocks = list(self.catalog.namespaces[name].blocks.values())
-            for block in blocks:
-                if not (block.readers or block.write_pending):
+            for block in list(self.catalog.namespaces[name].blocks.values()):
+                if self.catalog.get(block.namespace, block.key) is block and not self.busy(block):
                     await self._delete_block(block)
                     deleted += 1
             self.events.emit(pb.ALL_CLEARED, name)
@@ -690,13 +867,28 @@ class BlockStore:
             for held in self.allocations.expired():
                 self.counters.allocations_expired += 1
                 log.warning("allocation %d expired uncommitted: %d slots returned", held.id, len(held.items))
-                self.cpu.unreserve(held.items)
-                self._signal_space()
+                self._unreserve(held.items)
             for held in self.leases.expired():
                 self.counters.leases_expired += 1
-                log.warning("read lease %d on %s expired unreleased: %d blocks unpinned",
+                log.warning("read lease %d on %s expired unreleased: %d blocks released",
                             held.id, held.namespace, len(held.items))
-                self._unpin_readers(held)
+                self._release_holds(held.items, held.gpu_items)
+
+    # -- invariants -----------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Asserts that the catalog agrees with every memory tier and the write-through queue."""
+        self.cpu.check()
+        for name, ns in self.catalog.namespaces.items():
+            for key, block in ns.blocks.items():
+                assert block.namespace == name and block.key == key and block.tiers
+                assert bool(block.tiers & CPU) == (block in self.cpu), f"cpu bit of {key.hex()}"
+                if self.gpu is not None:
+                    assert bool(block.tiers & GPU) == (block in self.gpu), f"gpu bit of {key.hex()}"
+        for block in self.cpu:
+            assert self.catalog.get(block.namespace, block.key) is block, "cpu holds a block not in the catalog"
+        for block, item in self._pending.items():
+            assert block in self.cpu and self.cpu.slot_of(block) == item.slot and self.cpu.holds(block)[WRITE]
+        assert len(self._pending) <= self.cfg.disk.queue_blocks + self.arena.slot_count
 
     # -- stats --------------------------------------------------------------------------------
     def stats(self) -> pb.StatsResponse:
@@ -725,23 +917,50 @@ class BlockStore:
         return pb.StatsResponse(
             blocks=self.catalog.blocks, bytes=self.catalog.bytes, lookups=c.lookups, lookup_keys=c.lookup_keys,
             lookup_hit_keys=c.lookup_hit_keys, acquire_hits=c.acquire_hits, acquire_misses=c.acquire_misses,
-            duplicates=c.duplicates, quarantined=c.quarantined, write_backlog=len(self._backlog),
+            duplicates=c.duplicates, quarantined=c.quarantined, write_backlog=len(self._pending),
             active_leases=len(self.leases), active_allocations=len(self.allocations), tiers=tiers,
             event_seq=self.events.seq, uptime_s=time.monotonic() - self.started,
             upload_backlog=self.s3sync.backlog if self.s3sync else 0,
             s3_reachable=self.s3sync.reachable if self.s3sync else False)
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Waits for event at most timeout seconds; whether it is set. (asyncio.timeout, not wait_for:
+    wait_for in Python 3.11 can swallow a cancellation that races with the event.)"""
+    if timeout <= 0:
+        return event.is_set()
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return event.is_set()
+    return True
+
+
+async def stop_tasks(tasks, patience_s: float = 10.0) -> None:
+    """Cancels tasks and waits until they end; a task that outlives patience_s is a bug, said loudly."""
+    tasks = [task for task in tasks if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        _, stuck = await asyncio.wait(tasks, timeout=patience_s)
+        for task in stuck:
+            log.error("task %s ignored its cancellation for %.0fs: %s", task.get_name(), patience_s,
+                      task.get_stack(limit=4))
+
+
+def _header(block: Block) -> BlockHeader:
+    return BlockHeader(block.namespace, block.key, block.parent, block.length, block.checksum, block.created_ms)
+
 
 def _arena_prefix(cfg: Config) -> str:
     """One arena name per data dir, so stale arenas of a crashed daemon are found and removed."""
     import hashlib
-    import os
     digest = hashlib.sha256(os.path.abspath(cfg.data_dir).encode()).hexdigest()[:12]
     return f"kvtier-{digest}"
 
 
 async def _finished(transfer) -> None:
     """Waits for a GPU copy without blocking the event loop (CPU-device copies are done at once)."""
-    while not transfer.done():
-        await asyncio.sleep(0.0002)
+    if not transfer.done():
+        await asyncio.to_thread(transfer.wait)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
+import time
+import urllib.request
 
 import pytest
 
@@ -14,6 +17,55 @@ SMALL_CONFIG = {
     "disk.capacity": "256MiB", "disk.segment_bytes": "8MiB", "disk.batch_blocks": 16, "disk.queue_blocks": 256,
     "limits.default_lease_ms": 5000,
 }
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
+    """Polls predicate() until it returns something truthy (returned); AssertionError naming `what`
+    after `timeout` seconds. The way to wait for a state: never sleep a fixed time and hope. The bound
+    is generous (a loaded machine is slow) and only reached when the state never comes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def scrape_metrics(address: str) -> dict[str, float]:
+    """A daemon's Prometheus metrics (untagged series) from its metrics.listen address (host:port)."""
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=30).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of process `pid` is in the stopped state (T)."""
+    states = []
+    for stat in glob.glob(f"/proc/{pid}/task/*/stat"):
+        try:
+            with open(stat) as file:
+                states.append(file.read().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that exited
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
+def wait_stopped(pid: int) -> None:
+    """Waits until the kernel shows every thread of `pid` stopped: SIGSTOP is delivered
+    asynchronously, and a process still running for a moment may still answer."""
+    wait_for(lambda: _stopped(pid), what=f"process {pid} to stop", interval=0.001)
+
+
+def sigstop(pid: int) -> None:
+    """SIGSTOP, returning once the process is stopped (hung: its sockets accept, nothing answers)."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_stopped(pid)
 
 
 class Daemon(DaemonProcess):

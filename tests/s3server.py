@@ -1,4 +1,5 @@
-"""A real S3 endpoint for tests and benchmarks: moto's server as a subprocess on 127.0.0.1.
+"""Real S3 endpoints for tests and benchmarks: moto's server (S3Server) and s3rver (S3rverServer), each
+a subprocess on 127.0.0.1.
 
 Usage from a test module (tests/ is on sys.path through tests/conftest.py):
 
@@ -24,6 +25,13 @@ Outage simulation, two ways:
 The server process gets PR_SET_PDEATHSIG (Linux): it is sent SIGTERM when the thread that started it
 exits, even if the test process is killed before its fixtures tear down.
 
+`S3rverServer` runs s3rver (npm, pinned in tests/node/package.json, installed by `make test`), a
+second, independent S3 implementation with other gaps than moto's: it ignores `If-None-Match` on PUT
+(overwrites), ignores `If-Match` on DELETE, checks the access key id (only "S3RVER") but not SigV4
+signatures, and keeps its state in a directory, so stop()/start() loses nothing. Same interface as
+S3Server minus reset(); the `s3rver_server` fixture starts one per test and fails the test
+when node or s3rver is not installed.
+
 `CuttingProxy` sits in front of a server and breaks the first N responses mid-body (short reads).
 """
 
@@ -32,6 +40,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,40 +82,48 @@ def _die_with_parent() -> None:
     _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
-class S3Server:
-    """One `python -m moto.server` subprocess. See the module docstring for outage semantics."""
+class _ServerProcess:
+    """An S3 server subprocess on host:port: start/stop/pause, readiness by HTTP answer, boto3 clients.
+    Subclasses name the command (_command) and the credentials the server accepts."""
+
+    NAME = "server"
+    ACCESS_KEY_ID = DUMMY_ENV["AWS_ACCESS_KEY_ID"]
+    SECRET_ACCESS_KEY = DUMMY_ENV["AWS_SECRET_ACCESS_KEY"]
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, log_path: str | None = None):
         self.host = host
         self.port = port or free_port(host)
-        self.log_path = log_path or os.path.join(tempfile.gettempdir(), f"moto-{os.getpid()}-{self.port}.log")
+        self.log_path = log_path or os.path.join(tempfile.gettempdir(),
+                                                 f"{self.NAME}-{os.getpid()}-{self.port}.log")
         self.proc: subprocess.Popen | None = None
         self.paused = False
         self._admin = None  # make_bucket's client (boto3 clients are thread-safe)
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
 
     @property
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "S3Server":
+    def start(self, timeout: float = 30.0):
         """Starts the server (again, on the same port) and waits until it answers HTTP."""
         if self.running:
             return self
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if _PRCTL is not None else None)
         self.paused = False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.NAME} exited with {self.proc.returncode}:\n{self.log()}")
             if self.answers(timeout=0.5):
                 return self
-            time.sleep(0.05)
+            time.sleep(0.05)  # polling the port is the only readiness signal both servers give
         self.stop()
-        raise TimeoutError(f"moto server did not answer on {self.endpoint_url} in {timeout}s:\n{self.log()}")
+        raise TimeoutError(f"{self.NAME} did not answer on {self.endpoint_url} in {timeout}s:\n{self.log()}")
 
     @property
     def running(self) -> bool:
@@ -123,12 +140,6 @@ class S3Server:
         except (OSError, ValueError):
             return False
 
-    def reset(self) -> None:
-        """Drops every bucket and object (moto's POST /moto-api/reset); the process keeps running."""
-        request = urllib.request.Request(self.endpoint_url + "/moto-api/reset", method="POST", data=b"")
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            reply.read()
-
     def pause(self) -> None:
         """SIGSTOP: connections are accepted by the kernel but never answered. State is kept."""
         assert self.running, "server is not running"
@@ -142,7 +153,7 @@ class S3Server:
         self.paused = False
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stops the process. moto's state (all buckets and objects) is lost."""
+        """Stops the process (moto loses every bucket and object; s3rver keeps them on disk)."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -156,8 +167,8 @@ class S3Server:
                 self.proc.wait(timeout)
         self.paused = False
 
-    def restart(self, timeout: float = 30.0) -> "S3Server":
-        """stop() + start() on the same port; every bucket and object is gone afterwards."""
+    def restart(self, timeout: float = 30.0):
+        """stop() + start() on the same port (moto: every bucket and object is gone afterwards)."""
         self.stop()
         return self.start(timeout)
 
@@ -172,28 +183,90 @@ class S3Server:
         """A plain boto3 S3 client for this endpoint (its own session: sessions are not thread-safe)."""
         import boto3
         kwargs.setdefault("region_name", "us-east-1")
-        kwargs.setdefault("aws_access_key_id", DUMMY_ENV["AWS_ACCESS_KEY_ID"])
-        kwargs.setdefault("aws_secret_access_key", DUMMY_ENV["AWS_SECRET_ACCESS_KEY"])
+        kwargs.setdefault("aws_access_key_id", self.ACCESS_KEY_ID)
+        kwargs.setdefault("aws_secret_access_key", self.SECRET_ACCESS_KEY)
         return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, **kwargs)
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
         try:
             os.unlink(self.log_path)
         except OSError:
             pass
 
 
-def make_bucket(server: S3Server, name: str) -> str:
+class S3Server(_ServerProcess):
+    """One `python -m moto.server` subprocess. See the module docstring for outage semantics.
+    Accepts any credentials."""
+
+    NAME = "moto"
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+
+    def reset(self) -> None:
+        """Drops every bucket and object (moto's POST /moto-api/reset); the process keeps running."""
+        request = urllib.request.Request(self.endpoint_url + "/moto-api/reset", method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            reply.read()
+
+
+S3RVER_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node", "node_modules", "s3rver", "bin",
+                         "s3rver.js")
+
+
+class S3rverServer(_ServerProcess):
+    """One `node s3rver.js` subprocess storing under `directory` (a fresh temporary one by default,
+    removed by __exit__/cleanup()). Accepts access key id "S3RVER" only; does not verify SigV4
+    signatures; ignores If-None-Match on PUT and If-Match on DELETE."""
+
+    NAME = "s3rver"
+    ACCESS_KEY_ID = "S3RVER"       # s3rver's one built-in account
+    SECRET_ACCESS_KEY = "S3RVER"
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, log_path: str | None = None,
+                 directory: str | None = None):
+        super().__init__(host, port, log_path)
+        self._own_directory = directory is None
+        self.directory = directory or tempfile.mkdtemp(prefix="s3rver-")
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why s3rver cannot run here (node or the npm package missing), or None."""
+        if shutil.which("node") is None:
+            return "node is not installed"
+        if not os.path.exists(S3RVER_JS):
+            return "s3rver is not installed (make .venv/.installed-engines, or npm ci in tests/node)"
+        return None
+
+    def _command(self) -> list[str]:
+        return [shutil.which("node"), S3RVER_JS, "--directory", self.directory, "--port", str(self.port),
+                "--address", self.host, "--silent"]
+
+    def cleanup(self) -> None:
+        """Removes the data directory if this object created it."""
+        if self._own_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self.cleanup()
+
+
+def make_bucket(server: _ServerProcess, name: str) -> str:
     """Creates bucket `name` (a valid S3 bucket name: 3-63 chars, lowercase, digits, '-') if missing."""
     if server._admin is None:
         server._admin = server.client()   # cached: creating a boto3 client costs ~0.1-0.2 s
+    errors = server._admin.exceptions
     try:
         server._admin.create_bucket(Bucket=name)
-    except server._admin.exceptions.BucketAlreadyOwnedByYou:
+    except (errors.BucketAlreadyOwnedByYou, errors.BucketAlreadyExists):  # s3rver answers the latter
         pass
     return name
 
@@ -232,6 +305,21 @@ def s3_server(monkeypatch):
         server.resume()
         if not server.running:
             server.start()
+
+
+@pytest.fixture
+def s3rver_server(monkeypatch, tmp_path):
+    """A running s3rver with no buckets, storing under the test's tmp_path; stopped at teardown.
+    Fails the test if node or s3rver is not installed (`make test` installs both: a missing one is a
+    broken setup, not a pass). Its clients need S3rverServer.ACCESS_KEY_ID."""
+    reason = S3rverServer.missing()
+    if reason:
+        pytest.fail(reason)
+    for name in _UNSET_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with S3rverServer(directory=str(tmp_path / "s3rver"), log_path=str(tmp_path / "s3rver.log")) as server:
+        yield server
 
 
 class CuttingProxy:

@@ -61,6 +61,7 @@ PINNED_RANK = {"ephemeral": 0, "decode": 0, "subagent": 2, "conversation": 2, "s
 CLASSES = tuple(CLASS_RANK)
 TTL_VALUES = {"5m": 300.0, "1h": 3600.0}
 DEFAULT_TTL_S = 300.0
+MAX_TTL_S = 365 * 86400.0  # a hard bound (deadlines stay finite); the daemon's limits.max_ttl_s is lower
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ class Retention:
             raise ValueError(f"unknown retention class {self.cls!r}; expected one of {', '.join(CLASSES)}")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not 0 <= self.priority <= 100:
             raise ValueError(f"priority must be an int in 0..100, got {self.priority!r}")
-        if self.ttl_s is not None and not (self.ttl_s > 0):
-            raise ValueError(f"ttl_s must be positive or None, got {self.ttl_s!r}")
+        if self.ttl_s is not None and not (isinstance(self.ttl_s, (int, float)) and 0 < self.ttl_s <= MAX_TTL_S):
+            raise ValueError(f"ttl_s must be a finite number of seconds in (0, {MAX_TTL_S:.0f}] or None, "
+                             f"got {self.ttl_s!r}")
 
     @property
     def rank(self) -> int:

@@ -1,4 +1,4 @@
-"""The S3 tier: one immutable, self-describing object per block, plus a durable upload journal.
+"""The S3 tier: one immutable, self-describing object per block. No local state.
 
 Layout (exact bytes and key scheme: docs/s3-format.md):
     s3://<bucket>/<prefix>/<h[0:2]>/<h[2:4]>/<ns_digest>/<key hex>
@@ -7,7 +7,7 @@ Layout (exact bytes and key scheme: docs/s3-format.md):
     object bytes  = BlockHeader.encode() + payload                    (docs/block-format.md)
     metadata      = x-amz-meta-kvtier-header: base64 of the same header (self-verifying), so that
                     head() and list() need no GET of the body
-    <journal_dir>/ LMDB: journal (upload obligations, oldest first), journal_keys, quarantine
+    s3://<bucket>/<prefix>/_probe/<random hex>: probe_conditional_puts()'s short-lived object
 
 Contract:
 - Threads: every method may be called from any number of worker threads concurrently, except
@@ -19,22 +19,35 @@ Contract:
   header on a fallback path, quarantine adds one DELETE). Connection errors, timeouts, 5xx and
   throttling are retried by botocore ("standard" mode: exponential backoff with jitter) up to
   max_attempts in total; a download whose body breaks mid-stream is retried the same number of times
-  here. After that the call raises S3Unavailable: the caller keeps its obligation (the journal) and
-  retries later. Any other S3 error (NoSuchBucket, AccessDenied, ...) propagates as botocore's
+  here. After that the call raises S3Unavailable: the caller keeps its obligation (its own journal)
+  and retries later.
+- Permanent errors: a missing bucket, refused credentials or permissions (NoSuchBucket,
+  AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch, AllAccessDisabled, InvalidBucketName, any
+  403) raise S3Misconfigured, a subclass of S3Unavailable: callers that back off on outages back off
+  on these too, and its message names the S3 error code so that the operator can fix the
+  configuration. A HEAD answer has no body: head()/entry_for() see a missing bucket as a missing
+  object (None); a 403 is S3Misconfigured there too. Any other S3 error propagates as botocore's
   ClientError, unchanged.
+- Conditional writes: upload() relies on the endpoint honouring If-None-Match: * (first writer
+  wins). Not every S3 implementation does (some overwrite silently); probe_conditional_puts() checks
+  it with two PUTs of a probe object. The daemon refuses to start when the probe says False, unless
+  the operator set s3.allow_unconditional_puts = true.
 - Durability: upload() returns "stored" once S3 acknowledged the PUT (S3 is durable on ack), or
   "exists" when an object is already at that key (IfNoneMatch="*" -> 412): objects are never
-  overwritten, the first writer wins. journal_add/journal_done return after a committed LMDB
-  transaction (sync=True): obligations survive a crash. Pairing the two is the caller's job: journal
-  the block before it may disappear locally, journal_done only after upload() returned.
+  overwritten, the first writer wins. Recording the obligation durably before upload() and dropping
+  it afterwards is the caller's job (the daemon journals uploads in the disk tier's LMDB).
 - Verification: upload refuses (CorruptBlock) a payload that does not match its header, checked on
   the exact bytes that are sent. download_into returns a length only if the object's header
-  decodes, names the (namespace, key) asked for, the object's size is header + payload_len, and the
-  payload's xxh3 matches. A mismatch is corruption: the block is recorded in the `quarantine` db, the
-  bad object is deleted (conditionally on its ETag, so a good copy uploaded meanwhile survives) so
-  that a healthy node can upload it again, and None is returned. A transfer that breaks or whose
-  transport checksum fails is not corruption: it is retried, then S3Unavailable. On None or an
-  exception the contents of dest are unspecified.
+  decodes, names the (namespace, key) asked for, the object's size is header + payload_len, the
+  payload's xxh3 matches the header, and, when the caller passes expected_checksum/expected_length
+  (what it learnt from a listing), the header carries exactly those. A payload that does not match
+  its own header is corruption: the block is counted (quarantined_count) and logged, the bad object
+  is deleted (conditionally on its ETag, so a good copy uploaded meanwhile survives) so that a
+  healthy node can upload it again, and None is returned. A valid object that is not the version
+  the caller expects (replaced since the listing) is not corruption: None, counted
+  (replaced_count) and logged, the object is kept. A transfer that breaks or whose transport
+  checksum fails is not corruption: it is retried, then S3Unavailable. On None or an exception the
+  contents of dest are unspecified.
 - Transport checksums: botocore's flexible checksums (a CRC32 of every body, ~1 GB/s in Python, so
   ~2 ms of CPU per 2 MiB each way) are off unless transport_checksums=True: the block header and
   payload carry their own xxh3 checksums, verified on every download (end to end, not just in
@@ -45,8 +58,8 @@ Contract:
 - Credentials: never logged, never in repr(S3Config) or exception messages from this module. The
   botocore/boto3/urllib3/s3transfer loggers are set to WARNING unless the operator configured a level
   for them (their DEBUG output carries request headers and signatures).
-- Restart: nothing is cached in memory; a new S3Tier on the same journal_dir sees every pending
-  obligation and quarantine record, and list() re-discovers what the bucket holds.
+- Restart: no local state; the quarantine and replaced counters start at 0, and list()
+  re-discovers what the bucket holds.
 - No network I/O in __init__ unless create_bucket=True; the bucket must otherwise exist.
 """
 
@@ -56,18 +69,17 @@ import base64
 import dataclasses
 import hashlib
 import logging
-import os
 import random
 import re
+import secrets
 import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
-import lmdb
 from botocore.config import Config
-from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError, FlexibleChecksumError,
+from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError, ConnectionClosedError, FlexibleChecksumError,
                                  HTTPClientError, IncompleteReadError)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
@@ -79,20 +91,32 @@ METADATA_HEADER = "kvtier-header"   # x-amz-meta-kvtier-header: base64(BlockHead
 NS_DIGEST_HEX = 32                  # 128 bits of sha256(namespace)
 _HEADER_LEN = struct.Struct("<H")   # header_len at offset 6 of a BlockHeader
 _HEADER_LEN_OFFSET = 6
-_U64 = struct.Struct("<Q")
-_SEQ = struct.Struct(">Q")          # journal sequence numbers, big-endian: key order is age order
 _LIST_PAGE = 1000                   # S3's maximum keys per ListObjectsV2 page
 _QUIET_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "ServiceUnavailable", "InternalError", "ConditionalRequestConflict",
                     "RequestLimitExceeded", "TooManyRequestsException"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+# Wrong bucket, credentials or permissions: retrying cannot help until the operator fixes the config.
+_MISCONFIGURED_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                        "AllAccessDisabled", "InvalidBucketName"}
+_REFUSED_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}  # a conditional PUT refused
+_UNSUPPORTED_CODES = {"NotImplemented"}                                  # a header the store rejects
+_PROBE_BODY = b"kvtier: does this endpoint honour If-None-Match: * on PUT?\n"
 _TOO_BIG = "payload does not fit dest"   # a miss, not corruption
+_REPLACED = "not the expected version"   # a valid object, but not the one the caller listed
 
 
 class S3Unavailable(Exception):
     """S3 could not be reached or kept failing (connection error, timeout, 5xx, throttling) after the
     configured retries. Nothing was lost: keep the obligation and retry later."""
+
+
+class S3Misconfigured(S3Unavailable):
+    """S3 refused the request permanently: missing or invalid bucket, unknown key id, bad signature,
+    access denied (any 403). Retrying cannot help until the configuration is fixed; it subclasses
+    S3Unavailable so that callers backing off on outages back off on this too. The message names the
+    S3 error code, never a credential."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -147,15 +171,15 @@ class S3Entry:
 
 
 class S3Tier:
-    """Block objects in one S3 bucket + a local LMDB journal. See the module docstring for the contract.
+    """Block objects in one S3 bucket. See the module docstring for the contract.
 
     Thread-safety: all methods from any thread concurrently (one shared botocore client), close() alone.
-    Durability: upload returns after S3 acknowledged; journal_add/journal_done after an fsynced LMDB txn.
+    Durability: upload returns after S3 acknowledged.
     Credentials: never logged; repr(S3Config) hides the secret.
-    Restart: stateless apart from the journal dir; a new instance resumes every pending obligation.
+    Restart: no local state; counters start at 0.
     """
 
-    def __init__(self, cfg: S3Config, journal_dir: str, *, journal_map_bytes: int = 256 << 20):
+    def __init__(self, cfg: S3Config):
         self.cfg = cfg
         self._prefix = cfg.prefix
         self._key_pattern = re.compile(
@@ -180,21 +204,13 @@ class S3Tier:
             s3={"addressing_style": cfg.addressing_style}), **common)
         del session, common  # nothing below may touch the (non-thread-safe) session again
         self._pool = ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="kvtier-s3")
-
-        os.makedirs(journal_dir, exist_ok=True)
-        self._env = lmdb.open(journal_dir, subdir=True, map_size=journal_map_bytes, sync=True,
-                              metasync=True, max_dbs=4, max_readers=256, readahead=False)
-        self._db_journal = self._env.open_db(b"journal")          # seq (BE u64) -> dbkey
-        self._db_journal_keys = self._env.open_db(b"journal_keys")  # dbkey -> seq: dedup + done
-        self._db_quarantine = self._env.open_db(b"quarantine")    # dbkey -> <Q ms + reason
-        self._txn_lock = threading.Lock()
-        with self._env.begin(db=self._db_journal) as txn:
-            cursor = txn.cursor()
-            self._next_seq = _SEQ.unpack(cursor.key())[0] + 1 if cursor.last() else 1
+        self._counts_lock = threading.Lock()
+        self._quarantined = 0
+        self._replaced = 0
         self._closed = False
         if cfg.create_bucket:
             self._create_bucket()
-        log.info("S3 tier: %s, journal %s (%d pending)", cfg, journal_dir, self.journal_size())
+        log.info("S3 tier: %s", cfg)
 
     # ------------------------------------------------------------------ keys
 
@@ -207,60 +223,17 @@ class S3Tier:
         h = hashlib.sha256(ns + b"\0" + key).hexdigest()
         return f"{self._prefix}/{h[:2]}/{h[2:4]}/{_ns_digest(namespace)}/{key.hex()}"
 
-    # ------------------------------------------------------------------ journal
-
-    def journal_add(self, items: list[tuple[str, bytes]]) -> None:
-        """Records upload obligations durably (one fsynced txn). An item already pending keeps its place."""
-        self._check_open()
-        dbkeys = [_db_key(namespace, key) for namespace, key in items]
-        with self._txn_lock, self._env.begin(write=True) as txn:
-            for dbkey in dbkeys:
-                if txn.get(dbkey, db=self._db_journal_keys) is not None:
-                    continue
-                seq = _SEQ.pack(self._next_seq)
-                self._next_seq += 1
-                txn.put(seq, dbkey, db=self._db_journal)
-                txn.put(dbkey, seq, db=self._db_journal_keys)
-
-    def journal_pending(self, limit: int) -> list[tuple[str, bytes]]:
-        """Up to `limit` pending obligations, oldest first."""
-        self._check_open()
-        out: list[tuple[str, bytes]] = []
-        if limit <= 0:
-            return out
-        with self._env.begin(db=self._db_journal) as txn:
-            for _seq, dbkey in txn.cursor():
-                out.append(_split_db_key(dbkey))
-                if len(out) >= limit:
-                    break
-        return out
-
-    def journal_done(self, items) -> None:
-        """Drops obligations durably (one fsynced txn); items not pending are ignored."""
-        self._check_open()
-        dbkeys = [_db_key(namespace, key) for namespace, key in items]
-        with self._txn_lock, self._env.begin(write=True) as txn:
-            for dbkey in dbkeys:
-                seq = txn.pop(dbkey, db=self._db_journal_keys)
-                if seq is not None:
-                    txn.delete(seq, db=self._db_journal)
-
-    def journal_size(self) -> int:
-        self._check_open()
-        with self._env.begin() as txn:
-            return txn.stat(self._db_journal)["entries"]
-
-    def quarantined(self) -> list[tuple[str, bytes, int, str]]:
-        """(namespace, key, unix ms, reason) of every block this node found corrupt in S3."""
-        self._check_open()
-        with self._env.begin(db=self._db_quarantine) as txn:
-            return [(*_split_db_key(dbkey), _U64.unpack_from(value)[0], bytes(value[8:]).decode(errors="replace"))
-                    for dbkey, value in txn.cursor()]
+    # ------------------------------------------------------------------ counters
 
     def quarantined_count(self) -> int:
-        self._check_open()
-        with self._env.begin() as txn:
-            return txn.stat(self._db_quarantine)["entries"]
+        """Objects this instance found corrupt (payload or header not matching) and quarantined."""
+        with self._counts_lock:
+            return self._quarantined
+
+    def replaced_count(self) -> int:
+        """Valid objects download_into refused because they were not the version the caller expected."""
+        with self._counts_lock:
+            return self._replaced
 
     # ------------------------------------------------------------------ object I/O
 
@@ -306,10 +279,15 @@ class S3Tier:
                 raise _translate(exc, "upload", okey) from exc
         raise AssertionError("unreachable")
 
-    def download_into(self, namespace: str, key: bytes, dest) -> int | None:
+    def download_into(self, namespace: str, key: bytes, dest, expected_checksum: int | None = None,
+                      expected_length: int | None = None) -> int | None:
         """GETs and verifies the block into dest[:payload_len]; its length, or None if absent/corrupt.
 
-        None without quarantine also when the payload does not fit dest (the object is fine; logged).
+        expected_checksum/expected_length: the payload xxh3 and length the caller knows (from a
+        listing or head()); an object whose header carries others is a different, valid version (it
+        replaced the one listed): None, counted in replaced_count(), logged, object kept, payload not
+        read. None without quarantine also when the payload does not fit dest (the object is fine;
+        logged). Raises S3Unavailable after retries, S3Misconfigured on a permanent refusal.
         """
         self._check_open()
         dest = _byte_view(dest)
@@ -319,7 +297,7 @@ class S3Tier:
         okey = self.object_key(namespace, key)
         for attempt in range(self.cfg.max_attempts):
             try:
-                return self._download_once(namespace, key, okey, dest)
+                return self._download_once(namespace, key, okey, dest, (expected_checksum, expected_length))
             except _BrokenTransfer as exc:
                 if attempt + 1 >= self.cfg.max_attempts:
                     raise S3Unavailable(f"download {okey}: {exc}") from exc.__cause__
@@ -415,6 +393,49 @@ class S3Tier:
         except BotoCoreError as exc:
             raise _translate(exc, "delete", okey) from exc
 
+    def probe_conditional_puts(self) -> bool:
+        """True iff the endpoint honours If-None-Match: * on PUT, which upload()'s first-writer-wins rule
+        relies on. PUTs a small object under <prefix>/_probe/<random hex> twice with IfNoneMatch="*":
+        True iff the second PUT is refused (412 PreconditionFailed or 409 ConditionalRequestConflict).
+        A store that rejects the header (501) or overwrites gives False. The probe object is deleted
+        afterwards (best effort; it is outside the block key pattern, so list() never sees it).
+        Raises S3Unavailable if S3 cannot be reached, S3Misconfigured on a permanent refusal.
+        """
+        self._check_open()
+        okey = f"{self._prefix}/_probe/{secrets.token_hex(16)}"
+        try:
+            # A first PUT refused too (its retry after a timeout found the object it had landed) says
+            # nothing yet: the second PUT decides.
+            if self._probe_put(okey) == "unsupported":
+                return False
+            honoured = self._probe_put(okey) == "refused"
+        finally:
+            self._delete_quietly(okey)
+        log.info("S3 endpoint %s If-None-Match: * on PUT", "honours" if honoured else "does NOT honour")
+        return honoured
+
+    def _probe_put(self, okey: str) -> str:
+        """One conditional PUT of the probe object: "stored", "refused" or "unsupported"."""
+        try:
+            self._client.put_object(Bucket=self.cfg.bucket, Key=okey, Body=bytearray(_PROBE_BODY),
+                                    IfNoneMatch="*", ContentType="application/octet-stream")
+            return "stored"
+        except ClientError as exc:
+            code, status = _error_code(exc), _status(exc)
+            if code in _REFUSED_CODES or status == 412:
+                return "refused"
+            if code in _UNSUPPORTED_CODES or status == 501:
+                return "unsupported"
+            raise _translate(exc, "probe", okey) from exc
+        except BotoCoreError as exc:
+            raise _translate(exc, "probe", okey) from exc
+
+    def _delete_quietly(self, okey: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.cfg.bucket, Key=okey)
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not delete probe object %s: %s", okey, type(exc).__name__)
+
     def reachable(self) -> bool:
         """One HEAD bucket with ~1 s timeouts and no retry: True if S3 answers and the bucket is usable."""
         self._check_open()
@@ -426,14 +447,13 @@ class S3Tier:
             return False
 
     def close(self) -> None:
-        """Closes the clients, the HEAD pool and LMDB. No other call may be in flight."""
+        """Closes the clients and the HEAD pool. No other call may be in flight."""
         if self._closed:
             return
         self._closed = True
         self._pool.shutdown(wait=True)
         self._client.close()
         self._probe.close()
-        self._env.close()
 
     def __enter__(self) -> S3Tier:
         return self
@@ -461,7 +481,8 @@ class S3Tier:
         except BotoCoreError as exc:
             raise _translate(exc, "create bucket", self.cfg.bucket) from exc
 
-    def _download_once(self, namespace: str, key: bytes, okey: str, dest: memoryview) -> int | None:
+    def _download_once(self, namespace: str, key: bytes, okey: str, dest: memoryview,
+                       expected: tuple[int | None, int | None]) -> int | None:
         try:
             reply = self._client.get_object(Bucket=self.cfg.bucket, Key=okey)
         except ClientError as exc:
@@ -473,7 +494,8 @@ class S3Tier:
         body = reply["Body"]
         etag = reply.get("ETag")
         try:
-            header, problem = self._read_object(body, namespace, key, int(reply.get("ContentLength", -1)), dest)
+            header, problem = self._read_object(body, namespace, key, int(reply.get("ContentLength", -1)), dest,
+                                                expected)
         except (HTTPClientError, IncompleteReadError, FlexibleChecksumError, BotoConnectionError) as exc:
             raise _BrokenTransfer(f"{type(exc).__name__} while reading the body") from exc
         finally:
@@ -482,6 +504,8 @@ class S3Tier:
             body.close()
         if problem is None and checksum(dest[:header.payload_len]) != header.payload_checksum:
             problem = "payload checksum mismatch"
+        if problem == _REPLACED:
+            return self._replaced_version(okey, header, expected)
         if problem == _TOO_BIG:
             log.warning("download %s: payload of %d bytes does not fit dest of %d bytes; treated as a miss",
                         okey, header.payload_len, len(dest))
@@ -491,9 +515,12 @@ class S3Tier:
         return header.payload_len
 
     @staticmethod
-    def _read_object(body, namespace: str, key: bytes, total: int,
-                     dest: memoryview) -> tuple[BlockHeader | None, str | None]:
-        """Reads header, then payload into dest; (header, None) or (header or None, what is wrong)."""
+    def _read_object(body, namespace: str, key: bytes, total: int, dest: memoryview,
+                     expected: tuple[int | None, int | None]) -> tuple[BlockHeader | None, str | None]:
+        """Reads header, then payload into dest; (header, None) or (header or None, what is wrong).
+
+        The payload is not read when the header already rules the object out (corrupt, _REPLACED,
+        _TOO_BIG)."""
         if total < FIXED_HEADER_BYTES:
             return None, f"object of {total} bytes is too short"
         head = memoryview(bytearray(MAX_HEADER_BYTES))
@@ -510,6 +537,12 @@ class S3Tier:
             return header, f"header names {header.namespace!r}/{header.key.hex()}"
         if total != header_len + header.payload_len:
             return header, f"object has {total} bytes, header says {header_len} + {header.payload_len}"
+        # After the corruption checks: an object that contradicts its own header is corrupt whatever
+        # the caller expected; one that is self-consistent but not what the caller listed is not.
+        expected_checksum, expected_length = expected
+        if (expected_checksum is not None and header.payload_checksum != expected_checksum) or \
+                (expected_length is not None and header.payload_len != expected_length):
+            return header, _REPLACED
         if header.payload_len > len(dest):
             return header, _TOO_BIG
         # One read of the rest: urllib3's fastest path (its readinto is a read + copy anyway); botocore
@@ -520,11 +553,22 @@ class S3Tier:
         dest[:header.payload_len] = data
         return header, None
 
+    def _replaced_version(self, okey: str, header: BlockHeader, expected: tuple[int | None, int | None]) -> None:
+        """A valid object that is not the version the caller expects: counted and logged, kept (it may
+        be another writer's good block). Returns None."""
+        with self._counts_lock:
+            self._replaced += 1
+        expected_checksum, expected_length = expected
+        want = f"{'?' if expected_length is None else expected_length} bytes, xxh3 " + \
+            ("?" if expected_checksum is None else f"{expected_checksum:016x}")
+        log.warning("download %s: object holds %d bytes, xxh3 %016x, expected %s (replaced since it was listed?); "
+                    "not served, object kept", okey, header.payload_len, header.payload_checksum, want)
+        return None
+
     def _reject(self, namespace: str, key: bytes, okey: str, etag: str | None, reason: str) -> None:
-        """Quarantines a corrupt object: recorded locally, deleted remotely if unchanged. Returns None."""
-        dbkey = _db_key(namespace, key)
-        with self._txn_lock, self._env.begin(write=True) as txn:
-            txn.put(dbkey, _U64.pack(_now_ms()) + reason.encode(), db=self._db_quarantine)
+        """Quarantines a corrupt object: counted and logged, deleted remotely if unchanged. Returns None."""
+        with self._counts_lock:
+            self._quarantined += 1
         deleted = "kept"
         kwargs = {"Bucket": self.cfg.bucket, "Key": okey}
         if etag:
@@ -678,33 +722,27 @@ def _is_not_found(exc: ClientError) -> bool:
 
 
 def _translate(exc: Exception, what: str, target: str) -> Exception:
-    """S3Unavailable for outages (after botocore's retries); other errors are returned unchanged."""
+    """S3Unavailable for outages (after botocore's retries), S3Misconfigured for a wrong bucket,
+    credentials or permissions; other errors are returned unchanged."""
     if isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionClosedError, IncompleteReadError,
                         FlexibleChecksumError)):
         return S3Unavailable(f"{what} {target}: {type(exc).__name__}: {exc}")
     if isinstance(exc, ClientError):
-        status = _status(exc)
-        if status >= 500 or status == 429 or _error_code(exc) in _TRANSIENT_CODES:
-            return S3Unavailable(f"{what} {target}: HTTP {status} {_error_code(exc)}")
+        status, code = _status(exc), _error_code(exc)
+        if code in _MISCONFIGURED_CODES or status == 403:
+            # Only the code and status: the SDK's message may quote the access key id.
+            return S3Misconfigured(f"{what} {target}: HTTP {status} {code}: check the S3 endpoint, bucket, "
+                                   "credentials and permissions")
+        if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+            return S3Unavailable(f"{what} {target}: HTTP {status} {code}")
+    if isinstance(exc, NoCredentialsError):
+        return S3Misconfigured(f"{what} {target}: no S3 credentials found (set s3.access_key_id and "
+                               "s3.secret_access_key_file, or the standard AWS chain)")
     return exc
 
 
 def _ns_digest(namespace: str) -> str:
     return hashlib.sha256(namespace.encode()).hexdigest()[:NS_DIGEST_HEX]
-
-
-def _db_key(namespace: str, key: bytes) -> bytes:
-    if "\0" in namespace:
-        raise ValueError("namespace must not contain NUL (it separates namespace and key in the journal)")
-    key = bytes(key)
-    if not key:
-        raise ValueError("key must not be empty")
-    return namespace.encode() + b"\0" + key
-
-
-def _split_db_key(dbkey) -> tuple[str, bytes]:
-    namespace, _, key = bytes(dbkey).partition(b"\0")
-    return namespace.decode(), key
 
 
 def _byte_view(buffer) -> memoryview:
@@ -713,6 +751,3 @@ def _byte_view(buffer) -> memoryview:
         raise ValueError("buffers must be contiguous")
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -1,13 +1,24 @@
 """Slot bookkeeping shared by the memory tiers (CPU arena, GPU pool): a free list of fixed-size
-slots, and a tier that maps committed blocks to slots, counts pins and evicts by policy.
+slots, and a tier that maps committed blocks to slots, holds slots for named reasons and evicts by
+policy.
 
-Contract: one slot holds one block (length <= slot_bytes). A pinned block is never evicted; pins are
-counted. `reserve` frees slots by evicting unpinned blocks in policy order and returns who was
-evicted, so the caller can update its catalog. Not thread-safe: event loop only.
+Contract
+- One slot holds one block (length <= slot_bytes). Blocks are keyed by identity (the store's
+  Block objects): a block quarantined while readers still hold its slot can be stored again in
+  another slot without the two copies being confused.
+- Holds belong to SLOTS, with a reason each ("reader", "write", "upload", "copy", ...): the one
+  record of why a slot may not be reused. A held slot is never evicted and never handed out again.
+- `remove(block)` detaches the block at once (it is no longer in the tier); its slot returns to the
+  free list when its last hold is released (`retired` slots), never earlier.
+- `reserve` frees slots by evicting blocks whose slots have no hold, in policy order, and returns
+  who was evicted so that the caller can update its catalog. `reserve_room` leaves `floor` slots
+  untouched so that reads (promotions) always find room that writes cannot take.
+- Not thread-safe: event loop only.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Hashable
 
 from .eviction import EvictionPolicy
@@ -44,26 +55,44 @@ class SlotTier:
         self.pool = pool
         self.policy = policy
         self._slot_of: dict[Hashable, int] = {}
-        self._pins: dict[Hashable, int] = {}
+        self._block_in: dict[int, Hashable] = {}
         self._lengths: dict[Hashable, int] = {}
+        self._holds: dict[int, Counter] = {}   # slot -> reason -> count (only slots with a hold)
+        self._retired: set[int] = set()        # held slots whose block was removed
+        self._reserved = 0                     # slots taken by reserve() and not yet installed/returned
         self.used_bytes = 0
         self.evictions = 0
         self.pressure_evictions = 0  # victims the policy still pinned (e.g. TTL): memory left no choice
 
-    def __contains__(self, block_id) -> bool:
-        return block_id in self._slot_of
+    def __contains__(self, block) -> bool:
+        return block in self._slot_of
 
     def __len__(self) -> int:
         return len(self._slot_of)
 
-    def slot_of(self, block_id) -> int | None:
-        return self._slot_of.get(block_id)
+    def __iter__(self):
+        return iter(list(self._slot_of))
 
-    def length_of(self, block_id) -> int | None:
-        return self._lengths.get(block_id)
+    def slot_of(self, block) -> int | None:
+        return self._slot_of.get(block)
+
+    def length_of(self, block) -> int | None:
+        return self._lengths.get(block)
+
+    # -- room ------------------------------------------------------------------------------------
+    def available(self) -> int:
+        """Slots that reserve() could hand out now: free ones plus installed ones without a hold."""
+        held_installed = sum(1 for slot in self._holds if slot not in self._retired)
+        return self.pool.free_count() + len(self._slot_of) - held_installed
+
+    def reserve_room(self, count: int, floor: int = 0) -> tuple[list[int], list[Hashable]]:
+        """reserve(count) unless that would leave fewer than `floor` slots available."""
+        if self.available() - count < floor:
+            return [], []
+        return self.reserve(count)
 
     def reserve(self, count: int) -> tuple[list[int], list[Hashable]]:
-        """Takes count slots, evicting unpinned blocks if needed. Returns (slots, evicted ids);
+        """Takes count slots, evicting blocks without holds if needed. Returns (slots, evicted);
         slots is empty when count cannot be met (then nothing was evicted either)."""
         shortfall = count - self.pool.free_count()
         victims = self._victims(shortfall) if shortfall > 0 else []
@@ -71,55 +100,94 @@ class SlotTier:
             return [], []
         still_pinned = getattr(self.policy, "is_ttl_pinned", None)
         if still_pinned is not None:
-            self.pressure_evictions += sum(1 for block_id in victims if still_pinned(block_id))
-        for block_id in victims:
-            self.remove(block_id)
+            self.pressure_evictions += sum(1 for block in victims if still_pinned(block))
+        for block in victims:
+            self.remove(block)
         self.evictions += len(victims)
         slots = self.pool.take(count)
         assert len(slots) == count
+        self._reserved += count
         return slots, victims
 
     def _victims(self, count: int) -> list:
         victims = []
-        for block_id in self.policy.candidates():
-            if not self._pins.get(block_id):
-                victims.append(block_id)
+        for block in self.policy.candidates():
+            if self._slot_of[block] not in self._holds:
+                victims.append(block)
                 if len(victims) == count:
                     break
         return victims
 
     def unreserve(self, slots) -> None:
+        """Returns reserved slots that were never installed."""
+        slots = list(slots)
+        assert all(slot not in self._block_in and slot not in self._holds for slot in slots)
+        self._reserved -= len(slots)
+        assert self._reserved >= 0, "unreserve of slots never reserved"
         self.pool.give_back(slots)
 
-    def install(self, block_id, slot: int, length: int) -> None:
-        """The block in slot is committed: from now on it is evictable unless pinned."""
-        assert block_id not in self._slot_of and 0 <= length <= self.pool.slot_bytes
-        self._slot_of[block_id] = slot
-        self._lengths[block_id] = length
+    # -- blocks ------------------------------------------------------------------------------------
+    def install(self, block, slot: int, length: int) -> None:
+        """The block in (reserved) slot is committed: from now on it is evictable unless held."""
+        assert block not in self._slot_of and slot not in self._block_in and slot not in self._holds
+        assert 0 <= length <= self.pool.slot_bytes
+        self._reserved -= 1
+        assert self._reserved >= 0, "install into a slot that was not reserved"
+        self._slot_of[block] = slot
+        self._block_in[slot] = block
+        self._lengths[block] = length
         self.used_bytes += length
-        self.policy.inserted(block_id)
+        self.policy.inserted(block)
 
-    def remove(self, block_id) -> None:
-        slot = self._slot_of.pop(block_id)
-        assert not self._pins.get(block_id), "removing a pinned block"
-        self.used_bytes -= self._lengths.pop(block_id)
-        self.policy.removed(block_id)
-        self.pool.give_back([slot])
-
-    def pin(self, block_id) -> None:
-        assert block_id in self._slot_of
-        self._pins[block_id] = self._pins.get(block_id, 0) + 1
-
-    def unpin(self, block_id) -> None:
-        left = self._pins[block_id] - 1
-        assert left >= 0
-        if left:
-            self._pins[block_id] = left
+    def remove(self, block) -> None:
+        """Detaches the block; its slot is free now, or when its last hold is released."""
+        slot = self._slot_of.pop(block)
+        del self._block_in[slot]
+        self.used_bytes -= self._lengths.pop(block)
+        self.policy.removed(block)
+        if slot in self._holds:
+            self._retired.add(slot)
         else:
-            del self._pins[block_id]
+            self.pool.give_back([slot])
 
-    def pinned(self, block_id) -> bool:
-        return bool(self._pins.get(block_id))
+    # -- holds -------------------------------------------------------------------------------------
+    def hold(self, block, reason: str) -> int:
+        """Holds the block's slot for `reason`; returns the slot (release it by slot)."""
+        slot = self._slot_of[block]
+        self._holds.setdefault(slot, Counter())[reason] += 1
+        return slot
 
-    def touch(self, block_id) -> None:
-        self.policy.accessed(block_id)
+    def release(self, slot: int, reason: str) -> None:
+        holds = self._holds[slot]
+        assert holds[reason] > 0, f"release of a {reason} hold never taken on slot {slot}"
+        holds[reason] -= 1
+        if not holds[reason]:
+            del holds[reason]
+        if not holds:
+            del self._holds[slot]
+            if slot in self._retired:
+                self._retired.discard(slot)
+                self.pool.give_back([slot])
+
+    def holds(self, block) -> Counter:
+        """Why the block's slot may not be reused (empty when it may)."""
+        slot = self._slot_of.get(block)
+        return Counter(self._holds.get(slot, ())) if slot is not None else Counter()
+
+    def held(self, block) -> bool:
+        slot = self._slot_of.get(block)
+        return slot is not None and slot in self._holds
+
+    def touch(self, block) -> None:
+        self.policy.accessed(block)
+
+    def check(self) -> None:
+        """Asserts the bookkeeping's invariants (tests and model checks)."""
+        assert len(self._slot_of) == len(self._block_in) == len(self._lengths)
+        assert all(self._block_in[s] is b for b, s in self._slot_of.items())
+        assert self._retired <= set(self._holds) and not self._retired & set(self._block_in)
+        assert all(h and all(v > 0 for v in h.values()) for h in self._holds.values())
+        assert set(self._holds) <= set(self._block_in) | self._retired
+        total = self.pool.free_count() + len(self._slot_of) + len(self._retired) + self._reserved
+        assert total == self.pool.slot_count, f"slots leaked: {total} accounted of {self.pool.slot_count}"
+        assert len(self.policy) == len(self._slot_of)

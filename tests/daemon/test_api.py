@@ -4,14 +4,18 @@ is the separate client process that maps the daemon's shared-memory arena)."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
 import grpc
 import pytest
 
+from conftest import sigstop, wait_for
 from kvtier.client import block_checksum
+from kvtier.client.client import _channel_args
 from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 
 NS = "test-ns"
 
@@ -94,9 +98,12 @@ def test_leases_expire_so_a_crashed_client_cannot_pin_memory(client):
     client.put_blocks(NS, [(key(1), b"", payload(1))])
     lease = client.acquire(NS, [key(1)], lease_ms=300)
     assert client.stats().active_leases == 1
-    time.sleep(1.0)
-    stats = client.stats()
-    assert stats.active_leases == 0 and stats.active_allocations == 0
+    # Expiry is the daemon's to schedule: wait for its own counters to show both gone (the bound is
+    # far past the 300 ms leases; a lease that never expires fails here).
+    def expired():
+        stats = client.stats()
+        return stats.active_leases == 0 and stats.active_allocations == 0
+    wait_for(expired, what="the 300 ms lease and allocation to expire")
     with pytest.raises(grpc.RpcError) as err:
         client.commit(allocation.id, NS, [(key(2), b"", allocation.slots[0], 0, block_checksum(b""))])
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -159,23 +166,41 @@ def test_inventory_pages_and_filters(client):
 
 
 def test_watch_streams_events_in_order_and_replays(client):
+    # A first block, so that the watch can start by replaying its latest event: that event arriving is
+    # the sign the server holds the watcher (subscribe replays and registers in one step), so the
+    # blocks put after it stream live.
+    client.put_blocks(NS, [(key(100), b"", payload(100))], wait_durable=True)
+    start = client.stats().event_seq
+    assert start > 0
     received: list[pb.Event] = []
-    stream = client.watch()
+    stream = client.watch(from_seq=start)
+    first: list[pb.Event] = []
     ready = threading.Event()
 
     def consume():
-        ready.set()
-        for event in stream:
-            received.append(event)
-            if len(received) >= 6:
-                break
-    thread = threading.Thread(target=consume)
+        try:
+            for event in stream:
+                if not first:
+                    first.append(event)
+                    ready.set()
+                    continue
+                received.append(event)
+                if len(received) >= 6:
+                    break
+        except grpc.RpcError:
+            pass  # cancelled below if the events never come; the asserts say what was missing
+        finally:
+            ready.set()
+    thread = threading.Thread(target=consume, daemon=True)
     thread.start()
-    ready.wait()
-    time.sleep(0.3)  # the server registers the watcher
-    client.put_blocks(NS, [(key(i), b"", payload(i)) for i in range(3)], wait_durable=True)
+    try:
+        assert ready.wait(60) and first, "the watch never replayed its first event"
+        assert first[0].seq == start
+        client.put_blocks(NS, [(key(i), b"", payload(i)) for i in range(3)], wait_durable=True)
+        thread.join(60)
+    finally:
+        stream.cancel()
     thread.join(10)
-    stream.cancel()
     assert len(received) == 6
     seqs = [e.seq for e in received]
     assert seqs == sorted(seqs) and len(set(seqs)) == 6
@@ -220,3 +245,22 @@ def test_many_clients_in_parallel(client, daemon):
     assert not errors
     assert client.stats().blocks == 160
 
+
+def test_a_new_connection_waits_for_a_daemon_slow_to_answer_it(daemon):
+    """A loaded daemon may take a while to answer a new connection (its HTTP/2 SETTINGS frame): a
+    client with the client library's channel settings waits for it (gRPC's connect timeout, 20 s)
+    instead of failing the call UNAVAILABLE ("timed out before receiving SETTINGS frame") after a
+    fraction of a second."""
+    options, _ = _channel_args(None)
+    # Its own subchannel pool: a brand-new connection, not one the fixture's readiness check left open.
+    channel = grpc.insecure_channel(f"unix:{daemon.socket}", options + [("grpc.use_local_subchannel_pool", 1)])
+    sigstop(daemon.pid)  # the socket accepts; nothing answers
+    try:
+        reply = pb_grpc.KvTierStub(channel).Stats.future(pb.StatsRequest(), timeout=60)
+        time.sleep(1.0)  # the stall being tested (not a wait for a state): the daemon is silent for 1 s
+        assert not reply.done(), f"the call gave up while the daemon was stalled: {reply.exception()}"
+        os.kill(daemon.pid, signal.SIGCONT)
+        assert reply.result().uptime_s > 0
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+        channel.close()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-import time
 
+from conftest import wait_for
 from kvtier.client import Client
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
@@ -76,6 +76,14 @@ def _writer(socket: str, start: int, durable_log: str) -> None:
             i += 8
 
 
+def _durable_count(path: str) -> int:
+    try:
+        with open(path) as file:
+            return sum(1 for line in file if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
 def test_kill_9_at_random_points_loses_nothing_reported_durable(make_daemon, tmp_path):
     daemon = make_daemon({"disk.segment_bytes": "1MiB", "disk.capacity": "256MiB", "disk.batch_blocks": 4})
     durable_log = str(tmp_path / "durable.txt")
@@ -86,15 +94,22 @@ def test_kill_9_at_random_points_loses_nothing_reported_durable(make_daemon, tmp
             c.register_namespace(NS)
         writer = multiprocessing.get_context("spawn").Process(
             target=_writer, args=(daemon.socket, next_key, durable_log))
+        # The kill's "random point" is a point in the writer's progress, not a wall-clock delay (the
+        # spawned writer alone needs a second or more to import): kill -9 once it has been told that
+        # a random number of batches is durable, while it keeps putting more.
+        batches = rng.randint(2, 60)
+        target = _durable_count(durable_log) + 8 * batches
         writer.start()
-        time.sleep(rng.uniform(0.3, 1.5))
+        wait_for(lambda: _durable_count(durable_log) >= target or writer.exitcode is not None, timeout=120,
+                 what=f"{batches} durable batches from the writer (round {round_})")
+        assert writer.exitcode is None, f"the writer stopped before the kill (round {round_}): {daemon.log()[-3000:]}"
         daemon.kill()
-        writer.join(20)
+        writer.join(60)
         assert writer.exitcode == 0
         next_key += 100_000
         daemon.start()
         durable = [int(line) for line in open(durable_log) if line.strip()]
-        assert durable, "the writer got nothing durable in this round"
+        assert len(durable) >= target, "the writer's durable log lost lines"
         with daemon.client() as c:
             for start in range(0, len(durable), 64):
                 keys = durable[start:start + 64]

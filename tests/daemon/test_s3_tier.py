@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
-import time
+import re
 import urllib.request
 
 import grpc
 import pytest
 
+from conftest import scrape_metrics, wait_for, wait_stopped
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from s3server import free_port, make_bucket, s3_server  # noqa: F401  (the fixture)
 
@@ -29,14 +31,12 @@ def s3_overrides(server, bucket: str, **more) -> dict:
             "s3.read_timeout_s": 1.0, **more}
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def uploaded(c, n: int) -> bool:
+    """All n blocks carry the S3 bit and no upload obligation is left. Counted by the S3 bit, not by
+    tiers[2].writes: a PUT whose reply timed out is retried, finds its own object, and is counted as
+    "already there", not as an upload."""
+    stats = c.stats()
+    return stats.upload_backlog == 0 and stats.tiers[2].blocks == n
 
 
 def matched(c, n: int) -> int:
@@ -66,7 +66,7 @@ def test_write_through_reaches_s3_and_a_fresh_node_reads_it_back(make_daemon, s3
     first = make_daemon(s3_overrides(s3_server, bucket), name="a")
     put_all(first, range(30))
     with first.client() as c:
-        wait_for(lambda: c.stats().upload_backlog == 0 and c.stats().tiers[2].writes == 30, what="uploads")
+        wait_for(lambda: uploaded(c, 30), what="uploads")
         assert c.stat(NS, key(3)).tiers == pb.TIER_CPU | pb.TIER_DISK | pb.TIER_S3
         assert matched(c, 30) == 30
     assert len(objects(s3_server, bucket)) == 30
@@ -83,19 +83,58 @@ def test_write_through_reaches_s3_and_a_fresh_node_reads_it_back(make_daemon, s3
         wait_for(lambda: c.stat(NS, key(5)).tiers & pb.TIER_DISK, what="local copy after promotion")
 
 
+_LOGGED_PUT = re.compile(r'"(?:\x1b\[[0-9;]*m)*PUT /([^ ]+) HTTP/[0-9.]+(?:\x1b\[[0-9;]*m)*" (\d{3})')
+
+
+def logged_puts(server, since: int, bucket: str) -> dict[str, list[int]]:
+    """The S3 server's own request log from byte `since` on: object key -> HTTP status of each PUT."""
+    with open(server.log_path, "rb") as file:
+        file.seek(since)
+        text = file.read().decode(errors="replace")
+    puts: dict[str, list[int]] = {}
+    for path, status in _LOGGED_PUT.findall(text):
+        name, _, okey = path.partition("/")
+        if name == bucket and okey:
+            puts.setdefault(okey, []).append(int(status))
+    return puts
+
+
 def test_two_daemons_writing_the_same_block_store_one_object(make_daemon, s3_server):
     bucket = make_bucket(s3_server, "kvtier-dedup")
-    a = make_daemon(s3_overrides(s3_server, bucket), name="a")
-    b = make_daemon(s3_overrides(s3_server, bucket), name="b")
-    put_all(a, range(10))
-    put_all(b, range(10))
+    since = os.path.getsize(s3_server.log_path)
+    metrics = {name: f"127.0.0.1:{free_port()}" for name in "ab"}
+    a, b = (make_daemon(s3_overrides(s3_server, bucket, **{"metrics.listen": metrics[name]}), name=name)
+            for name in "ab")
+    # Both nodes hold all 10 blocks before either can upload (S3 hung meanwhile), so both PUT every
+    # key: the race dedup is for. The PUTs that time out while S3 is hung land on resume and are
+    # retried: exactly the case where the writer itself cannot tell "mine" from "someone else's".
+    s3_server.pause()
+    try:
+        wait_stopped(s3_server.proc.pid)
+        put_all(a, range(10))
+        put_all(b, range(10))
+    finally:
+        s3_server.resume()
     for daemon in (a, b):
         with daemon.client() as c:
-            wait_for(lambda c=c: c.stats().upload_backlog == 0, what="uploads")
-    assert len(objects(s3_server, bucket)) == 10
-    with a.client() as ca, b.client() as cb:
-        uploaded = ca.stats().tiers[2].writes + cb.stats().tiers[2].writes
-        assert uploaded >= 10  # each block stored once; the other writer found it already there
+            wait_for(lambda c=c: uploaded(c, 10), what=f"uploads of {daemon.log_path.stem}")
+    blocks = objects(s3_server, bucket)
+    assert len(blocks) == 10
+    # What dedup means, from the server's side: every object was written exactly once (one PUT answered
+    # 2xx), and every other PUT of it, the other node's as well as any retry, was refused (412) by
+    # If-None-Match. The server's log line may trail its answer: wait for both nodes' PUTs of each.
+    def both_nodes_logged():
+        puts = logged_puts(s3_server, since, bucket)
+        return puts if all(len(puts.get(okey, [])) >= 2 for okey in blocks) else None
+    puts = wait_for(both_nodes_logged, what="both nodes' PUTs of every object in the S3 log")
+    for okey in blocks:
+        assert sum(200 <= status < 300 for status in puts[okey]) == 1, f"{okey} written {puts[okey]}"
+        assert all(200 <= status < 300 or status == 412 for status in puts[okey]), f"{okey}: {puts[okey]}"
+    # And from the nodes' side: for every key at least one node was told "already there" (a node
+    # counts an upload only when its own PUT got the 2xx, and there is one per key).
+    told = [scrape_metrics(metrics[name]) for name in "ab"]
+    assert sum(m["kvtier_s3_already_there_total"] for m in told) >= 10
+    assert sum(m["kvtier_s3_uploads_total"] for m in told) <= 10
 
 
 def test_outage_local_puts_continue_backlog_grows_then_drains(make_daemon, s3_server):
@@ -106,8 +145,11 @@ def test_outage_local_puts_continue_backlog_grows_then_drains(make_daemon, s3_se
     try:
         put_all(daemon, range(40))  # must not block on S3
         with daemon.client() as c:
-            wait_for(lambda: not c.stats().s3_reachable, what="outage noticed")
-            assert c.stats().upload_backlog == 40
+            # Every put journaled its upload, and nothing drains while S3 hangs.
+            def noticed():
+                stats = c.stats()
+                return not stats.s3_reachable and stats.upload_backlog == 40
+            wait_for(noticed, what="the outage noticed with all 40 uploads waiting")
             assert c.get_blocks(NS, [key(7)]) == [payload(7)]
         outage = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
         assert "kvtier_upload_backlog 40.0" in outage and "kvtier_s3_reachable 0.0" in outage
@@ -152,7 +194,7 @@ def test_corrupted_object_is_a_miss_not_data(make_daemon, s3_server):
     writer = make_daemon(s3_overrides(s3_server, bucket), name="w")
     put_all(writer, range(5))
     with writer.client() as c:
-        wait_for(lambda: c.stats().upload_backlog == 0, what="uploads")
+        wait_for(lambda: uploaded(c, 5), what="uploads")
     writer.stop()
     raw = s3_server.client()
     victim = next(k for k in objects(s3_server, bucket) if key(2).hex() in k)
@@ -180,11 +222,16 @@ def test_listing_adopts_no_more_than_the_catalog_bound(make_daemon, s3_server):
     first = make_daemon(s3_overrides(s3_server, bucket), name="a")
     put_all(first, range(30))
     with first.client() as c:
-        wait_for(lambda: c.stats().upload_backlog == 0 and c.stats().tiers[2].writes == 30, what="uploads")
+        wait_for(lambda: uploaded(c, 30), what="uploads")
     first.stop()
-    capped = make_daemon(s3_overrides(s3_server, bucket, **{"s3.max_catalog_blocks": 12}), name="b")
+    metrics = f"127.0.0.1:{free_port()}"
+    capped = make_daemon(s3_overrides(s3_server, bucket, **{"s3.max_catalog_blocks": 12, "metrics.listen": metrics}),
+                         name="b")
     with capped.client() as c:
         wait_for(lambda: "s3.max_catalog_blocks=12" in capped.log(), what="the cap")
-        time.sleep(1.2)  # two more listing passes: still capped
+        passes = scrape_metrics(metrics)["kvtier_s3_adoption_capped_total"]
+        # Two more listing passes, each stopped at the cap again, counted by the daemon itself.
+        wait_for(lambda: scrape_metrics(metrics)["kvtier_s3_adoption_capped_total"] >= passes + 2,
+                 what="two more capped listing passes")
         assert c.stats().blocks == 12
         assert len(list(c.iter_inventory(NS))) == 12

@@ -6,22 +6,15 @@ import asyncio
 
 import pytest
 
-from kvtier.daemon import config
 from kvtier.daemon.errors import ApiError
-from kvtier.daemon.store import BlockStore, Staged
+from kvtier.daemon.store import READER, Staged
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.tiers.block import checksum
 
-
-def make_store(tmp_path) -> BlockStore:
-    cfg = config.load(overrides={"data_dir": str(tmp_path / "data"), "cpu": {
-        "capacity": "1MiB", "slot_bytes": "64KiB", "shm_dir": str(tmp_path)},
-        "disk": {"capacity": "64MiB", "segment_bytes": "4MiB"}})
-    (tmp_path / "data").mkdir()
-    return BlockStore(cfg)
+from store_harness import make_store, store_config
 
 
-async def stage(store: BlockStore, blobs: list[bytes]) -> tuple[int, list[Staged]]:
+async def stage(store, blobs: list[bytes]) -> tuple[int, list[Staged]]:
     held = await store.allocate(len(blobs), 0, 5000)
     staged = []
     for i, (slot, blob) in enumerate(zip(held.items, blobs)):
@@ -32,9 +25,9 @@ async def stage(store: BlockStore, blobs: list[bytes]) -> tuple[int, list[Staged
 
 def test_bytes_modified_after_commit_are_quarantined_not_written(tmp_path):
     async def scenario():
-        store = make_store(tmp_path)
+        store = make_store(store_config(tmp_path))
         await store.start()
-        store.register_namespace("ns", {})
+        await store.register_namespace("ns", {})
         allocation, staged = await stage(store, [b"a" * 5000, b"b" * 5000])
         await store.commit(allocation, "ns", staged, wait_durable=False)
         store.arena.view(staged[0].slot)[10] ^= 0xFF  # before the writer task runs
@@ -45,15 +38,17 @@ def test_bytes_modified_after_commit_are_quarantined_not_written(tmp_path):
         assert store.catalog.get("ns", staged[1].key).tiers == pb.TIER_CPU | pb.TIER_DISK
         assert store.counters.quarantined == 1 and store.backlog == 0
         assert not store.disk.contains("ns", staged[0].key)
+        store.check_invariants()
         await store.close(5)
+        assert not store.fatals
     asyncio.run(scenario())
 
 
 def test_promotion_of_a_disk_only_block_is_shared_by_concurrent_readers(tmp_path):
     async def scenario():
-        store = make_store(tmp_path)
+        store = make_store(store_config(tmp_path))
         await store.start()
-        store.register_namespace("ns", {})
+        await store.register_namespace("ns", {})
         allocation, staged = await stage(store, [b"z" * 7000])
         await store.commit(allocation, "ns", staged, wait_durable=True)
         block = store.catalog.get("ns", staged[0].key)
@@ -61,19 +56,20 @@ def test_promotion_of_a_disk_only_block_is_shared_by_concurrent_readers(tmp_path
         results = await asyncio.gather(*(store.acquire("ns", [block.key], 5000) for _ in range(4)))
         assert store.counters.disk_reads == 1  # one disk read served all four
         assert all(found[0] is block for _, found in results)
-        assert block.readers == 4 and bytes(store.cpu.view(block.id)[:7000]) == b"z" * 7000
+        assert store.cpu.holds(block)[READER] == 4 and bytes(store.cpu.view(block)[:7000]) == b"z" * 7000
         for held, _ in results:
             store.release(held.id)
-        assert block.readers == 0
+        assert not store.cpu.held(block)
+        store.check_invariants()
         await store.close(5)
     asyncio.run(scenario())
 
 
 def test_acquire_larger_than_the_cpu_tier_serves_what_fits_and_misses_the_rest(tmp_path):
     async def scenario():
-        store = make_store(tmp_path)  # 16 slots of 64 KiB
+        store = make_store(store_config(tmp_path))  # 16 slots of 64 KiB
         await store.start()
-        store.register_namespace("ns", {})
+        await store.register_namespace("ns", {})
         keys = []
         for start in range(0, 24, 8):
             allocation, staged = await stage(store, [bytes([start + i]) * 1000 for i in range(8)])
@@ -89,11 +85,12 @@ def test_acquire_larger_than_the_cpu_tier_serves_what_fits_and_misses_the_rest(t
         hits = [b for b in found if b is not None]
         assert len(hits) == 16 and store.arena.free_count() == 0
         for block in hits:
-            assert bytes(store.cpu.view(block.id)[:1000]) == bytes([block.key[0] - 1]) * 1000
+            assert bytes(store.cpu.view(block)[:1000]) == bytes([block.key[0] - 1]) * 1000
         store.release(held.id)
-        assert all(b.readers == 0 for b in hits) and not any(store.cpu.pinned(b.id) for b in hits)
+        assert not any(store.cpu.held(b) for b in hits)
         held, found = await store.acquire("ns", keys[:4], 5000)  # memory is usable again
         assert all(found) and held is not None
         store.release(held.id)
+        store.check_invariants()
         await store.close(5)
     asyncio.run(scenario())

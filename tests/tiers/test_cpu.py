@@ -57,7 +57,7 @@ def test_cpu_tier_evicts_lru_and_skips_pinned(arena):
     tier = CpuTier(arena, LruPolicy())
     fill(tier, "abcdefgh")
     tier.touch("a")
-    tier.pin("b")
+    tier.hold("b", "reader")
     slots, evicted = tier.reserve(2)
     assert len(slots) == 2 and evicted == ["c", "d"]  # a was touched, b is pinned
     assert "a" in tier and "b" in tier and "c" not in tier
@@ -68,9 +68,9 @@ def test_cpu_tier_refuses_when_everything_is_pinned(arena):
     tier = CpuTier(arena, LruPolicy())
     fill(tier, "abcdefgh")
     for name in "abcdefgh":
-        tier.pin(name)
+        tier.hold(name, "reader")
     assert tier.reserve(1) == ([], [])
-    tier.unpin("e")
+    tier.release(tier.slot_of("e"), "reader")
     assert tier.reserve(1)[1] == ["e"]
 
 

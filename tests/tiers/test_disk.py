@@ -99,7 +99,7 @@ def index_key_map(tier: DiskTier) -> dict:
 
 
 def open_index(directory):
-    env = lmdb.open(os.path.join(directory, "index.lmdb"), subdir=True, max_dbs=4, map_size=16 << 20)
+    env = lmdb.open(os.path.join(directory, "index.lmdb"), subdir=True, max_dbs=8, map_size=16 << 20)
     return env, {name: env.open_db(name) for name in (b"blocks", b"by_segment", b"segments", b"quarantine")}
 
 
@@ -669,13 +669,26 @@ def test_concurrent_readers_never_see_wrong_bytes(tiers):
 NAMESPACES = ["a", "b"]
 KEYS = [b"k%d" % i for i in range(6)]
 block_st = st.tuples(st.sampled_from(NAMESPACES), st.sampled_from(KEYS), st.integers(0, 3000),
-                     st.integers(0, 3))
+                     st.integers(0, 3), st.booleans())
 op_st = st.one_of(
     st.tuples(st.just("write"), st.lists(block_st, min_size=1, max_size=4)),
     st.tuples(st.just("remove"), block_st),
     st.tuples(st.just("remove_namespace"), st.sampled_from(NAMESPACES)),
+    st.tuples(st.just("settle"), st.lists(st.tuples(st.sampled_from(NAMESPACES), st.sampled_from(KEYS)),
+                                          max_size=4)),
     st.tuples(st.just("reopen"), st.booleans()),
 )
+
+
+def all_pending(tier: DiskTier) -> list[tuple[str, bytes]]:
+    """Every open obligation, through pages of 2 (bounded pages, resumed by cursor)."""
+    found, after = [], None
+    while True:
+        page, after = tier.pending_uploads(after, limit=2)
+        assert len(page) <= 2
+        found += page
+        if after is None:
+            return found
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -686,15 +699,25 @@ def test_model_writes_removes_reopen(ops):
         tier = DiskTier(directory, **kw)
         tier.recover()
         model: dict[tuple[str, bytes], bytes] = {}
+        pending: list[tuple[str, bytes]] = []  # open obligations, oldest first
+        slack = 0  # tombstones may exceed capacity until the next write_batch evicts
         try:
             for op in ops:
                 if op[0] == "write":
-                    blocks = []
-                    for namespace, key, length, seed in op[1]:
+                    blocks, upload = [], []
+                    for namespace, key, length, seed, wants in op[1]:
                         payload = payload_for(namespace, key, length, seed)
                         blocks.append((header_for(namespace, key, payload), memoryview(payload)))
-                    entries, evicted = tier.write_batch(blocks)
+                        upload.append(wants)
+                    try:
+                        entries, evicted = tier.write_batch(blocks, upload=upload)
+                    except OSError as exc:
+                        # Only segments pinned by obligations (or tombstones behind them) refuse eviction.
+                        assert exc.errno == errno.ENOSPC and pending
+                        continue
+                    slack = 0
                     for gone in evicted:
+                        assert (gone.namespace, gone.key) not in pending  # never evicted while pending
                         assert model.pop((gone.namespace, gone.key)) is not None
                     offered: dict[tuple[str, bytes], bytes] = {}
                     for header, view in blocks:
@@ -706,27 +729,42 @@ def test_model_writes_removes_reopen(ops):
                         if key not in model or checksum(model[key]) != entry.checksum:
                             model[key] = offered[key]
                         assert entry.checksum == checksum(model[key])
+                    for (header, _), wants in zip(blocks, upload, strict=True):
+                        if wants and (header.namespace, header.key) not in pending:
+                            pending.append((header.namespace, header.key))
                 elif op[0] == "remove":
                     namespace, key = op[1][0], op[1][1]
-                    assert tier.remove(namespace, key) == ((namespace, key) in model)
+                    removed = tier.remove(namespace, key)
+                    assert removed == ((namespace, key) in model)
+                    slack += removed * 2 * kw["align"]  # a tombstone, maybe in a new segment
                     model.pop((namespace, key), None)
+                    pending = [k for k in pending if k != (namespace, key)]
                 elif op[0] == "remove_namespace":
                     expected = [k for k in model if k[0] == op[1]]
                     assert tier.remove_namespace(op[1]) == len(expected)
+                    slack += bool(expected) * 2 * kw["align"]
                     for k in expected:
                         del model[k]
+                    pending = [k for k in pending if k[0] != op[1]]
+                elif op[0] == "settle":
+                    tier.settle_uploads(op[1])
+                    pending = [k for k in pending if k not in op[1]]
                 else:
                     tier.close()
                     tier = DiskTier(directory, **kw)
                     report = tier.recover()
                     assert (report.indexed, report.adopted, report.torn, report.dropped_index_entries) == \
                         (len(model), 0, 0, 0)
+                    assert (report.killed, report.bad_regions, report.uploads) == (0, 0, len(pending))
                     if op[1]:
                         assert tier.recover() == report
-                assert tier.used_bytes() <= kw["capacity_bytes"]
+                assert tier.used_bytes() <= kw["capacity_bytes"] + slack
                 index = {(e.namespace, e.key): e for e in tier.entries()}
                 assert {k: (e.length, e.checksum) for k, e in index.items()} == \
                     {k: (len(v), checksum(v)) for k, v in model.items()}
+                # Obligations: exactly the model's, oldest first, every one indexed, its segment kept.
+                assert all_pending(tier) == pending and tier.upload_backlog() == len(pending)
+                assert all(k in index and index[k].segment in tier._segments for k in pending)
             index = {(e.namespace, e.key): e for e in tier.entries()}
             for key, payload in model.items():
                 dest = bytearray(len(payload))
@@ -735,15 +773,12 @@ def test_model_writes_removes_reopen(ops):
             tier.close()
 
 
-def test_eviction_skips_segments_the_guard_keeps(tmp_path):
+def test_eviction_skips_segments_with_pending_uploads(tmp_path):
     """Segments holding blocks not yet uploaded elsewhere must survive capacity pressure."""
-    kept: set[int] = set()
-    tier = DiskTier(str(tmp_path / "guarded"), capacity_bytes=6 * 65536, segment_bytes=2 * 65536,
-                    evictable=lambda sid: sid not in kept)
+    tier = DiskTier(str(tmp_path / "guarded"), capacity_bytes=6 * 65536, segment_bytes=2 * 65536)
     tier.recover()
     first, _ = tier.write_batch([(BlockHeader("ns", b"a" * 32, b"", 4000, checksum(b"a" * 4000), 0),
-                                  memoryview(b"a" * 4000))])
-    kept.add(first[0].segment)
+                                  memoryview(b"a" * 4000))], upload=[True])
     evicted_all = []
     for i in range(120):
         data = bytes([i]) * 4000
@@ -752,4 +787,5 @@ def test_eviction_skips_segments_the_guard_keeps(tmp_path):
         evicted_all += evicted
     assert evicted_all and all(e.segment != first[0].segment for e in evicted_all)
     assert tier.contains("ns", b"a" * 32) and tier.used_bytes() <= 6 * 65536
+    assert tier.pending_uploads() == ([("ns", b"a" * 32)], None)
     tier.close()

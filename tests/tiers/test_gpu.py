@@ -179,7 +179,7 @@ def test_pool_is_one_tensor_cut_into_slots():
 def test_tier_evicts_lru_and_skips_pinned(tier):
     fill(tier, "abcdefgh")
     tier.touch("a")
-    tier.pin("b")
+    tier.hold("b", "reader")
     slots, evicted = tier.reserve(2)
     assert len(slots) == 2 and evicted == ["c", "d"]  # a was touched, b is pinned
     assert "a" in tier and "b" in tier and "c" not in tier and len(tier) == 6
@@ -200,18 +200,20 @@ def test_fifo_policy_ignores_touch():
 def test_pins_are_counted_and_reserve_fails_when_everything_is_pinned(tier):
     fill(tier, "abcdefgh")
     for name in "abcdefgh":
-        tier.pin(name)
-    tier.pin("e")
+        tier.hold(name, "reader")
+    tier.hold("e", "reader")
     assert tier.reserve(1) == ([], [])
     assert len(tier) == 8 and tier.evictions == 0          # a failed reserve evicts nothing
-    tier.unpin("e")
-    assert tier.pinned("e") and tier.reserve(1) == ([], [])
-    tier.unpin("e")
-    assert not tier.pinned("e")
+    tier.release(tier.slot_of("e"), "reader")
+    assert tier.held("e") and tier.reserve(1) == ([], [])
+    tier.release(tier.slot_of("e"), "reader")
+    assert not tier.held("e")
     slots, evicted = tier.reserve(1)
     assert evicted == ["e"] and len(slots) == 1
-    with pytest.raises(AssertionError):
-        tier.remove("a")                                   # pinned
+    held_slot = tier.slot_of("a")
+    tier.remove("a")                                       # held: detached now, its slot retired
+    assert "a" not in tier and tier.reserve(1) == ([], [])
+    tier.release(held_slot, "reader")                      # the last hold frees the retired slot
     assert tier.reserve(2) == ([], [])                     # one free slot is not two
 
 

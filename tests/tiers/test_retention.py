@@ -204,11 +204,11 @@ def test_slot_tier_reserve_evicts_in_policy_order(clock):
         assert evicted == []
         policy.retain(block_id, ret)
         tier.install(block_id, slots[0], 10)
-    tier.pin("dec")                                 # a transfer pin: skipped by the tier
+    tier.hold("dec", "reader")                                 # a transfer pin: skipped by the tier
     slots, evicted = tier.reserve(2)
     assert evicted == ["sub", "conv_lo"] and len(slots) == 2
     tier.unreserve(slots)
-    tier.unpin("dec")
+    tier.release(tier.slot_of("dec"), "reader")
     slots, evicted = tier.reserve(3)
     assert evicted == ["dec"]                       # 2 were free, 1 evicted
     tier.unreserve(slots)
@@ -386,7 +386,7 @@ def test_slot_tier_reserve_with_density_order_counts_pressure(clock):
     for i in range(2):
         tier.touch(("fresh", i))
     clock.advance(0.3)
-    tier.pin(("gone", 0))                                             # being read: the tier skips it
+    tier.hold(("gone", 0), "reader")                                             # being read: the tier skips it
     slots, evicted = tier.reserve(3)
     assert evicted == [("gone", 1), ("fresh", 1), ("fresh", 0)] and tier.pressure_evictions == 3
     tier.unreserve(slots)

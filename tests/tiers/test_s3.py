@@ -1,4 +1,5 @@
-"""Tests for kvtier.tiers.s3 against a real moto S3 server over HTTP on 127.0.0.1 (tests/s3server.py)."""
+"""Tests for kvtier.tiers.s3 against real S3 servers over HTTP on 127.0.0.1 (tests/s3server.py): moto for
+everything, s3rver (a second implementation, without conditional writes) for portability."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import random
 import threading
 import time
 
-import botocore.exceptions
 import pytest
 
 from kvtier.tiers import s3 as s3mod
 from kvtier.tiers.block import BlockHeader, CorruptBlock, checksum, decode_header
-from kvtier.tiers.s3 import S3Config, S3Entry, S3Tier, S3Unavailable
-from s3server import CuttingProxy, make_bucket, s3_server  # noqa: F401  (s3_server is a fixture)
+from kvtier.tiers.s3 import S3Config, S3Entry, S3Misconfigured, S3Tier, S3Unavailable
+from s3server import CuttingProxy, S3rverServer, free_port, make_bucket, s3_server, s3rver_server  # noqa: F401
 
 BUCKET = "kvtier-test"
 SECRET = "kvtier-unit-test-secret-9f3c1a77"
@@ -37,23 +37,40 @@ def block(namespace: str, key: bytes, length: int = 4096, parent: bytes = b"", s
     return header_for(namespace, key, payload, parent), payload
 
 
-@pytest.fixture
-def tiers(s3_server, tmp_path):
-    """open(**config overrides) -> S3Tier on BUCKET of the test's moto server; closed at the end."""
-    make_bucket(s3_server, BUCKET)
+def tier_opener(server, key_id: str, secret: str):
+    """(open(**config overrides) -> S3Tier on BUCKET of `server`, close_all())."""
+    make_bucket(server, BUCKET)
     opened: list[S3Tier] = []
 
-    def open_tier(journal: str = "journal", **overrides) -> S3Tier:
-        fields = dict(endpoint_url=s3_server.endpoint_url, bucket=BUCKET, region="us-east-1",
-                      access_key_id=KEY_ID, secret_access_key=SECRET)
+    def open_tier(**overrides) -> S3Tier:
+        fields = dict(endpoint_url=server.endpoint_url, bucket=BUCKET, region="us-east-1",
+                      access_key_id=key_id, secret_access_key=secret)
         fields.update(overrides)
-        tier = S3Tier(S3Config(**fields), str(tmp_path / journal), journal_map_bytes=16 << 20)
+        tier = S3Tier(S3Config(**fields))
         opened.append(tier)
         return tier
 
+    def close_all() -> None:
+        for tier in opened:
+            tier.close()
+
+    return open_tier, close_all
+
+
+@pytest.fixture
+def tiers(s3_server):
+    """open(**config overrides) -> S3Tier on BUCKET of the test's moto server; closed at the end."""
+    open_tier, close_all = tier_opener(s3_server, KEY_ID, SECRET)
     yield open_tier
-    for tier in opened:
-        tier.close()
+    close_all()
+
+
+@pytest.fixture
+def s3rver_tiers(s3rver_server):
+    """open(**config overrides) -> S3Tier on BUCKET of the test's s3rver; closed at the end."""
+    open_tier, close_all = tier_opener(s3rver_server, S3rverServer.ACCESS_KEY_ID, S3rverServer.SECRET_ACCESS_KEY)
+    yield open_tier
+    close_all()
 
 
 @pytest.fixture
@@ -226,9 +243,7 @@ def test_corrupt_object_is_quarantined_deleted_and_can_be_reuploaded(tiers, raw,
     dest = bytearray(60_000)
     with caplog.at_level(logging.WARNING, logger="kvtier.s3"):
         assert tier.download_into("ns", b"victim", dest) is None
-    assert tier.quarantined_count() == 1
-    [(namespace, key, when, reason)] = tier.quarantined()
-    assert (namespace, key) == ("ns", b"victim") and when > 0 and reason
+    assert tier.quarantined_count() == 1 and tier.replaced_count() == 0
     assert "quarantined" in caplog.text and okey in caplog.text
     assert object_count(raw) == 0, "the bad object must be deleted so that a healthy node can re-upload"
     # A healthy node uploads it again; now it verifies.
@@ -280,7 +295,7 @@ def test_broken_transfer_is_retried_not_quarantined(s3_server, tiers, raw):
     # Cut the first response 4 KiB into the body: a short read, then a clean retry.
     proxy = CuttingProxy(s3_server.port, cut_after=4096, cuts=1)
     try:
-        flaky = tiers(journal="j2", endpoint_url=proxy.endpoint_url)
+        flaky = tiers(endpoint_url=proxy.endpoint_url)
         dest = bytearray(1 << 20)
         assert flaky.download_into("ns", b"flaky", dest) == 1 << 20 and bytes(dest) == payload
         assert proxy.cut == 1
@@ -293,39 +308,45 @@ def test_broken_transfer_is_retried_not_quarantined(s3_server, tiers, raw):
         proxy.close()
 
 
-# ---------------------------------------------------------------------- journal
+# ---------------------------------------------------------------------- replaced objects
 
-def test_journal_is_ordered_bounded_and_survives_reopen(tiers, tmp_path):
+def test_object_replaced_after_listing_is_not_served_nor_deleted(tiers, raw, caplog):
+    """A reader that listed version A, then finds a valid version B of the same length at the key (an
+    unconditional writer replaced it), must not serve B as A, nor delete B as if it were corrupt."""
     tier = tiers()
-    items = [(f"ns{i % 2}", i.to_bytes(4, "big")) for i in range(10)]
-    tier.journal_add(items[:6])
-    tier.journal_add(items[6:] + [items[0]])  # a pending item keeps its (oldest) place
-    assert tier.journal_size() == 10
-    assert tier.journal_pending(3) == items[:3]
-    assert tier.journal_pending(100) == items
-    assert tier.journal_pending(0) == []
-    tier.journal_done([items[1], items[4], ("ns9", b"never-added")])
-    tier.close()
-
-    again = tiers()  # same journal dir: a restarted daemon
-    left = [items[i] for i in (0, 2, 3, 5, 6, 7, 8, 9)]
-    assert again.journal_size() == 8 and again.journal_pending(100) == left
-    again.journal_add([items[1]])  # re-added after done: now the newest
-    assert again.journal_pending(100) == left + [items[1]]
-    again.journal_done(again.journal_pending(100))
-    assert again.journal_size() == 0 and again.journal_pending(10) == []
-    with pytest.raises(ValueError):
-        again.journal_add([("bad\0ns", b"k")])
-
-
-def test_quarantine_record_survives_reopen(tiers, raw):
-    tier = tiers()
-    header, payload = block("ns", b"q", 100)
+    header, payload = block("ns", b"k", 4096)
     tier.upload(header, payload)
-    raw.put_object(Bucket=BUCKET, Key=tier.object_key("ns", b"q"), Body=b"junk" * 50)
-    assert tier.download_into("ns", b"q", bytearray(100)) is None
-    tier.close()
-    assert tiers().quarantined_count() == 1
+    [listed], _ = tier.list()
+    other_header, other_payload = block("ns", b"k", 4096, seed=1)   # same length, another payload
+    okey = tier.object_key("ns", b"k")
+    raw.put_object(Bucket=BUCKET, Key=okey, Body=other_header.encode() + other_payload,
+                   Metadata={"kvtier-header": base64.b64encode(other_header.encode()).decode()})
+    dest = bytearray(4096)
+    with caplog.at_level(logging.WARNING, logger="kvtier.s3"):
+        assert tier.download_into("ns", b"k", dest, expected_checksum=listed.checksum,
+                                  expected_length=listed.length) is None
+    assert okey in caplog.text and "replaced" in caplog.text
+    assert tier.replaced_count() == 1 and tier.quarantined_count() == 0
+    assert object_count(raw) == 1, "another writer's valid object is not corruption: kept"
+    # A length the object does not have is refused the same way.
+    assert tier.download_into("ns", b"k", dest, expected_length=4095) is None
+    assert tier.replaced_count() == 2
+    # The new version, when it is what the caller expects, verifies and is served.
+    assert tier.download_into("ns", b"k", dest, expected_checksum=checksum(other_payload),
+                              expected_length=4096) == 4096 and bytes(dest) == other_payload
+    assert tier.quarantined_count() == 0 and object_count(raw) == 1
+
+
+def test_corruption_is_still_quarantined_when_expectations_are_given(tiers, raw):
+    """A payload that contradicts its own header is corruption even if the header is the expected one."""
+    tier = tiers()
+    header, payload = block("ns", b"k", 4096)
+    tier.upload(header, payload)
+    flipped = header.encode() + payload[:-1] + bytes([payload[-1] ^ 1])
+    raw.put_object(Bucket=BUCKET, Key=tier.object_key("ns", b"k"), Body=flipped)
+    assert tier.download_into("ns", b"k", bytearray(4096), expected_checksum=header.payload_checksum,
+                              expected_length=4096) is None
+    assert tier.quarantined_count() == 1 and tier.replaced_count() == 0 and object_count(raw) == 0
 
 
 # ---------------------------------------------------------------------- outages
@@ -368,26 +389,102 @@ def test_stopped_server_then_restart_loses_state(s3_server, tiers):
     assert time.monotonic() - start < 10
     assert tier.reachable() is False
     s3_server.start()
-    # moto lost the bucket: that is a client error and propagates as such, not as an outage.
-    with pytest.raises(botocore.exceptions.ClientError) as info:
+    # moto lost the bucket: a configuration error (S3Misconfigured), not a plain outage.
+    with pytest.raises(S3Misconfigured, match="NoSuchBucket"):
         tier.upload(header, payload)
-    assert info.value.response["Error"]["Code"] == "NoSuchBucket"
     assert tier.reachable() is False
     make_bucket(s3_server, BUCKET)
     assert tier.reachable() is True and tier.upload(header, payload) == "stored"
 
 
-def test_bucket_is_created_only_when_asked(s3_server, tmp_path):
+def test_bucket_is_created_only_when_asked(s3_server):
     cfg = S3Config(s3_server.endpoint_url, "kvtier-fresh-bucket", region="us-east-1")
-    with S3Tier(cfg, str(tmp_path / "a")) as tier:
+    with S3Tier(cfg) as tier:
         assert tier.reachable() is False
-        with pytest.raises(botocore.exceptions.ClientError) as info:
+        with pytest.raises(S3Misconfigured, match="NoSuchBucket"):
             tier.download_into("ns", b"k", bytearray(10))
-        assert info.value.response["Error"]["Code"] == "NoSuchBucket"
-    with S3Tier(dataclasses.replace(cfg, create_bucket=True), str(tmp_path / "b")) as tier:
+    with S3Tier(dataclasses.replace(cfg, create_bucket=True)) as tier:
         assert tier.reachable() is True
-    with S3Tier(dataclasses.replace(cfg, create_bucket=True), str(tmp_path / "c")) as tier:
+    with S3Tier(dataclasses.replace(cfg, create_bucket=True)) as tier:
         assert tier.reachable() is True  # already there: fine
+
+
+# ---------------------------------------------------------------------- permanent errors
+
+def _assert_misconfigured(call, code: str) -> None:
+    with pytest.raises(S3Misconfigured) as info:
+        call()
+    assert isinstance(info.value, S3Unavailable), "callers backing off on outages back off on this too"
+    assert code in str(info.value) and SECRET not in str(info.value)
+
+
+def test_missing_bucket_is_misconfigured_not_a_client_error(tiers):
+    tier = tiers(bucket="kvtier-no-such-bucket", max_attempts=1)
+    header, payload = block("ns", b"k", 100)
+    _assert_misconfigured(lambda: tier.upload(header, payload), "NoSuchBucket")
+    _assert_misconfigured(lambda: tier.download_into("ns", b"k", bytearray(100)), "NoSuchBucket")
+    _assert_misconfigured(lambda: tier.list(), "NoSuchBucket")
+    _assert_misconfigured(lambda: tier.list_keys(), "NoSuchBucket")
+    _assert_misconfigured(lambda: tier.probe_conditional_puts(), "NoSuchBucket")
+
+
+def test_refused_credentials_are_misconfigured(s3rver_server, s3rver_tiers):
+    """s3rver knows one access key id: any other is InvalidAccessKeyId (403; a HEAD gets a bare 403)."""
+    tier = s3rver_tiers(access_key_id="KVTIERWRONGKEY", secret_access_key=SECRET, max_attempts=1)
+    header, payload = block("ns", b"k", 100)
+    _assert_misconfigured(lambda: tier.upload(header, payload), "InvalidAccessKeyId")
+    _assert_misconfigured(lambda: tier.download_into("ns", b"k", bytearray(100)), "InvalidAccessKeyId")
+    _assert_misconfigured(lambda: tier.list(), "InvalidAccessKeyId")
+    _assert_misconfigured(lambda: tier.head("ns", b"k"), "403")
+    assert tier.reachable() is False
+
+
+# ---------------------------------------------------------------------- conditional-put probe
+
+def test_probe_conditional_puts_is_true_on_moto_and_leaves_nothing(tiers, raw):
+    tier = tiers(prefix="cluster-a/kv")
+    assert tier.probe_conditional_puts() is True
+    assert object_count(raw) == 0, "the probe object is deleted"
+
+
+def test_probe_conditional_puts_raises_s3_unavailable_when_unreachable(tiers):
+    tier = tiers(endpoint_url=f"http://127.0.0.1:{free_port()}", connect_timeout_s=0.5, max_attempts=1)
+    with pytest.raises(S3Unavailable) as info:
+        tier.probe_conditional_puts()
+    assert not isinstance(info.value, S3Misconfigured)
+
+
+# ---------------------------------------------------------------------- s3rver: a second implementation
+
+def test_probe_conditional_puts_is_false_on_s3rver(s3rver_tiers, s3rver_server):
+    tier = s3rver_tiers()
+    assert tier.probe_conditional_puts() is False   # s3rver overwrites despite If-None-Match: *
+    client = s3rver_server.client()
+    try:
+        assert client.list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0, "the probe object is deleted"
+    finally:
+        client.close()
+
+
+def test_round_trip_on_s3rver(s3rver_tiers):
+    tier = s3rver_tiers()
+    header, payload = block("model-a|tp0", b"\x01" * 32, 300_000, parent=b"\x02" * 32)
+    assert tier.upload(header, payload) == "stored"
+    [entry], token = tier.list()
+    assert token == "" and entry == S3Entry("model-a|tp0", header.key, header.parent, len(payload),
+                                            checksum(payload), header.created_unix_ms,
+                                            tier.object_key("model-a|tp0", header.key))
+    keys, token = tier.list_keys()
+    assert token == "" and keys == [(entry.object_key, len(header.encode()) + len(payload))]
+    assert tier.parse_object_key(entry.object_key) == (tier.namespace_digest("model-a|tp0"), header.key)
+    assert tier.entry_for(*keys[0]) == entry
+    dest = bytearray(len(payload))
+    assert tier.download_into("model-a|tp0", header.key, dest, expected_checksum=entry.checksum,
+                              expected_length=entry.length) == len(payload) and bytes(dest) == payload
+    assert tier.head("model-a|tp0", header.key) == (len(payload), checksum(payload))
+    tier.delete("model-a|tp0", header.key)
+    assert tier.download_into("model-a|tp0", header.key, dest) is None
+    assert tier.quarantined_count() == 0 and tier.replaced_count() == 0
 
 
 # ---------------------------------------------------------------------- listing
@@ -453,10 +550,10 @@ def test_credentials_never_logged(s3_server, tiers, raw, caplog):
     raw.put_object(Bucket=BUCKET, Key=tier.object_key("ns", b"k"), Body=b"corrupt")
     tier.download_into("ns", b"k", bytearray(1000))   # quarantine path logs a warning
     errors = []
-    bad = tiers(journal="j3", bucket="no-such-bucket-here")
+    bad = tiers(bucket="no-such-bucket-here")
     try:
         bad.upload(header, payload)
-    except botocore.exceptions.ClientError as exc:
+    except S3Misconfigured as exc:
         errors.append(exc)
     s3_server.stop()
     try:
@@ -484,6 +581,6 @@ def test_closed_tier_refuses_calls(tiers):
     tier.close()
     tier.close()
     with pytest.raises(RuntimeError):
-        tier.journal_size()
+        tier.head("ns", b"k")
     with pytest.raises(RuntimeError):
         tier.upload(*block("ns", b"k", 10))

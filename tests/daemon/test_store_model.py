@@ -1,0 +1,264 @@
+"""A stateful model check of the block store: hypothesis drives the real store in-process (real
+segment files and LMDB through the FileSystem seam, the real S3 tier against a real moto server)
+through commits with and without wait_durable, duplicates, reads, cancelled reads, deletes, clears,
+retention changes, eviction pressure, disk EIO and ENOSPC during a batch, S3 outages and crashes
+with recovery, and checks the invariants after every step:
+
+- the catalog agrees with every memory tier and with the disk index; no fatal error;
+- no hold without a live reason (readers only under open leases, write holds only for queued
+  blocks, upload holds only for uploads in flight);
+- every block acknowledged durable (and not deleted since) is readable and byte-exact;
+- nothing read is ever other bytes than the block's own;
+- with S3 reachable and the store quiet, every block on disk is in S3 and nothing is owed;
+  during an outage, every block on disk that is not in S3 is owed.
+
+CI runs a bounded number of examples; KVTIER_MODEL_EXAMPLES=200 runs a longer check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kvtier.daemon import s3sync as s3sync_mod
+from kvtier.daemon import store as store_mod
+from kvtier.daemon.errors import ApiError, ErrorKind
+from kvtier.daemon.store import READER, UPLOAD, WRITE
+from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.tiers.retention import Retention
+from kvtier.tiers.s3 import S3Config
+
+from s3server import DUMMY_ENV, make_bucket, shared_server
+from store_harness import FaultyFs, FaultyS3, blob, commit, key_of, make_store, read, store_config, until
+
+SEEDS = st.integers(min_value=1, max_value=48)
+EXAMPLES = int(os.environ.get("KVTIER_MODEL_EXAMPLES", "12"))
+DISK = pb.TIER_DISK
+
+
+class StoreModel(RuleBasedStateMachine):
+    """One machine instance per example: its own data dir, bucket and event loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.server = shared_server()
+        self.examples = getattr(StoreModel, "examples", 0) + 1
+        StoreModel.examples = self.examples
+        self.bucket = make_bucket(self.server, f"model-{os.getpid()}-{self.examples}")
+        self.dir = os.path.join(StoreModel.tmp, f"example-{self.examples}")
+        os.makedirs(self.dir)
+        self.fs = FaultyFs()
+        self.durable: dict[int, bytes] = {}   # acknowledged durable and not deleted since
+        self.store = None
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def _open(self):
+        from pathlib import Path
+        cfg = store_config(Path(self.dir), self.server.endpoint_url, self.bucket,
+                           cpu={"capacity": "1MiB", "policy": "retention"},
+                           disk={"capacity": "8MiB", "segment_bytes": "1MiB", "batch_blocks": 4,
+                                 "queue_blocks": 8, "durable_wait_ms": 3000})
+        self.tier = FaultyS3(S3Config(endpoint_url=self.server.endpoint_url, bucket=self.bucket,
+                                      connect_timeout_s=1.0, read_timeout_s=5.0, max_attempts=1))
+        self.store = make_store(cfg, fs=self.fs, s3_tier=self.tier)
+        self.run(self.store.start())
+        self.run(self.store.register_namespace("ns", {"model": "m"}))
+
+    @initialize()
+    def start(self):
+        self._open()
+
+    def teardown(self):
+        if self.store is not None:
+            self.run(_bounded(self.store.close(5), "closing the store"))
+        self.loop.close()
+
+    # -- rules ----------------------------------------------------------------------------------
+    @rule(seeds=st.lists(SEEDS, min_size=1, max_size=4, unique=True), wait=st.booleans(),
+          cls=st.sampled_from([None, "system", "decode", "conversation"]))
+    def commit(self, seeds, wait, cls):
+        retention = Retention(cls, 50, 60.0 if cls == "system" else None) if cls else None
+        try:
+            statuses = self.run(commit(self.store, "ns", seeds, wait_durable=wait, retention=retention))
+        except ApiError as exc:
+            assert exc.kind in (ErrorKind.UNAVAILABLE, ErrorKind.EXHAUSTED), exc
+            return
+        assert all(s in (pb.STORED, pb.DUPLICATE) for s in statuses)
+        if wait:
+            for seed in seeds:
+                self.durable[seed] = blob(seed)
+
+    @rule(seeds=st.lists(SEEDS, min_size=1, max_size=6, unique=True))
+    def acquire_release(self, seeds):
+        held, found = self.run(self.store.acquire("ns", [key_of(s) for s in seeds], 5000))
+        for seed, block in zip(seeds, found):
+            if block is not None:
+                assert bytes(self.store.cpu.view(block)[:block.length]) == blob(seed), "wrong bytes served"
+        if held is not None:
+            self.store.release(held.id)
+
+    @rule(seed=SEEDS, steps=st.integers(0, 3))
+    def cancelled_acquire(self, seed, steps):
+        async def scenario():
+            task = asyncio.ensure_future(self.store.acquire("ns", [key_of(seed)], 5000))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                held, _ = await task
+            except asyncio.CancelledError:
+                return
+            if held is not None:
+                self.store.release(held.id)
+        self.run(scenario())
+
+    @rule(seed=SEEDS)
+    def delete(self, seed):
+        deleted, _busy = self.run(self.store.delete("ns", [key_of(seed)]))
+        if deleted:
+            self.durable.pop(seed, None)
+
+    @rule()
+    def clear(self):
+        self.run(self.store.clear("ns"))
+        for seed in list(self.durable):
+            if self.store.catalog.get("ns", key_of(seed)) is None:
+                self.durable.pop(seed)
+
+    @rule(seed=SEEDS, cls=st.sampled_from(["system", "subagent", "ephemeral"]))
+    def set_retention(self, seed, cls):
+        self.store.set_retention("ns", [key_of(seed)], Retention(cls, 10, None))
+
+    @rule(seeds=st.lists(SEEDS, min_size=1, max_size=4, unique=True),
+          code=st.sampled_from([errno.EIO, errno.ENOSPC]), where=st.sampled_from(["pwritev", "fdatasync"]))
+    def disk_fault_during_a_batch(self, seeds, code, where):
+        self.fs.fail[where] = code
+        try:
+            self.run(commit(self.store, "ns", seeds))
+            self.run(until(lambda: self.store.counters.disk_write_errors or not self.store.backlog,
+                           "a batch to meet the fault"))
+        except ApiError as exc:
+            assert exc.kind is ErrorKind.EXHAUSTED, exc
+        finally:
+            del self.fs.fail[where]
+
+    @rule()
+    def s3_outage(self):
+        self.tier.down = True
+
+    @rule()
+    def s3_returns(self):
+        self.tier.down = False
+
+    @rule()
+    def crash_and_recover(self):
+        """kill -9 between two disk batches: nothing is drained, queued blocks are simply gone."""
+        store = self.store
+
+        async def crash():
+            store._closing = True
+            for task in store._tasks + list(store._promotions.values()):
+                task.cancel()
+            await asyncio.gather(*store._tasks, *store._promotions.values(), return_exceptions=True)
+        self.run(crash())
+        store._writer.shutdown(wait=True)   # a batch in flight finishes (or not) as a crash would leave it
+        store._readers.shutdown(wait=True)
+        store.s3sync._pool.shutdown(wait=True)
+        store.disk.close()
+        store.arena.close()
+        self.store = None
+        self._open()
+
+    # -- invariants -------------------------------------------------------------------------------
+    @invariant()
+    def store_is_consistent(self):
+        if self.store is None:
+            return
+        store = self.store
+        assert not store.fatals, store.fatals
+        store.check_invariants()
+        holds = {READER: 0, WRITE: 0, UPLOAD: 0}
+        for block in store.cpu:
+            for reason, count in store.cpu.holds(block).items():
+                holds[reason] = holds.get(reason, 0) + count
+        assert holds[READER] == sum(len(h.items) for h in store.leases._held.values())
+        assert holds[WRITE] == store.backlog
+        assert holds[UPLOAD] <= len(store.s3sync._uploading)
+
+    @invariant()
+    def durable_blocks_are_readable(self):
+        if self.store is None:
+            return
+        for seed, data in self.durable.items():
+            assert self.run(read(self.store, "ns", seed)) == data, f"acknowledged durable block {seed} lost"
+
+    @invariant()
+    def every_block_on_disk_is_in_s3_or_owed(self):
+        if self.store is None:
+            return
+        missing = self._on_disk_not_in_s3()
+        owed = {key for _, key in _all_owed(self.store.disk)}
+        uploading = {block.key for block in self.store.s3sync._uploading}
+        assert missing <= owed | uploading, f"blocks on disk neither in S3 nor owed: {len(missing - owed)}"
+
+    @precondition(lambda self: not self.tier.down)
+    @rule()
+    def quiesce_then_nothing_is_owed(self):
+        """With S3 up and time to drain, every block on disk is in S3 and nothing is owed."""
+        store = self.store
+        self.run(until(lambda: store.disk.upload_backlog() == 0 and not store.backlog, "the uploads to drain"))
+        assert not self._on_disk_not_in_s3()
+
+    def _on_disk_not_in_s3(self) -> set[bytes]:
+        on_disk = {e.key for e in self.store.disk.entries()}
+        listed = self.server.client().list_objects_v2(Bucket=self.bucket).get("Contents", [])
+        parsed = (self.tier.parse_object_key(o["Key"]) for o in listed)
+        return on_disk - {p[1] for p in parsed if p is not None}
+
+
+async def _bounded(coro, what: str, timeout: float = 60.0):
+    """Awaits coro; past timeout, fails with every task's stack (a hang is a failure, not a wait)."""
+    task = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait([task], timeout=timeout)
+    if not done:
+        stacks = []
+        for other in asyncio.all_tasks():
+            stacks.append(f"{other.get_name()}: {other.get_stack(limit=8)}")
+        raise AssertionError(f"{what} hung:\n" + "\n".join(stacks))
+    return task.result()
+
+
+def _all_owed(disk):
+    cursor, owed = None, []
+    while True:
+        page, cursor = disk.pending_uploads(cursor, 256)
+        owed += page
+        if cursor is None or not page:
+            return owed
+
+
+@pytest.fixture
+def model_env(tmp_path, monkeypatch):
+    for name, value in DUMMY_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(s3sync_mod, "BACKOFF_MAX_S", 0.05)       # retries stay bounded, and quick here
+    monkeypatch.setattr(store_mod, "WRITE_RETRY_S", (0.01, 0.02))
+    StoreModel.tmp = str(tmp_path)
+    StoreModel.examples = 0
+    shared_server().reset()
+
+
+def test_the_store_keeps_its_promises_under_faults(model_env):
+    machine = StoreModel.TestCase
+    machine.settings = settings(max_examples=EXAMPLES, stateful_step_count=20, deadline=None, derandomize=True,
+                                suppress_health_check=list(HealthCheck))
+    machine().runTest()
