@@ -215,9 +215,9 @@ class BlockStore:
         return task
 
     def _task_ended(self, task: asyncio.Task) -> None:
-        if task.cancelled() and self._closing:
+        if task.cancelled():  # only close() (or asyncio.run ending the loop) cancels them
             return
-        error = None if task.cancelled() else task.exception()
+        error = task.exception()
         self.fatal(f"background task {task.get_name()!r} ended unexpectedly: {error!r}", error)
 
     def fatal(self, message: str, error: BaseException | None = None) -> None:

@@ -22,7 +22,7 @@ import errno
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -259,6 +259,9 @@ def model_env(tmp_path, monkeypatch):
 
 def test_the_store_keeps_its_promises_under_faults(model_env):
     machine = StoreModel.TestCase
+    # No shrinking: every step costs real fsyncs and S3 calls, so a failure is reported as found
+    # (the printed steps reproduce it) instead of minutes of shrinking.
     machine.settings = settings(max_examples=EXAMPLES, stateful_step_count=20, deadline=None, derandomize=True,
+                                phases=[Phase.explicit, Phase.reuse, Phase.generate],
                                 suppress_health_check=list(HealthCheck))
     machine().runTest()
