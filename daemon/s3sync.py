@@ -44,7 +44,8 @@ S3, CPU, DISK = pb.TIER_S3, pb.TIER_CPU, pb.TIER_DISK
 UPLOAD = "upload"
 UPLOAD_BATCH_PER_WORKER = 4
 BACKOFF_MAX_S = 30.0
-UNREACHABLE_PROBLEM_S = 30.0  # S3 unreachable this long with uploads owed: health says NOT_SERVING
+UNREACHABLE_PROBLEM_S = 30.0
+PROBE_BOUND_S = 3.0           # the start-up If-None-Match probe waits this long, then retries later  # S3 unreachable this long with uploads owed: health says NOT_SERVING
 
 
 class S3Refused(Exception):
@@ -107,9 +108,11 @@ class S3Sync:
         """Raises S3Refused when the endpoint ignores If-None-Match and that is not allowed; an
         unreachable endpoint is probed again before the first upload."""
         try:
-            self.conditional_puts = await self._in(self.tier.probe_conditional_puts)
-        except S3Unavailable as exc:
-            log.warning("could not probe S3 for If-None-Match support (%s); probing again before uploading", exc)
+            async with asyncio.timeout(PROBE_BOUND_S):  # an unreachable S3 must not hold up the start
+                self.conditional_puts = await self._in(self.tier.probe_conditional_puts)
+        except (S3Unavailable, TimeoutError) as exc:
+            log.warning("could not probe S3 for If-None-Match support (%s); probing again before uploading",
+                        exc or "no answer in time")
             return
         self._probed = True
         if self.conditional_puts:
@@ -310,8 +313,10 @@ class S3Sync:
             except S3Unavailable as exc:
                 failures += 1
                 log.warning("listing s3://%s failed: %s", self.cfg.bucket, exc)
-            wait = self.cfg.list_interval_s - (time.monotonic() - started)
-            await asyncio.sleep(max(wait, _backoff(failures) if failures else 0.0))
+            # After a failure, list again soon (with backoff): until a listing succeeds this node does
+            # not know which of its blocks S3 already holds.
+            wait = _backoff(failures) if failures else self.cfg.list_interval_s - (time.monotonic() - started)
+            await asyncio.sleep(max(0.0, wait))
 
     async def _list_once(self) -> int:
         """One pass over the bucket: a LIST per page, a HEAD only for blocks the catalog lacks."""

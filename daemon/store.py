@@ -838,24 +838,44 @@ class BlockStore:
     async def _delete_block(self, block: Block) -> None:
         """Leaves the catalog and the memory tiers at once, then the durable tiers (the disk removal,
         queued on the writer thread before any later write of the same key, drops its upload too)."""
-        tiers = block.tiers
-        for tier in (GPU, CPU, DISK, S3):
-            if block.tiers & tier:
-                self._drop_tier(block, tier)
-        assert self.catalog.get(block.namespace, block.key) is not block
+        tiers = self._forget(block)
         if tiers & DISK:
             await self._on_writer(lambda: self.disk.remove(block.namespace, block.key))
         if tiers & S3:
             await self.s3sync.delete(block)
 
+    def _forget(self, block: Block) -> int:
+        """Drops the block from every tier's bookkeeping and the catalog; returns the tiers it was in."""
+        tiers = block.tiers
+        for tier in (GPU, CPU, DISK, S3):
+            if block.tiers & tier:
+                self._drop_tier(block, tier)
+        assert self.catalog.get(block.namespace, block.key) is not block
+        return tiers
+
     async def clear(self, namespace: str) -> int:
+        """Deletes every block not in use; a namespace with none in use leaves the disk with one
+        tombstone instead of one per block."""
         names = sorted(self.catalog.namespaces) if namespace == "*" else [self.catalog.namespace(namespace).name]
         deleted = 0
         for name in names:
-            for block in list(self.catalog.namespaces[name].blocks.values()):
-                if self.catalog.get(block.namespace, block.key) is block and not self.busy(block):
-                    await self._delete_block(block)
-                    deleted += 1
+            blocks = list(self.catalog.namespaces[name].blocks.values())
+            kept = [block for block in blocks if self.busy(block)]
+            gone = [block for block in blocks if not self.busy(block)]
+            on_disk, in_s3 = [], []
+            for block in gone:
+                tiers = self._forget(block)
+                if tiers & DISK:
+                    on_disk.append(block.key)
+                if tiers & S3:
+                    in_s3.append(block)
+            if on_disk and not kept:
+                await self._on_writer(lambda n=name: self.disk.remove_namespace(n))
+            elif on_disk:
+                await self._on_writer(lambda n=name, keys=on_disk: [self.disk.remove(n, k) for k in keys])
+            for block in in_s3:
+                await self.s3sync.delete(block)
+            deleted += len(gone)
             self.events.emit(pb.ALL_CLEARED, name)
         self._signal_space()
         return deleted
