@@ -13,6 +13,8 @@ import dataclasses
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .stats import stats_response
+
 
 SCRAPE_TIMEOUT_S = 5.0
 
@@ -57,7 +59,7 @@ class StoreCollector:
         evictions = CounterMetricFamily("kvtier_tier_evictions", "blocks evicted per tier", labels=["tier"])
         pressure = CounterMetricFamily("kvtier_tier_pressure_evictions",
                                        "TTL-pinned blocks evicted because nothing else could go", labels=["tier"])
-        for tier in store.stats().tiers:
+        for tier in stats_response(store).tiers:
             tier_blocks.add_metric([tier.tier], tier.blocks)
             tier_bytes.add_metric([tier.tier], tier.bytes)
             tier_capacity.add_metric([tier.tier], tier.capacity_bytes)

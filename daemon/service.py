@@ -29,6 +29,7 @@ from .config import LimitsConfig
 from .errors import ApiError, denied, exhausted, grpc_code, invalid, not_found, precondition
 from .events import OVERFLOW
 
+from .stats import stats_response
 from .store import BlockStore, Staged
 
 log = logging.getLogger("kvtier.service")
@@ -361,7 +362,7 @@ class KvTierService(pb_grpc.KvTierServicer):
     @_unary
     async def Stats(self, request, context):
         self._admin(context, "Stats")
-        return self.store.stats()
+        return stats_response(self.store)
 
     @_unary
     async def Delete(self, request, context):

@@ -910,40 +910,6 @@ class BlockStore:
             assert block in self.cpu and self.cpu.slot_of(block) == item.slot and self.cpu.holds(block)[WRITE]
         assert len(self._pending) <= self.cfg.disk.queue_blocks + self.arena.slot_count
 
-    # -- stats --------------------------------------------------------------------------------
-    def stats(self) -> pb.StatsResponse:
-        c = self.counters
-        tiers = []
-        if self.gpu is not None:
-            g = self.gpu.stats()
-            tiers.append(pb.TierStats(tier="gpu", blocks=len(self.gpu), bytes=self.gpu.used_bytes,
-                                      capacity_bytes=self.gpu.capacity_bytes, reads=g["reads"],
-                                      writes=g["writes"], read_bytes=g["read_bytes"],
-                                      write_bytes=g["write_bytes"], evictions=self.gpu.evictions,
-                                      pressure_evictions=self.gpu.pressure_evictions))
-        tiers += [pb.TierStats(tier="cpu", blocks=len(self.cpu), bytes=self.cpu.used_bytes,
-                              capacity_bytes=self.arena.size_bytes, reads=c.cpu_reads, writes=c.cpu_writes,
-                              read_bytes=c.cpu_read_bytes, write_bytes=c.cpu_write_bytes,
-                              evictions=self.cpu.evictions, pressure_evictions=self.cpu.pressure_evictions)]
-        if self.disk is not None:
-            tiers.append(pb.TierStats(tier="disk", blocks=self.disk_blocks, bytes=self.disk.used_bytes(),
-                                      capacity_bytes=self.disk.capacity_bytes, reads=c.disk_reads,
-                                      writes=c.disk_writes, read_bytes=c.disk_read_bytes,
-                                      write_bytes=c.disk_write_bytes, evictions=c.disk_evictions))
-        if self.s3sync is not None:
-            s3 = self.s3sync.counters
-            tiers.append(pb.TierStats(tier="s3", blocks=self.s3sync.blocks, reads=s3.downloads, writes=s3.uploads,
-                                      read_bytes=s3.download_bytes, write_bytes=s3.upload_bytes))
-        return pb.StatsResponse(
-            blocks=self.catalog.blocks, bytes=self.catalog.bytes, lookups=c.lookups, lookup_keys=c.lookup_keys,
-            lookup_hit_keys=c.lookup_hit_keys, acquire_hits=c.acquire_hits, acquire_misses=c.acquire_misses,
-            duplicates=c.duplicates, quarantined=c.quarantined, write_backlog=len(self._pending),
-            active_leases=len(self.leases), active_allocations=len(self.allocations), tiers=tiers,
-            event_seq=self.events.seq, uptime_s=time.monotonic() - self.started,
-            upload_backlog=self.s3sync.backlog if self.s3sync else 0,
-            s3_reachable=self.s3sync.reachable if self.s3sync else False)
-
-
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     """Waits for event at most timeout seconds; whether it is set. (asyncio.timeout, not wait_for:
     wait_for in Python 3.11 can swallow a cancellation that races with the event.)"""

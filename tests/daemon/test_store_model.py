@@ -66,7 +66,7 @@ class StoreModel(RuleBasedStateMachine):
         cfg = store_config(Path(self.dir), self.server.endpoint_url, self.bucket,
                            cpu={"capacity": "1MiB", "policy": "retention"},
                            disk={"capacity": "8MiB", "segment_bytes": "1MiB", "batch_blocks": 4,
-                                 "queue_blocks": 8, "durable_wait_ms": 3000})
+                                 "queue_blocks": 8, "durable_wait_ms": 400})
         self.tier = FaultyS3(S3Config(endpoint_url=self.server.endpoint_url, bucket=self.bucket,
                                       connect_timeout_s=1.0, read_timeout_s=5.0, max_attempts=1))
         self.store = make_store(cfg, fs=self.fs, s3_tier=self.tier)
@@ -159,8 +159,25 @@ class StoreModel(RuleBasedStateMachine):
     def s3_returns(self):
         self.tier.down = False
 
+    @rule(seeds=st.lists(SEEDS, min_size=1, max_size=3, unique=True))
+    def crash_while_the_disk_fails(self, seeds):
+        """Commits, then wait_durable duplicates of them, while no batch can land; then kill -9. Only
+        what was acknowledged durable must come back."""
+        self.fs.fail["fdatasync"] = errno.EIO
+        try:
+            for wait in (False, True):
+                self.commit(seeds, wait, None)
+        finally:
+            self._crash()
+            del self.fs.fail["fdatasync"]
+            self._open()
+
     @rule()
     def crash_and_recover(self):
+        self._crash()
+        self._open()
+
+    def _crash(self):
         """kill -9 between two disk batches: nothing is drained, queued blocks are simply gone."""
         store = self.store
 
@@ -176,7 +193,6 @@ class StoreModel(RuleBasedStateMachine):
         store.disk.close()
         store.arena.close()
         self.store = None
-        self._open()
 
     # -- invariants -------------------------------------------------------------------------------
     @invariant()
