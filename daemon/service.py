@@ -230,7 +230,8 @@ class KvTierService(pb_grpc.KvTierServicer):
         return pb.ArenaInfoResponse(path=arena.path, size_bytes=arena.size_bytes, slot_bytes=arena.slot_bytes,
                                     slot_count=arena.slot_count, generation=arena.generation,
                                     max_keys_per_request=self.limits.max_keys_per_request,
-                                    max_key_bytes=self.limits.max_key_bytes)
+                                    max_key_bytes=self.limits.max_key_bytes,
+                                    max_allocate=arena.slot_count - self.store.read_reserve)
 
     @_unary
     async def Allocate(self, request, context):
