@@ -61,6 +61,7 @@ READER, WRITE, UPLOAD, COPY = "reader", "write", "upload", "copy"
 WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 POLICIES = {**BASIC_POLICIES, **RETENTION_POLICIES}
 PROMOTION_WAIT_MS = 2000     # a reader waits this long for CPU room, then takes a miss
+READ_RESERVE_SHARE = 256     # 1/256 of the arena's slots is kept for promotions
 HASH_OFF_LOOP_BYTES = 1 << 20  # commits hashing more than this hash on a worker thread
 STUCK_AFTER_S = 10.0         # write-through failing this long makes the daemon report NOT_SERVING
 
@@ -135,7 +136,9 @@ class BlockStore:
         arena = SharedArena(cfg.cpu.shm_dir, _arena_prefix(cfg), cfg.cpu.capacity, cfg.cpu.slot_bytes,
                             cfg.cpu.arena_mode)
         self.cpu = CpuTier(arena, POLICIES[cfg.cpu.policy]())
-        self.read_reserve = arena.slot_count // 64  # slots only promotions may take
+        # Slots only promotions may take, so reads find room while writes hold the arena. A small
+        # share: a small arena keeps every slot for the write pipeline (two batches in flight).
+        self.read_reserve = arena.slot_count // READ_RESERVE_SHARE
         self.disk: DiskTier | None = None
         self.s3sync = None  # daemon.s3sync.S3Sync when the S3 tier is on
         self.gpu: GpuTier | None = None
