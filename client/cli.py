@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="daemon socket path or host:port (env KVTIER_SOCKET)")
     parser.add_argument("--token-file", default=os.environ.get("KVTIER_TOKEN_FILE"),
                         help="bearer token file for TCP (env KVTIER_TOKEN_FILE)")
-    parser.add_argument("--tls-ca", help="CA certificate for a TLS TCP endpoint")
+    parser.add_argument("--tls-ca", help="CA certificate for a TLS TCP endpoint (required with --token-file on TCP)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("stats", help="counters per tier").set_defaults(fn=cmd_stats)
     p = sub.add_parser("inventory", help="list blocks as a table")
@@ -185,7 +185,12 @@ def main(argv=None) -> int:
         with open(args.token_file, encoding="utf-8") as file:
             token = file.read().strip()
     try:
-        with Client(args.socket, token=token, tls_ca=args.tls_ca) as client:
+        client = Client(args.socket, token=token, tls_ca=args.tls_ca)
+    except ValueError as exc:  # e.g. a token over TCP without --tls-ca: refused before connecting
+        print(f"kvtier: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with client:
             args.fn(client, args)
     except grpc.RpcError as exc:
         print(f"kvtier: {exc.code().name}: {exc.details()}", file=sys.stderr)

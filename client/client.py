@@ -53,14 +53,27 @@ def _channel_args(token: str | None):
     return options, metadata
 
 
+LOCAL_SCHEMES = ("unix:", "unix-abstract:")  # targets that never leave this host
+
+
 def _open_channel(grpc_module, address: str, token: str | None, tls_ca: str | None):
-    """(channel, call metadata) for grpc or grpc.aio: TLS when a CA is given, the token as metadata."""
+    """(channel, call metadata) for grpc or grpc.aio: TLS when a CA is given, the token as metadata.
+    ValueError, before anything connects, for a token that would cross the network in clear."""
+    target = target_of(address)
+    _refuse_cleartext_token(target, token, tls_ca)
     options, metadata = _channel_args(token)
     creds = _credentials(tls_ca)
-    target = target_of(address)
     channel = (grpc_module.secure_channel(target, creds, options) if creds
                else grpc_module.insecure_channel(target, options))
     return channel, metadata
+
+
+def _refuse_cleartext_token(target: str, token: str | None, tls_ca: str | None) -> None:
+    """A bearer token is a password: anyone on the path who reads it can replay it. Over a Unix
+    socket it stays on this host; over TCP it needs TLS (tls_ca)."""
+    if token and not tls_ca and not target.startswith(LOCAL_SCHEMES):
+        raise ValueError(f"refusing to send a bearer token to {target} over cleartext TCP: "
+                         "pass tls_ca (the CA of the daemon's certificate) or use the Unix socket")
 
 
 def _credentials(tls_ca: str | None):
@@ -255,7 +268,7 @@ class Client:
             entries = _stage(self.arena(), allocation.slots, blocks)
             return self.commit(allocation.id, namespace, entries, wait_durable, retention)
         except BaseException:
-            try:  # a refused commit leaves the allocation open: give its slots back now
+            try:  # a refused commit aborts its allocation; one that failed otherwise may not have: abort, ignore "not open"
                 self.abort(allocation.id)
             except grpc.RpcError:
                 pass  # already gone (expired, or the daemon is down)
@@ -314,9 +327,11 @@ class Client:
     def clear(self, namespace: str) -> int:
         return self.call(self.stub.Clear, pb.ClearRequest(namespace=namespace)).deleted
 
-    def watch(self, from_seq: int = 0, namespace: str = ""):
-        """A cancellable iterator of Events (call .cancel() on it to stop)."""
-        return self.stub.Watch(pb.WatchRequest(from_seq=from_seq, namespace=namespace), metadata=self._metadata)
+    def watch(self, from_seq: int = 0, namespace: str = "", timeout: float | None = None):
+        """A cancellable iterator of Events (call .cancel() on it to stop). `timeout`: a deadline
+        in seconds for the whole stream (None: open until cancelled or ended by the daemon)."""
+        return self.stub.Watch(pb.WatchRequest(from_seq=from_seq, namespace=namespace), metadata=self._metadata,
+                               timeout=timeout)
 
 
 class AsyncClient:

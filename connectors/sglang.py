@@ -541,7 +541,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
                 entries.append((key, parent, slot, length, block_checksum(view)))
             statuses = self._call(lambda ns: self._commit(allocation.id, ns, entries, retentions))
         except BaseException:
-            try:  # a refused commit leaves the allocation open: give its slots back now
+            try:  # a refused commit aborts its allocation; one that failed otherwise may not have: abort, ignore "not open"
                 self._client.abort(allocation.id)
             except grpc.RpcError:
                 pass

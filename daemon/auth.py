@@ -9,6 +9,8 @@ Contract
   write, list and watch only those; admin calls (Stats, Clear "*", unscoped operator views of
   other tenants) need an admin principal.
 - Tokens never appear in logs, metrics or errors; a token is named by its `id` only.
+- A principal carries its token's expiry: a call checks it once, at its start, but a long-lived
+  stream (Watch) must check `expired()` as it goes (the service ends it UNAUTHENTICATED).
 Thread-safety: immutable after load; a reload builds a new TokenTable.
 """
 
@@ -34,6 +36,11 @@ class AuthConfigError(ValueError):
 class Principal:
     name: str                  # for logs: "local" or "token <id>"
     tenant: str | None = None  # None: an administrator, who sees every namespace
+    expires_unix: float = 0.0  # the token's expiry (time.time() seconds); 0: never
+
+    def expired(self, now: float | None = None) -> bool:
+        """True once the token this principal presented is past its expiry (never for 0)."""
+        return bool(self.expires_unix) and (time.time() if now is None else now) >= self.expires_unix
 
     @property
     def admin(self) -> bool:
@@ -90,9 +97,8 @@ class TokenTable:
         now = time.time() if now is None else now
         for token in self._tokens:  # compare every entry in constant time; no early exit on a match
             if hmac.compare_digest(digest, token.digest):
-                if token.expires_unix and now >= token.expires_unix:
-                    return None
-                return Principal(f"token {token.id}", token.tenant)
+                principal = Principal(f"token {token.id}", token.tenant, token.expires_unix)
+                return None if principal.expired(now) else principal
         return None
 
     def __len__(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import tomllib
 from typing import Any
 
@@ -275,7 +276,41 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_secret_modes(cfg)
     return cfg
+
+
+def _secret_files(cfg: Config) -> list[tuple[str, str]]:
+    """(config key, path) of every configured file that holds a secret."""
+    named = [("server.tokens_file", cfg.server.tokens_file), ("server.tls_key", cfg.server.tls_key),
+             ("peers.tls_key", cfg.peers.tls_key), ("s3.secret_access_key_file", cfg.s3.secret_access_key_file)]
+    return [(key, path) for key, path in named if path]
+
+
+def check_secret_modes(cfg: Config) -> None:
+    """Refuses (ConfigError naming the key, the file and its mode) a secrets file that is not a
+    regular file or that group or others may read or write: a token digest, a private key or an
+    S3 secret another local user can read is leaked, and one they can write is replaced."""
+    for key, path in _secret_files(cfg):
+        try:
+            info = os.stat(path)  # follows a symlink: what matters is the file the daemon reads
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{key} {path} does not exist") from exc
+        except OSError as exc:
+            raise ConfigError(f"{key} {path} cannot be checked: {exc.strerror}") from exc
+        check_secret_stat(key, path, info)
+
+
+def check_secret_stat(key: str, path: str, info: os.stat_result) -> None:
+    """ConfigError unless `info` (the stat of the secrets file `path`, set by `key`) is a regular
+    file that only its owner may read or write."""
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{key} {path} is not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
+    exposed = [what for what, bits in (("readable", 0o044), ("writable", 0o022)) if mode & bits]
+    if exposed:
+        raise ConfigError(f"{key} {path} is {' and '.join(exposed)} by group/others (mode {mode:04o}); "
+                          "chmod 600 it")
 
 
 def load(path: str | None = None, overrides: dict | None = None) -> Config:

@@ -1,15 +1,16 @@
 """Write allocations and read leases, each with a deadline, so a crashed client cannot pin memory.
 
-Contract: ids are unique for the daemon's lifetime; take() removes and returns an entry exactly
-once (a second take is None: double release is detectable); expired() hands each expired entry
-out once. Event loop only.
+Contract: ids are random 63-bit integers (never 0, never one that is open), so a client cannot
+guess another client's id; ownership is still checked by the service (a guessed id of another
+tenant reads as not open). take() removes and returns an entry exactly once (a second take is
+None: double release is detectable); expired() hands each expired entry out once. Event loop only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-import itertools
+import secrets
 import time
 
 
@@ -28,7 +29,6 @@ class LeaseTable:
         self._limit = limit
         self._held: dict[int, Held] = {}
         self._deadlines: list[tuple[float, int]] = []
-        self._ids = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._held)
@@ -38,10 +38,19 @@ class LeaseTable:
 
     def add(self, items: list, lease_ms: int, namespace: str = "") -> Held:
         assert not self.full()
-        held = Held(next(self._ids), items, time.monotonic() + lease_ms / 1000, namespace)
+        held = Held(self._new_id(), items, time.monotonic() + lease_ms / 1000, namespace)
         self._held[held.id] = held
         heapq.heappush(self._deadlines, (held.deadline, held.id))
         return held
+
+    def _new_id(self) -> int:
+        """A random id that is not open: sequential ids would let one client release, abort or
+        commit another's by counting. (An id reused after it closed reads as the new entry, which
+        the owner check confines to the new entry's own tenant.)"""
+        while True:
+            held_id = secrets.randbits(63)
+            if held_id and held_id not in self._held:
+                return held_id
 
     def get(self, held_id: int) -> Held | None:
         return self._held.get(held_id)
@@ -53,8 +62,10 @@ class LeaseTable:
         now = time.monotonic() if now is None else now
         out = []
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, held_id = heapq.heappop(self._deadlines)
-            held = self._held.pop(held_id, None)
-            if held is not None:
-                out.append(held)
+            deadline, held_id = heapq.heappop(self._deadlines)
+            held = self._held.get(held_id)
+            # The deadline must be this entry's own: a closed entry's heap item stays behind, and
+            # a random id may (rarely) come back for a newer entry with a later deadline.
+            if held is not None and held.deadline == deadline:
+                out.append(self._held.pop(held_id))
         return out

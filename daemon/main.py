@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.check_config:
-        print(cfg)
+        print(printable_config(cfg))
         return 0
     try:
         asyncio.run(serve(cfg, Reloader(args.config, overrides, cfg)))
@@ -77,6 +77,22 @@ def main(argv=None) -> int:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def printable_config(cfg: config_mod.Config) -> config_mod.Config:
+    """A copy of `cfg` fit for a terminal or a support ticket: identifiers that name a credential are
+    masked. Secrets themselves never are in the config (only paths to the files holding them, which
+    are shown: the files are not read here)."""
+    return dataclasses.replace(cfg, s3=dataclasses.replace(cfg.s3, access_key_id=mask(cfg.s3.access_key_id)))
+
+
+def mask(identifier: str) -> str:
+    """The first 4 characters and "..." (for an AWS key id, its type: AKIA long-term, ASIA temporary);
+    "..." alone under 12 characters, where 4 would give away too much; "" stays "" (not set).
+    ASCII on purpose: the output must print on any terminal encoding."""
+    if not identifier:
+        return ""
+    return identifier[:4] + "..." if len(identifier) >= 12 else "..."
 
 
 def _overrides(args) -> dict:
@@ -229,7 +245,10 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: still starting")
     lock_fd = lock_data_dir(cfg.data_dir)
     sd_notify("STATUS=recovering the disk tier")
-    store = BlockStore(cfg)
+    try:
+        store = BlockStore(cfg)
+    except OSError as exc:  # e.g. /dev/shm cannot hold the arena: say so in one line
+        raise StartupError(str(exc)) from exc
     try:
         report = await store.start()
     except S3Refused as exc:

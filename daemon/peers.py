@@ -36,7 +36,7 @@ from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 from kvtier.tiers.block import checksum
 from kvtier.tiers import nixl
 from kvtier.tiers.nixl import MAX_BYTES_PER_READ, MAX_PAIRS_PER_READ, TransferAbandoned
-from kvtier.tiers.retention import Retention
+from kvtier.tiers.retention import CLASS_RANK, DEFAULT_RETENTION, Retention
 
 from .catalog import retention_message, retention_of
 from .config import Config
@@ -83,13 +83,35 @@ def node_id(cfg: Config) -> str:
     return cfg.peers.node_id or socket.gethostname()
 
 
+def printable(text, limit: int = 128) -> str:
+    """`text` (anything a peer sent: a node id, an error message, attributes) fit for one log line:
+    printable ASCII is kept; newlines, ANSI escapes, other control and non-ASCII characters and the
+    backslash itself are written as Python escapes (\\n, \\x1b, \\u2028, \\\\), so a peer can neither start a
+    forged log line nor pass for a different string; cut to `limit` characters, then "..."."""
+    text = text if isinstance(text, str) else str(text)
+    shown = "".join(c if " " <= c <= "~" and c != "\\" else c.encode("unicode_escape").decode("ascii")
+                    for c in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
+
+
 def _peer_retention(block: pb.PeerBlock) -> Retention | None:
     """A peer's retention is a hint: an invalid one is dropped, the (verified) block is kept."""
     try:
-        return retention_of(block)
+        return clamp_peer_retention(retention_of(block))
     except ValueError as exc:
-        log.warning("a peer sent an invalid retention (%s): the block is stored with the default", exc)
+        log.warning("a peer sent an invalid retention (%s): the block is stored with the default", printable(exc))
         return None
+
+
+def clamp_peer_retention(retention: Retention | None) -> Retention | None:
+    """A peer's retention may lower a block's standing here, never raise it above the local
+    default: no TTL pin, priority at most the default's, and a class ranked above the default's
+    becomes the default's. A peer (or a tenant writing through one) must not pin this node's
+    memory, e.g. as class "system", priority 100, pinned for decades."""
+    if retention is None:
+        return None
+    cls = retention.cls if CLASS_RANK[retention.cls] <= CLASS_RANK[DEFAULT_RETENTION.cls] else DEFAULT_RETENTION.cls
+    return Retention(cls, min(retention.priority, DEFAULT_RETENTION.priority), None)
 
 
 # -- owner side -------------------------------------------------------------------------------
@@ -102,7 +124,7 @@ class PeerService(pb_grpc.KvTierPeerServicer):
 
     async def Hello(self, request, context):
         arena = self.store.arena
-        log.info("peer %s said hello from %s (nixl %s)", request.node_id[:64] or "?", context.peer(),
+        log.info("peer %s said hello from %s (nixl %s)", printable(request.node_id, 64) or "?", context.peer(),
                  "yes" if request.nixl_metadata else "no")
         return pb.PeerHelloResponse(
             node_id=node_id(self.cfg), generation=arena.generation, arena_size=arena.size_bytes,
@@ -276,7 +298,7 @@ class PeerFetcher:
             if dict(answer.attributes) != attributes:
                 self.counters.refused_namespaces += 1
                 log.warning("peer %s holds %s with other attributes (%s vs ours %s): not used",
-                            link.address, namespace, dict(answer.attributes), attributes)
+                            link.address, namespace, printable(dict(answer.attributes), 512), attributes)
                 continue
             if answer.matched > best_matched:
                 best, best_matched = link, min(answer.matched, len(want))
@@ -301,9 +323,11 @@ class PeerFetcher:
         link.hello, link.agent = hello, ""
         if hello.nixl_metadata and hello.arena_address:
             link.agent = await asyncio.to_thread(self.transport.add_peer, hello.nixl_metadata)
-            log.info("peer %s (%s): NIXL agent %s loaded", link.address, hello.node_id, link.agent)
+            log.info("peer %s (%s): NIXL agent %s loaded", link.address, printable(hello.node_id, 64),
+                     printable(link.agent))
         else:
-            log.warning("peer %s (%s) has no NIXL: pulling from it over gRPC", link.address, hello.node_id)
+            log.warning("peer %s (%s) has no NIXL: pulling from it over gRPC", link.address,
+                        printable(hello.node_id, 64))
         return True
 
     def _failed(self, link: PeerLink, what: str, exc: BaseException) -> None:
@@ -311,7 +335,8 @@ class PeerFetcher:
         link.down_until = time.monotonic() + PEER_BACKOFF_S
         link.hello = None  # re-hello after the backoff: the peer may have restarted
         detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else (str(exc) or type(exc).__name__)
-        log.warning("peer %s: %s failed (%s); skipping it for %.0fs", link.address, what, detail, PEER_BACKOFF_S)
+        log.warning("peer %s: %s failed (%s); skipping it for %.0fs", link.address, what, printable(detail, 256),
+                    PEER_BACKOFF_S)
 
     # -- pulls ----------------------------------------------------------------------------------
     async def _pull_nixl(self, link: PeerLink, namespace: str, want: list[bytes]) -> int:
@@ -402,7 +427,7 @@ class PeerFetcher:
     def _background_done(self, task: asyncio.Task) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("peer call in the background failed: %r", task.exception())
+            log.warning("peer call in the background failed: %s", printable(repr(task.exception()), 256))
 
     def _withhold(self, held, settled) -> None:
         """A READ still in flight may land late: its slots leave the pool until it settles."""

@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import logging
 import mmap
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ from kvtier.tiers.block import BlockHeader, align_up
 from kvtier.tiers.s3 import S3Config, S3Misconfigured, S3Tier, S3Unavailable
 
 from .catalog import Block
-from .config import S3TierConfig
+from .config import S3TierConfig, check_secret_stat
 from .store import wait_event
 
 log = logging.getLogger("kvtier.s3sync")
@@ -65,9 +66,12 @@ class S3Counters:
 
 
 def tier_config(cfg: S3TierConfig) -> S3Config:
+    """The S3 tier's settings; the secret is read from its file, whose mode is checked again on the
+    open file (config.load checked the path; the file may have been replaced since)."""
     secret = None
     if cfg.secret_access_key_file:
         with open(cfg.secret_access_key_file, encoding="utf-8") as file:
+            check_secret_stat("s3.secret_access_key_file", cfg.secret_access_key_file, os.fstat(file.fileno()))
             secret = file.read().strip()
     return S3Config(endpoint_url=cfg.endpoint_url or None, bucket=cfg.bucket, prefix=cfg.prefix,
                     region=cfg.region or None, access_key_id=cfg.access_key_id or None, secret_access_key=secret,

@@ -26,7 +26,7 @@ from kvtier.tiers.retention import CLASS_RANK, Retention
 from .auth import LOCAL, Principal
 from .catalog import retention_of
 from .config import LimitsConfig
-from .errors import ApiError, denied, exhausted, grpc_code, invalid, not_found, precondition
+from .errors import ApiError, denied, exhausted, grpc_code, invalid, not_found, precondition, unauthenticated
 from .events import OVERFLOW
 
 from .stats import stats_response
@@ -244,17 +244,29 @@ class KvTierService(pb_grpc.KvTierServicer):
 
     @_unary
     async def Commit(self, request, context):
+        """INVALID_ARGUMENT always means the allocation was aborted (here for a bad entry, in the
+        store for a bad slot or checksum): a refused commit is never retried on the same slots.
+        A namespace or ownership refusal leaves the allocation as it was."""
         namespace = self._own(context, request.namespace)
         self._owned(self.store.allocations, request.allocation_id, context, "allocation")
+        try:
+            staged = self._staged(request)
+        except ApiError:
+            self.store.abort(request.allocation_id)
+            raise
+        statuses = await self.store.commit(request.allocation_id, namespace, staged, request.wait_durable,
+                                           principal=self.identify(context).name)
+        return pb.CommitResponse(status=statuses)
+
+    def _staged(self, request) -> list[Staged]:
+        """The request's entries, validated (INVALID_ARGUMENT naming the field)."""
         if len(request.entries) > self.limits.max_keys_per_request:
             raise invalid(f"at most {self.limits.max_keys_per_request} entries per commit")
         default = self.check.retention(request, "request")
-        staged = [Staged(self.check.key(e.key, f"entries[{i}].key"),
-                         self.check.key(e.parent, f"entries[{i}].parent", optional=True),
-                         e.slot, e.length, e.checksum, self.check.retention(e, f"entries[{i}]", default))
-                  for i, e in enumerate(request.entries)]
-        statuses = await self.store.commit(request.allocation_id, namespace, staged, request.wait_durable)
-        return pb.CommitResponse(status=statuses)
+        return [Staged(self.check.key(e.key, f"entries[{i}].key"),
+                       self.check.key(e.parent, f"entries[{i}].parent", optional=True),
+                       e.slot, e.length, e.checksum, self.check.retention(e, f"entries[{i}]", default))
+                for i, e in enumerate(request.entries)]
 
     @_unary
     async def Abort(self, request, context):
@@ -300,7 +312,7 @@ class KvTierService(pb_grpc.KvTierServicer):
         status = await self.store.put(
             self._own(context, h.namespace), self.check.key(h.key), self.check.key(h.parent, "parent", True),
             _chunks(request_iterator), h.length, h.checksum, self.limits.max_wait_ms, h.wait_durable,
-            self.check.retention(h, "header"))
+            self.check.retention(h, "header"), principal=self.identify(context).name)
         return pb.PutResponse(status=status)
 
     @_streaming
@@ -401,6 +413,9 @@ class KvTierService(pb_grpc.KvTierServicer):
 
     @_streaming
     async def Watch(self, request, context):
+        """Events the caller may see, replayed from from_seq then live, until the caller goes away.
+        A principal whose token expires meanwhile loses the stream (UNAUTHENTICATED) at the next
+        event or at latest WATCH_RECHECK_S after the expiry, even when no event comes."""
         if request.namespace:
             self._own(context, request.namespace)
         who = self.identify(context)
@@ -411,11 +426,12 @@ class KvTierService(pb_grpc.KvTierServicer):
         replay, queue = self.store.events.subscribe(request.from_seq)
         try:
             for event in replay:
+                _still_authenticated(who)
                 if wanted(event):
                     yield event
             last = replay[-1].seq if replay else 0
             while True:
-                event = await queue.get()
+                event = await _next_event(queue, who)
                 if event is OVERFLOW:
                     raise exhausted(
                                    f"watcher fell behind; resume with from_seq={last + 1}")
@@ -424,6 +440,32 @@ class KvTierService(pb_grpc.KvTierServicer):
                     yield event
         finally:
             self.store.events.unsubscribe(queue)
+
+
+WATCH_RECHECK_S = 2.0  # the longest an idle Watch with an expiring token sleeps between checks
+
+
+def _still_authenticated(who: Principal) -> None:
+    """UNAUTHENTICATED once `who`'s token has expired: checked at the start of a call is not enough
+    for a stream that may stay open for days."""
+    if who.expired():
+        raise unauthenticated(f"{who.name} expired while the stream was open; reconnect with a valid token")
+
+
+async def _next_event(queue: asyncio.Queue, who: Principal):
+    """The next queued event, checking `who` before each one. With an expiring token the wait wakes
+    at the expiry (and at least every WATCH_RECHECK_S, in case the wall clock jumps), so an idle
+    stream ends too; a principal that never expires just waits."""
+    while True:
+        _still_authenticated(who)
+        if not who.expires_unix:
+            return await queue.get()
+        wake_s = min(WATCH_RECHECK_S, max(0.0, who.expires_unix - time.time()) + 0.01)
+        try:
+            # Cancelling a Queue.get on timeout loses no event: get() takes one only when it returns.
+            return await asyncio.wait_for(queue.get(), wake_s)
+        except asyncio.TimeoutError:
+            continue
 
 
 async def _chunks(request_iterator):

@@ -19,6 +19,16 @@ Contract
   owed durably), or fails UNAVAILABLE after `disk.durable_wait_ms`. A block waiting for
   write-through is held in the CPU tier, so the CPU tier never drops the only copy. The queue is
   bounded: Allocate waits while it is full.
+- A Commit is all or nothing, and a refused one aborts its whole allocation (slots returned):
+  a shape error (slot not in the allocation, slot used twice, length over the slot) says what is
+  wrong; a checksum that does not match says only that verification failed, never which entry or
+  slot: a client guessing at what a slot held before learns at most one bit per allocation it
+  gives up, not which guess was right. Verification failures are logged (principal, allocation,
+  entry count; never bytes) and counted per principal (`verification_failures`).
+- Slots are not zeroed when they are handed to a new allocation (zeroing costs a full write per
+  slot): a slot's previous bytes stay readable through the shared arena by whoever maps it. Arena
+  access is node-level trust today (cpu.arena_mode); this is a known limit until arenas are per
+  tenant.
 - Reads from lower tiers are verified; a block that fails verification is quarantined and reported
   as a miss. Promotions and their slots belong to the store (tasks a cancelled reader does not
   cancel) and have a reserve of CPU slots that writes cannot take.
@@ -31,6 +41,7 @@ Contract
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -64,6 +75,7 @@ PROMOTION_WAIT_MS = 2000     # a reader waits this long for CPU room, then takes
 READ_RESERVE_SHARE = 256     # 1/256 of the arena's slots is kept for promotions
 HASH_OFF_LOOP_BYTES = 1 << 20  # commits hashing more than this hash on a worker thread
 STUCK_AFTER_S = 10.0         # write-through failing this long makes the daemon report NOT_SERVING
+VERIFY_FAILED = "verification failed; the allocation was aborted; nothing was committed"
 
 
 @dataclasses.dataclass
@@ -131,6 +143,7 @@ class BlockStore:
         self.cfg = cfg
         self.started = time.monotonic()
         self.counters = Counters()
+        self.verification_failures: collections.Counter[str] = collections.Counter()  # per principal
         self.catalog = Catalog(cfg.data_dir, cfg.limits.max_namespaces)
         self.events = EventLog(cfg.events.ring_size, cfg.events.watcher_queue, cfg.limits.max_watchers)
         arena = SharedArena(cfg.cpu.shm_dir, _arena_prefix(cfg), cfg.cpu.capacity, cfg.cpu.slot_bytes,
@@ -326,16 +339,22 @@ class BlockStore:
         self._signal_space()
 
     async def commit(self, allocation_id: int, namespace: str, staged: list[Staged], wait_durable: bool,
-                     verified: bool = False):
+                     verified: bool = False, principal: str = "daemon"):
         """Commits staged blocks of one allocation; returns a CommitStatus per entry. `verified`: the
-        caller (the peer fetcher) has just checked every checksum against the bytes in the slots."""
+        caller (the peer fetcher) has just checked every checksum against the bytes in the slots.
+        A refused commit (INVALID) commits nothing and aborts the whole allocation; `principal`
+        names the caller in the log and in `verification_failures`."""
         held = self.allocations.get(allocation_id)
         if held is None:
             raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
         self.catalog.namespace(namespace)
-        self._check_staged(held.items, staged)
+        try:
+            self._check_staged(held.items, staged)
+        except ApiError:
+            self._drop_allocation(held)
+            raise
         if not verified:
-            await self._check_checksums(staged)
+            await self._check_checksums(held, staged, principal)
         if self.allocations.take(allocation_id) is not held:  # aborted or expired while hashing
             raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
         statuses, stored, duplicates = self._install(namespace, staged)
@@ -345,8 +364,14 @@ class BlockStore:
             await self._wait_durable(stored + duplicates)
         return statuses
 
+    def _drop_allocation(self, held) -> None:
+        """Aborts `held` if it is still open (it may have expired, or been aborted, meanwhile)."""
+        if self.allocations.get(held.id) is held:
+            self.abort(held.id)
+
     def _check_staged(self, slots: list[int], staged: list[Staged]) -> None:
-        """Validates every entry's shape before anything changes, so a bad entry commits nothing."""
+        """Validates every entry's shape before anything changes, so a bad entry commits nothing.
+        Its messages name the entry: they say nothing about what a slot holds."""
         owned = set(slots)
         seen: set[int] = set()
         for index, entry in enumerate(staged):
@@ -358,16 +383,22 @@ class BlockStore:
             if not 0 <= entry.length <= self.arena.slot_bytes:
                 raise invalid(f"entry {index}: length {entry.length} exceeds slot size {self.arena.slot_bytes}")
 
-    async def _check_checksums(self, staged: list[Staged]) -> None:
+    async def _check_checksums(self, held, staged: list[Staged], principal: str) -> None:
+        """Every entry's checksum against its slot's bytes; on any mismatch, aborts the allocation and
+        raises VERIFY_FAILED, which does not say which entry failed: an answer per entry would let a
+        client learn what a slot held before, one guess per commit."""
         total = sum(entry.length for entry in staged)
         if total > HASH_OFF_LOOP_BYTES:
             bad = await asyncio.to_thread(self._first_mismatch, staged)
         else:
             bad = self._first_mismatch(staged)
-        if bad is not None:
-            entry = staged[bad]
-            raise invalid(f"entry {bad} (key {entry.key.hex()}): checksum does not match the bytes in "
-                          f"slot {entry.slot}; nothing was committed")
+        if bad is None:
+            return
+        self._drop_allocation(held)
+        self.verification_failures[principal] += 1
+        log.warning("commit by %s failed verification: allocation %d aborted (%d entries, %d failures "
+                    "by this principal)", principal, held.id, len(staged), self.verification_failures[principal])
+        raise invalid(VERIFY_FAILED)
 
     def _first_mismatch(self, staged: list[Staged]) -> int | None:
         for index, entry in enumerate(staged):
@@ -411,7 +442,7 @@ class BlockStore:
         self._unreserve(held.items)
 
     async def put(self, namespace: str, key: bytes, parent: bytes, data_chunks, length: int, expected: int,
-                  wait_ms: int, wait_durable: bool, retention=None) -> int:
+                  wait_ms: int, wait_durable: bool, retention=None, principal: str = "daemon") -> int:
         """Streamed put: bytes go straight into a reserved slot, then the normal commit path."""
         self.catalog.namespace(namespace)
         if length > self.arena.slot_bytes:
@@ -427,7 +458,7 @@ class BlockStore:
             if filled != length:
                 raise invalid(f"stream ended after {filled} of {length} bytes")
             staged = [Staged(key, parent, held.items[0], length, expected, retention)]
-            return (await self.commit(held.id, namespace, staged, wait_durable))[0]
+            return (await self.commit(held.id, namespace, staged, wait_durable, principal=principal))[0]
         finally:
             if self.allocations.get(held.id) is held:
                 self.abort(held.id)

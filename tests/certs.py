@@ -43,10 +43,13 @@ class Authority:
                      .sign(self.key, hashes.SHA256()))
         self.ca_path = self._write(f"{name}.pem", self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def _write(self, filename: str, data: bytes) -> str:
+    def _write(self, filename: str, data: bytes, private: bool = False) -> str:
+        """Writes a file; a private one (a key) is mode 0600, as the daemon requires of its secrets."""
         path = os.path.join(self.directory, filename)
         with open(path, "wb") as file:
             file.write(data)
+        if private:
+            os.chmod(path, 0o600)
         return path
 
     def issue(self, common_name: str, expired: bool = False) -> tuple[str, str]:
@@ -66,7 +69,7 @@ class Authority:
                 .sign(self.key, hashes.SHA256()))
         stem = f"{self.name}-{common_name}{'-expired' if expired else ''}"
         return (self._write(f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM)),
-                self._write(f"{stem}.key", _pem_key(key)))
+                self._write(f"{stem}.key", _pem_key(key), private=True))
 
 
 def peer_overrides(authority: Authority, ports: list[int], index: int, transport: str) -> dict:

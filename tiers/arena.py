@@ -3,6 +3,8 @@
 Contract: the arena owns the mapping; `view(slot)` lends a memoryview valid until close(). Slot
 bookkeeping is not thread-safe: the daemon calls it from its event loop only. Restart: the arena
 is volatile; each daemon start creates a fresh file (new generation) and removes stale ones.
+Space: the whole file is reserved (fallocate) at creation, so a full shm_dir fails the start with
+an OSError naming the size and directory, never a SIGBUS on a later write.
 """
 
 from __future__ import annotations
@@ -29,12 +31,7 @@ class SharedArena(FreeList):
         self.generation = uuid.uuid4().hex[:16]
         self._remove_stale(shm_dir, prefix)
         self.path = os.path.join(shm_dir, f"{prefix}-{self.generation}")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            os.fchmod(fd, mode)  # umask must not widen or narrow what the operator configured
-            os.ftruncate(fd, self.size_bytes)
-        finally:
-            os.close(fd)
+        _create_reserved(self.path, self.size_bytes, mode, shm_dir)
         self._mmap = map_shared_file(self.path, self.size_bytes)
         self._view = memoryview(self._mmap)
         self.pinned = _try_cuda_host_register(self._mmap, self.size_bytes)
@@ -68,10 +65,41 @@ class SharedArena(FreeList):
             self._mmap.close()
         except BufferError:
             log.warning("arena still borrowed at close; leaving the mapping to process exit")
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
+        _remove_quietly(self.path)
+
+
+def _create_reserved(path: str, size: int, mode: int, where: str) -> None:
+    """Creates `path` with `mode` and `size` reserved bytes; on failure leaves no file behind."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # umask must not widen or narrow what the operator configured
+        reserve_space(fd, size, where)
+    except BaseException:
+        _remove_quietly(path)  # a half-made arena would hold space the next start needs
+        raise
+    finally:
+        os.close(fd)
+
+
+def reserve_space(fd: int, size: int, where: str) -> None:
+    """Sizes the file to `size` bytes with every block allocated now. ftruncate alone makes a sparse
+    file: tmpfs then hands out pages on first touch, and when the filesystem is full (another user
+    filled /dev/shm) that touch is a SIGBUS, long after the daemon said READY. MAP_POPULATE does not
+    help: it stops silently at the first page it cannot get. Raises OSError (errno kept) with a
+    message an operator can act on."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        error = OSError(f"cannot reserve {size} bytes for the arena in {where}: {os.strerror(exc.errno)}")
+        error.errno = exc.errno
+        raise error from exc
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def map_shared_file(path: str, size: int) -> mmap.mmap:

@@ -41,7 +41,7 @@ def test_wrong_key_lengths(stored):
     allocation = c.allocate(1)
     entry = (b"", b"", allocation.slots[0], 0, block_checksum(b""))
     assert code_of(c.commit, allocation.id, NS, [entry]) == grpc.StatusCode.INVALID_ARGUMENT
-    c.abort(allocation.id)
+    assert code_of(c.abort, allocation.id) == grpc.StatusCode.FAILED_PRECONDITION  # a refused commit aborts
     assert_unharmed(c)
 
 
@@ -68,18 +68,23 @@ def test_unknown_namespace(stored):
 
 def test_slots_out_of_range_or_not_owned(stored):
     c = stored
-    allocation = c.allocate(2)
     arena = c.arena()
+
+    def refused(*entries: tuple) -> grpc.StatusCode:
+        """The code of a commit of `entries` (slot None: the allocation's first slot) on a fresh
+        allocation; a refused commit must have aborted it."""
+        allocation = c.allocate(2)
+        entries = [(k, p, allocation.slots[0] if slot is None else slot, n, s) for k, p, slot, n, s in entries]
+        code = code_of(c.commit, allocation.id, NS, entries)
+        assert code_of(c.abort, allocation.id) == grpc.StatusCode.FAILED_PRECONDITION
+        return code
     for slot in (arena.slot_count + 5, 2**31):
-        entry = (b"a" * 32, b"", slot, 1, block_checksum(b"x"))
-        assert code_of(c.commit, allocation.id, NS, [entry]) == grpc.StatusCode.INVALID_ARGUMENT
-    owned = allocation.slots[0]
-    twice = [(b"a" * 32, b"", owned, 0, block_checksum(b"")), (b"b" * 32, b"", owned, 0, block_checksum(b""))]
-    assert code_of(c.commit, allocation.id, NS, twice) == grpc.StatusCode.INVALID_ARGUMENT
-    too_long = [(b"a" * 32, b"", owned, arena.slot_bytes + 1, 0)]
-    assert code_of(c.commit, allocation.id, NS, too_long) == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused((b"a" * 32, b"", slot, 1, block_checksum(b"x"))) == grpc.StatusCode.INVALID_ARGUMENT
+    empty = block_checksum(b"")
+    assert refused((b"a" * 32, b"", None, 0, empty), (b"b" * 32, b"", None, 0, empty)) \
+        == grpc.StatusCode.INVALID_ARGUMENT  # one slot used twice
+    assert refused((b"a" * 32, b"", None, arena.slot_bytes + 1, 0)) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(c.commit, 987654, NS, []) == grpc.StatusCode.FAILED_PRECONDITION
-    c.abort(allocation.id)
     assert_unharmed(c)
 
 
@@ -93,7 +98,7 @@ def test_checksum_mismatch_commits_nothing(stored):
                (b"b" * 32, b"", allocation.slots[1], 4, block_checksum(b"nice"))]
     assert code_of(c.commit, allocation.id, NS, entries) == grpc.StatusCode.INVALID_ARGUMENT
     assert c.lookup(NS, [b"a" * 32]).matched == 0  # all or nothing
-    c.abort(allocation.id)  # the allocation stays open after a refused commit
+    assert code_of(c.abort, allocation.id) == grpc.StatusCode.FAILED_PRECONDITION  # already aborted
     assert_unharmed(c)
 
 

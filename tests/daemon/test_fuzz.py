@@ -91,6 +91,7 @@ def test_fuzzed_requests_never_crash_the_daemon_or_cross_tenants(make_daemon, tm
     tokens = tmp_path / "tokens"
     tokens.write_text("".join(f'[[token]]\nid = "{t}"\nsha256 = "{token_digest(v)}"\ntenant = "{t}"\n'
                               for t, v in (("a", TOKEN_A), ("b", TOKEN_B))))
+    tokens.chmod(0o600)  # the daemon refuses a secrets file others can read
     port = free_port()
     daemon = make_daemon({"server.tcp": f"127.0.0.1:{port}", "server.tokens_file": str(tokens),
                           "server.tls_cert": cert, "server.tls_key": key, "limits.max_wait_ms": 200})

@@ -90,7 +90,8 @@ def test_blocks_put_on_one_node_are_pulled_by_two_others_and_verified(cluster, t
         assert (found.matched, found.from_peers) == (24, 24)
         assert c.get_blocks("m", keys) == [data for _, _, data in blocks]
         info = c.stat("m", keys[5])
-        assert info.parent == keys[4] and info.retention.cls == "system"  # lineage and retention travel
+        assert info.parent == keys[4]  # lineage travels; retention is clamped to the local default
+        assert (info.retention.cls, info.retention.priority, info.retention.ttl_s) == ("conversation", 50, 0)
         assert c.lookup("m", keys, consult_peers=True).from_peers == 0  # now local
     stats = nodes[2].client().stats()
     assert stats.blocks == 24

@@ -43,6 +43,7 @@ sha256 = "{token_digest(TOKENS['old'])}"
 tenant = "a"
 expires_unix = {int(time.time()) - 60}
 """)
+    path.chmod(0o600)  # the daemon refuses a secrets file others can read
     return str(path)
 
 
@@ -154,6 +155,7 @@ def test_daemon_refuses_to_start_with_a_bad_tokens_file(make_daemon, tmp_path):
     cert, key = ca.issue("kvtierd")
     bad = tmp_path / "tokens"
     bad.write_text('[[token]]\nid = "x"\nsha256 = "plain"\nadmin = true\n')
+    bad.chmod(0o600)
     daemon = make_daemon({"server.tcp": f"127.0.0.1:{free_port()}", "server.tokens_file": str(bad),
                           "server.tls_cert": cert, "server.tls_key": key}, start=False)
     with pytest.raises(RuntimeError):

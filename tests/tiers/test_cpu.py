@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -44,6 +45,41 @@ def test_arena_take_and_give_back(arena):
         arena.give_back([0] * 9)
     with pytest.raises(AssertionError):
         arena.view(8)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs: a /dev/shm that someone else has all but filled. Needs root (the suite runs
+    as root); a failed mount fails the test, since skipping would hide the check."""
+    mount_point = tmp_path / "shm"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount an 8 MiB tmpfs on {mount_point} (needs root): {done.stderr.strip()}")
+    yield str(mount_point)
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_arena_larger_than_its_filesystem_fails_at_creation(small_tmpfs):
+    # The old arena was a sparse file: it "succeeded" here and the first write past 8 MiB was a SIGBUS.
+    with pytest.raises(OSError, match=f"cannot reserve {16 << 20} bytes for the arena in {small_tmpfs}: "
+                                      "No space left on device") as err:
+        SharedArena(small_tmpfs, "kvt-test", 16 << 20, 4096)
+    assert err.value.errno == 28  # ENOSPC, kept for callers that branch on it
+    assert os.listdir(small_tmpfs) == []  # the failed arena does not keep the space it got
+
+
+def test_arena_that_fits_owns_its_space_up_front(small_tmpfs):
+    a = SharedArena(small_tmpfs, "kvt-test", 4 << 20, 4096)
+    try:
+        assert os.stat(a.path).st_blocks * 512 >= 4 << 20  # allocated, not sparse
+        with pytest.raises(OSError, match="No space left on device"):
+            SharedArena(small_tmpfs, "kvt-other", 6 << 20, 4096)  # 4 + 6 MiB > 8 MiB
+        a.view(a.slot_count - 1)[:4] = b"last"  # the arena's own pages are there to write
+        assert bytes(a.view(a.slot_count - 1)[:4]) == b"last"
+    finally:
+        a.close()
 
 
 def fill(tier: CpuTier, names):
