@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import subprocess
 import time
 import urllib.request
 
@@ -112,3 +113,22 @@ def client(daemon):
     with daemon.client() as c:
         c.register_namespace("test-ns", {"model": "tiny"})
         yield c
+
+
+def mount_tmpfs(path, size: str) -> None:
+    """Mounts a tmpfs of `size` (e.g. "8m") on path: a small file system to fill up. Needs root (the
+    suite runs as root); a failed mount fails the test, since skipping would hide the check."""
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a {size} tmpfs on {path} (needs root): {done.stderr.strip()}")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs: a /dev/shm that someone else has all but filled."""
+    mount_point = tmp_path / "shm"
+    mount_point.mkdir()
+    mount_tmpfs(mount_point, "8m")
+    yield str(mount_point)
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)

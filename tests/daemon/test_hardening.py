@@ -27,18 +27,6 @@ KEY = b"k" * 32
 
 
 # -- the CPU arena reserves its memory at start ------------------------------------------------
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """An 8 MiB tmpfs, standing for a /dev/shm another user has all but filled. Needs root (the suite
-    runs as root); a failed mount fails the test: skipping would hide the check."""
-    mount_point = tmp_path / "shm"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount an 8 MiB tmpfs on {mount_point} (needs root): {done.stderr.strip()}")
-    yield str(mount_point)
-    subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 def test_kvtierd_refuses_to_start_when_shm_dir_cannot_hold_the_arena(small_tmpfs, make_daemon):

@@ -25,7 +25,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import wait_for
+from conftest import mount_tmpfs, wait_for
 from kvtier.client import Client
 from kvtier.client.process import toml_text
 from s3server import make_bucket, s3_server  # noqa: F401
@@ -169,17 +169,9 @@ def test_kill_9_during_wait_durable_puts_with_s3_write_through(make_daemon, s3_s
 
 
 # -- 2 ---------------------------------------------------------------------------------------------
-def _mount_tmpfs(path, size: str) -> None:
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs for the disk-full scenario (needs root / CAP_SYS_ADMIN): "
-                    f"{done.stderr.strip()}")
-
-
 def test_disk_full_on_a_small_tmpfs(make_daemon):
     daemon = make_daemon({**BASE, "disk.capacity": "256MiB"}, name="full", start=False)
-    _mount_tmpfs(daemon.data_dir, "24m")
+    mount_tmpfs(daemon.data_dir, "24m")
     blocks = Blocks(2, 40000, 60000)
     tally = Tally()
     lost = wrong = wedged = 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
@@ -47,18 +46,6 @@ def test_arena_take_and_give_back(arena):
         arena.view(8)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """An 8 MiB tmpfs: a /dev/shm that someone else has all but filled. Needs root (the suite runs
-    as root); a failed mount fails the test, since skipping would hide the check."""
-    mount_point = tmp_path / "shm"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount an 8 MiB tmpfs on {mount_point} (needs root): {done.stderr.strip()}")
-    yield str(mount_point)
-    subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 def test_arena_larger_than_its_filesystem_fails_at_creation(small_tmpfs):
