@@ -327,6 +327,10 @@ class Client:
     def clear(self, namespace: str) -> int:
         return self.call(self.stub.Clear, pb.ClearRequest(namespace=namespace)).deleted
 
+    def remove_namespace(self, namespace: str) -> int:
+        """Admin: deletes the namespace's blocks and forgets it; returns the blocks deleted."""
+        return self.call(self.stub.RemoveNamespace, pb.RemoveNamespaceRequest(namespace=namespace)).deleted
+
     def watch(self, from_seq: int = 0, namespace: str = "", timeout: float | None = None):
         """A cancellable iterator of Events (call .cancel() on it to stop). `timeout`: a deadline
         in seconds for the whole stream (None: open until cancelled or ended by the daemon)."""

@@ -135,6 +135,12 @@ class Catalog:
         self.namespaces[name] = Namespace(name, dict(attributes))
         return True
 
+    def remove_namespace(self, name: str) -> None:
+        """Forgets an empty namespace (the caller saves the registry afterwards)."""
+        ns = self.namespace(name)
+        assert not ns.blocks and ns.bytes == 0, "removing a namespace that still holds blocks"
+        del self.namespaces[name]
+
     def adopt_namespace(self, name: str) -> Namespace:
         """A namespace seen on disk but missing from namespaces.json (e.g. the file was lost)."""
         if name not in self.namespaces:

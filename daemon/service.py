@@ -391,6 +391,14 @@ class KvTierService(pb_grpc.KvTierServicer):
         return pb.ClearResponse(deleted=deleted)
 
     @_unary
+    async def RemoveNamespace(self, request, context):
+        who = self._admin(context, "RemoveNamespace")
+        namespace = self.check.namespace(request.namespace)
+        deleted = await self.store.remove_namespace(namespace)
+        log.warning("namespace %s removed by %s: %d blocks deleted", namespace, who.name, deleted)
+        return pb.RemoveNamespaceResponse(deleted=deleted)
+
+    @_unary
     async def SetRetention(self, request, context):
         namespace = self._own(context, request.namespace)
         keys = self.check.keys(request.keys)

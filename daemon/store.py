@@ -887,6 +887,20 @@ class BlockStore:
         assert self.catalog.get(block.namespace, block.key) is not block
         return tiers
 
+    async def remove_namespace(self, name: str) -> int:
+        """Deletes every block of the namespace and forgets it (registry saved); returns how many
+        blocks were deleted. Blocks in use stay, and so does the namespace: PRECONDITION, retry."""
+        deleted = await self.clear(name)
+        left = len(self.catalog.namespace(name).blocks)
+        if left:
+            raise precondition(f"namespace {name!r}: {deleted} blocks deleted, {left} still in use "
+                               "(leased, being written or uploaded); retry")
+        self.catalog.remove_namespace(name)
+        async with self._registry_lock:
+            data = self.catalog.registry()
+            await asyncio.to_thread(self.catalog.save, data)
+        return deleted
+
     async def clear(self, namespace: str) -> int:
         """Deletes every block not in use; a namespace with none in use leaves the disk with one
         tombstone instead of one per block."""
