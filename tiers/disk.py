@@ -299,19 +299,28 @@ class DiskTier:
         self._check_ready()
         after: bytes | None = None  # last key already yielded
         while True:
-            page: list[DiskEntry] = []
-            with self._env.begin(db=self._db_blocks) as txn:
-                cursor = txn.cursor()
-                found = cursor.first() if after is None else cursor.set_range(after)
-                if found and cursor.key() == after:
-                    found = cursor.next()
-                while found and len(page) < _ENTRIES_PAGE:
-                    after = cursor.key()
-                    page.append(_decode_entry(after, cursor.value()))
-                    found = cursor.next()
+            page, after, more = self._page(self._db_blocks, after, _ENTRIES_PAGE, _decode_entry)
             yield from page
-            if not found:
+            if not more:
                 return
+
+    def _page(self, db, after: bytes | None, limit: int, decode) -> tuple[list, bytes | None, bool]:
+        """Up to `limit` items decode(key, value) (None: skipped) from db after the key `after`, in one
+        short read txn; returns (items, the last key read, whether more keys follow)."""
+        items: list = []
+        last = None
+        with self._env.begin(db=db) as txn:
+            cursor = txn.cursor()
+            found = cursor.first() if after is None else cursor.set_range(after)
+            if found and cursor.key() == after:
+                found = cursor.next()
+            while found and len(items) < limit:
+                last = cursor.key()
+                item = decode(last, cursor.value())
+                if item is not None:
+                    items.append(item)
+                found = cursor.next()
+        return items, last, found
 
     def get_entry(self, namespace: str, key: bytes) -> DiskEntry | None:
         self._check_ready()
@@ -465,18 +474,8 @@ class DiskTier:
             raise ValueError(f"limit must be >= 1, got {limit}")
         if after is not None and len(after) != _SEG_KEY.size:
             raise ValueError("after must be a cursor returned by pending_uploads")
-        page: list[tuple[str, bytes]] = []
-        last = None
-        with self._env.begin(db=self._db_uploads) as txn:
-            cursor = txn.cursor()
-            found = cursor.first() if after is None else cursor.set_range(after)
-            if found and cursor.key() == after:
-                found = cursor.next()
-            while found and len(page) < limit:
-                last = cursor.key()
-                page.append(_split_db_key(cursor.value()))
-                found = cursor.next()
-        return page, (last if found else None)
+        page, last, more = self._page(self._db_uploads, after, limit, _owed_block)
+        return page, (last if more else None)
 
     def settle_uploads(self, ids: list[tuple[str, bytes]]) -> None:
         """Durably removes the obligations of these (namespace, key)s (unknown ones are ignored); their
@@ -1403,10 +1402,17 @@ def _decode_entry(dbkey: bytes, value: bytes) -> DiskEntry:
                      segment, offset)
 
 
-def _split_db_key(dbkey: bytes) -> tuple[str, bytes]:
+def _owed_block(seq: bytes, dbkey: bytes) -> tuple[str, bytes] | None:
+    """The (namespace, key) an `uploads` entry names; None (logged) when the stored value is damaged,
+    so one bad entry cannot stop the uploader."""
     namespace, sep, key = bytes(dbkey).partition(b"\0")
-    assert sep and key, f"malformed index key {bytes(dbkey)!r}"
-    return namespace.decode(), key
+    try:
+        if sep and key:
+            return namespace.decode(), key
+    except UnicodeDecodeError:
+        pass
+    log.warning("skipping a damaged upload obligation (sequence %s): %r", bytes(seq).hex(), bytes(dbkey)[:80])
+    return None
 
 
 def _keys_with_prefix(txn: lmdb.Transaction, db, prefix: bytes, limit: int | None = None) -> list[bytes]:

@@ -82,7 +82,7 @@ class SlotTier:
     # -- room ------------------------------------------------------------------------------------
     def available(self) -> int:
         """Slots that reserve() could hand out now: free ones plus installed ones without a hold."""
-        held_installed = sum(1 for slot in self._holds if slot not in self._retired)
+        held_installed = len(self._holds) - len(self._retired)  # holds are on installed or retired slots
         return self.pool.free_count() + len(self._slot_of) - held_installed
 
     def reserve_room(self, count: int, floor: int = 0) -> tuple[list[int], list[Hashable]]:

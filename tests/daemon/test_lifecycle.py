@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import math
+import sys
 import threading
 
 import pytest
@@ -320,7 +321,15 @@ def test_an_object_replaced_after_listing_is_a_miss(tmp_path, s3_server):
     run(scenario())
 
 
-def test_permanent_s3_errors_mark_s3_unreachable_and_back_off(tmp_path, s3_server):
+def test_permanent_s3_errors_mark_s3_unreachable_and_back_off(tmp_path, s3_server, monkeypatch):
+    backoffs: list[int] = []
+
+    def recorded_backoff(failures: int) -> float:
+        if sys._getframe(1).f_code.co_name == "_upload_loop":  # the lister backs off through it too
+            backoffs.append(failures)
+        return 0.01
+    monkeypatch.setattr("kvtier.daemon.s3sync._backoff", recorded_backoff)
+
     async def scenario():
         bucket = make_bucket(s3_server, "will-vanish")
         store = make_store(store_config(tmp_path, s3_server.endpoint_url, bucket))
@@ -329,9 +338,11 @@ def test_permanent_s3_errors_mark_s3_unreachable_and_back_off(tmp_path, s3_serve
         s3_server.client().delete_bucket(Bucket=bucket)                  # NoSuchBucket from now on
         await commit(store, "ns", [1, 2], wait_durable=True)
         await until(lambda: not store.s3sync.reachable, "S3 to be reported unreachable")
+        start = store.s3sync.counters.failures
+        await until(lambda: store.s3sync.counters.failures >= start + 3, "three more failed passes")
         failures = store.s3sync.counters.failures
-        await asyncio.sleep(0.5)                                          # a spinning uploader fails ~1000x here
-        assert store.s3sync.counters.failures - failures <= 3
+        assert len(backoffs) >= failures - start - 1                     # every failed pass backed off
+        assert backoffs[-1] > 1                                          # with growing failure counts
         assert "NoSuchBucket" in store.s3sync.last_error
         await store.close(5)
     run(scenario())

@@ -65,6 +65,17 @@ def start_or_none(daemon, timeout: float = 60.0) -> str | None:
         return str(exc)[-3000:]
 
 
+def restart_and_read(daemon, acked: dict, what: str) -> tuple[list[bytes], int] | None:
+    """Starts the (killed) daemon and reads every acknowledged block back: (missing keys, wrong
+    reads); None, with the reason printed, when it does not come back (wedged)."""
+    why = start_or_none(daemon)
+    if why is not None:
+        print(f"{what}: the daemon did not come back: {why}")
+        return None
+    with daemon.client() as c:
+        return read_back(c, acked)
+
+
 def bucket_keys(server, bucket: str) -> dict[str, str]:
     """key hex -> object key, for every object of the bucket."""
     s3 = server.client()
@@ -130,13 +141,11 @@ def test_kill_9_during_wait_durable_puts_with_s3_write_through(make_daemon, s3_s
         thread.join(60)
         assert not thread.is_alive(), "the writer hung after kill -9"
         early_stops += bool(stopped_early)
-        why = start_or_none(daemon)
-        if why is not None:
+        found = restart_and_read(daemon, tally.acked, f"round {round_}")
+        if found is None:
             wedged += 1
-            print(f"round {round_}: the daemon did not come back: {why}")
             break
-        with daemon.client() as c:
-            missing, bad = read_back(c, tally.acked)
+        missing, bad = found
         lost, wrong = lost + len(missing), wrong + bad
         if missing or bad:
             print(f"round {round_}: missing {len(missing)} wrong {bad}: {[k.hex()[:16] for k in missing[:5]]}")
@@ -200,32 +209,27 @@ def test_disk_full_on_a_small_tmpfs(make_daemon):
         daemon.kill()
         # Restart on the still-full file system: it must come up (no crash loop) and serve every
         # acknowledged block.
-        why = start_or_none(daemon)
+        found = restart_and_read(daemon, tally.acked, "restart on a full file system")
         restarts += 1
-        if why is not None:
+        if found is None:
             wedged += 1
-            print(f"restart on a full file system failed: {why}")
         else:
+            lost, wrong = lost + len(found[0]), wrong + found[1]
             with daemon.client() as c:
-                missing, bad = read_back(c, tally.acked)
-                lost, wrong = lost + len(missing), wrong + bad
                 refused_on_full_restart = not put_batch(c, tally, blocks.batch(8))
             assert daemon.proc.poll() is None, "the daemon died after a restart on a full file system"
         # The operator adds space: the daemon must recover by itself.
         subprocess.run(["mount", "-o", "remount,size=96m", str(daemon.data_dir)], check=True)
-        if why is None:
+        if found is not None:
             if not usable(daemon.socket, tally, blocks, USABLE_BOUND_S):
                 wedged += 1
             daemon.kill()
-        why = start_or_none(daemon)
+        found = restart_and_read(daemon, tally.acked, "restart after adding space")
         restarts += 1
-        if why is not None:
+        if found is None:
             wedged += 1
-            print(f"restart after adding space failed: {why}")
         else:
-            with daemon.client() as c:
-                missing, bad = read_back(c, tally.acked)
-                lost, wrong = lost + len(missing), wrong + bad
+            lost, wrong = lost + len(found[0]), wrong + found[1]
             if not usable(daemon.socket, tally, blocks, USABLE_BOUND_S):
                 wedged += 1
     finally:
@@ -337,13 +341,11 @@ def test_byte_flips_in_segment_records_and_headers(make_daemon):
         if round_ % 2 == 1:                 # and the rebuild path: recovery scans every segment
             shutil.rmtree(os.path.join(daemon.data_dir, "disk", "index.lmdb"))
             flips["index_removed"] += 1
-        why = start_or_none(daemon)
-        if why is not None:
+        found = restart_and_read(daemon, tally.acked, f"round {round_}")
+        if found is None:
             wedged += 1
-            print(f"round {round_}: the daemon did not come back: {why}")
             break
-        with daemon.client() as c:
-            missing, bad = read_back(c, tally.acked)
+        missing, bad = found
         wrong += bad
         untouched_missing = [k for k in missing if k not in touched]
         lost += len(untouched_missing)
@@ -381,14 +383,12 @@ def test_damaged_lmdb_index_is_moved_aside_and_rebuilt(make_daemon):
                 file.write(rng.randbytes(size // 2))
             else:
                 file.truncate(size // 3)
-        why = start_or_none(daemon)
-        if why is not None:
+        found = restart_and_read(daemon, tally.acked, damage)
+        if found is None:
             wedged += 1
-            print(f"{damage}: the daemon did not come back: {why}")
             break
         moved[damage] = daemon.log().count("disk index is damaged") > before
-        with daemon.client() as c:
-            missing, bad = read_back(c, tally.acked)
+        missing, bad = found
         lost, wrong = lost + len(missing), wrong + bad
         if not usable(daemon.socket, tally, blocks, USABLE_BOUND_S):
             wedged += 1
@@ -448,14 +448,11 @@ def test_a_second_daemon_is_refused_after_the_lock_file_is_unlinked(make_daemon,
         missing, bad = read_back(c, tally.acked)
     lost, wrong = lost + len(missing), wrong + bad
     first.kill()
-    why = start_or_none(first)
-    if why is not None:
+    found = restart_and_read(first, tally.acked, "restart of the first daemon")
+    if found is None:
         wedged += 1
-        print(f"restart of the first daemon failed: {why}")
     else:
-        with first.client() as c:
-            missing, bad = read_back(c, tally.acked)
-        lost, wrong = lost + len(missing), wrong + bad
+        lost, wrong = lost + len(found[0]), wrong + found[1]
     line = report("second-daemon-lock-unlinked", attempts, tally, lost, wrong, wedged,
                   refused=refused, second_started=started_second)
     assert lost == wrong == wedged == 0 and tally.internal == 0, line + "\n" + first.log()[-4000:]
