@@ -5,11 +5,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
+# The venv's interpreter must be one every local user can run: the tests run engines under other
+# uids (tenants), and an interpreter under a private home (pyenv in /root) cannot be exec'd by them.
+BASE_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3)
 
 .PHONY: run test bench venv clean
 
 $(VENV)/.installed: pyproject.toml setup.py proto/v1/kvtier.proto
-	python3 -m venv $(VENV)
+	$(BASE_PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "setuptools>=69" wheel "grpcio-tools>=1.66"
 	$(PIP) install -q -c requirements/constraints.txt --no-build-isolation -e '.[test]'

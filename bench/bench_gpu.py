@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from _common import Row, add_common_args, human_bytes, log, median, parse_size, work_dir, write_results
+from _common import Row, add_common_args, human_bytes, log, median, parse_size, write_results
 
 NAME = "gpu"
 TITLE = "GPU tier copy_in/copy_out vs pinned tensor.copy_"
@@ -120,8 +120,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds of each kind (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     parser.add_argument("--device", default="cuda:0", help="CUDA device of the tier (default cuda:0)")
-    parser.add_argument("--shm-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
-                        help="where the host arena file lives (default /dev/shm, else <out>/tmp)")
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.block <= 0 or args.block % 4096:
@@ -154,7 +152,7 @@ def main(argv=None) -> dict:
     tier = GpuTier.create(args.device, total, block, FifoPolicy())
     if tier is None:
         return skipped("GpuTier.create returned None (see the log)", args)
-    arena = SharedArena(args.shm_dir or str(work_dir(args.out)), "kvtier-bench-gpu", total, block)
+    arena = SharedArena("bench-gpu", [("", total)], block)
     try:
         times, issue, correct = measure(torch, tier, arena, device, args)
         pinned = arena.pinned

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -11,7 +12,9 @@ import xxhash
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
-from kvtier.tiers.arena import map_shared_file
+from kvtier.tiers.arena import map_fd
+
+from .session import LocalSession, SessionError
 
 DEFAULT_SOCKET = "kvtier-data/kvtierd.sock"
 CHUNK_BYTES = 1 << 20
@@ -57,15 +60,81 @@ LOCAL_SCHEMES = ("unix:", "unix-abstract:")  # targets that never leave this hos
 
 
 def _open_channel(grpc_module, address: str, token: str | None, tls_ca: str | None):
-    """(channel, call metadata) for grpc or grpc.aio: TLS when a CA is given, the token as metadata.
-    ValueError, before anything connects, for a token that would cross the network in clear."""
+    """(channel, call metadata, session socket path or None) for grpc or grpc.aio: TLS when a CA is
+    given, the token as metadata. On a Unix socket calls carry a local session instead (opened
+    lazily: see _Sessioned). ValueError, before anything connects, for a token that would cross the
+    network in clear."""
     target = target_of(address)
     _refuse_cleartext_token(target, token, tls_ca)
     options, metadata = _channel_args(token)
     creds = _credentials(tls_ca)
     channel = (grpc_module.secure_channel(target, creds, options) if creds
                else grpc_module.insecure_channel(target, options))
-    return channel, metadata
+    local = target[len("unix:"):] if target.startswith("unix:") else None  # a token means nothing there
+    return channel, metadata, local
+
+
+class _Sessioned:
+    """A local session opened on first use, shared by every thread using this client (a connector
+    calls from the scheduler and from background threads). A daemon that restarted does not know the
+    old session: its UNAUTHENTICATED answer (call() retries once), or an arena of another generation,
+    opens a new one. Nothing is checked per call: the hot path costs no system call for this."""
+
+    _session: LocalSession | None = None
+    _session_path: str | None = None
+    _session_lock = threading.Lock()  # replaced per client in _init_session
+
+    def _init_session(self, path: str | None) -> None:
+        self._session_path = path
+        self._session_lock = threading.Lock()
+
+    def _session_now(self) -> LocalSession:
+        with self._session_lock:
+            if self._session is None:
+                self._session = LocalSession.open(self._session_path)
+            return self._session
+
+    def _renew_session(self, failed: LocalSession | None) -> None:
+        """Replaces the session a call failed with, unless another thread already did."""
+        with self._session_lock:
+            if self._session is failed and failed is not None:
+                self._session.close()
+                self._session = None
+
+    def _drop_session(self) -> None:
+        with self._session_lock:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+
+    def _session_and_metadata(self) -> tuple[LocalSession | None, tuple]:
+        if not self._session_path:
+            return None, self._metadata
+        session = self._session_now()
+        return session, session.metadata()
+
+    @property
+    def call_metadata(self) -> tuple:
+        """Metadata for a raw stub call (`client.stub.X(..., metadata=client.call_metadata)`): the
+        bearer token on TCP, the local session on the Unix socket."""
+        return self._session_now().metadata() if self._session_path else self._metadata
+
+    @property
+    def namespace_prefix(self) -> str:
+        """"<tenant>/" when this client acts for a tenant (its namespaces must start with it)."""
+        return self._session_now().namespace_prefix if self._session_path else ""
+
+    def _mapped_arena(self, info: pb.ArenaInfoResponse) -> "Arena":
+        if not self._session_path:
+            raise SessionError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "the arena is for local clients on the Unix socket; use put/get over TCP")
+        session = self._session_now()
+        if session.arena is None or session.arena.generation != info.generation:
+            self._renew_session(session)  # the daemon restarted between the session and this answer
+            session = self._session_now()
+        if session.arena is None:
+            raise SessionError(grpc.StatusCode.FAILED_PRECONDITION, "this session has no arena")
+        return Arena(session.arena, info.max_keys_per_request)
 
 
 def _refuse_cleartext_token(target: str, token: str | None, tls_ca: str | None) -> None:
@@ -84,21 +153,24 @@ def _credentials(tls_ca: str | None):
 
 
 class Arena:
-    """A read/write mapping of the daemon's shared-memory arena."""
+    """A read/write mapping of this client's part of the daemon's arena (its tenant's slots
+    first_slot .. first_slot + slot_count - 1), from the descriptor its session received."""
 
-    def __init__(self, info: pb.ArenaInfoResponse):
-        self._mmap = map_shared_file(info.path, info.size_bytes)
-        self.generation = info.generation
-        self.slot_bytes = info.slot_bytes
-        self.slot_count = info.slot_count
-        self.max_keys_per_request = info.max_keys_per_request
-        self.path = info.path
+    def __init__(self, part, max_keys_per_request: int = 0):
+        self.generation = part.generation
+        self.max_keys_per_request = max_keys_per_request  # the daemon's limit a client batches against
+        self.slot_bytes = part.slot_bytes
+        self.slot_count = part.slot_count
+        self.first_slot = part.first_slot
+        self._mmap = map_fd(part.fd, part.slot_count * part.slot_bytes)
         self._view = memoryview(self._mmap)
 
     def view(self, slot: int) -> memoryview:
-        if not 0 <= slot < self.slot_count:
-            raise IndexError(f"slot {slot} outside the arena's {self.slot_count} slots")
-        start = slot * self.slot_bytes
+        index = slot - self.first_slot
+        if not 0 <= index < self.slot_count:
+            raise IndexError(f"slot {slot} outside this arena's slots {self.first_slot}.."
+                             f"{self.first_slot + self.slot_count - 1}")
+        start = index * self.slot_bytes
         return self._view[start:start + self.slot_bytes]
 
     def close(self) -> None:
@@ -163,20 +235,23 @@ def _copy_out(arena: Arena, blocks) -> list[bytes | None]:
     return [bytes(arena.view(b.slot)[:b.length]) if b.found else None for b in blocks]
 
 
-class Client:
+class Client(_Sessioned):
     """Synchronous client. `address`: a socket path (default) or host:port with a token.
-    `timeout`: deadline in seconds for every unary call (None: no deadline)."""
+    `timeout`: deadline in seconds for every unary call (None: no deadline). On the Unix socket it
+    opens a local session (client/session.py) on first use; the daemon knows it by its uid."""
 
     def __init__(self, address: str = DEFAULT_SOCKET, token: str | None = None, tls_ca: str | None = None,
                  timeout: float | None = None):
         self.timeout = timeout
-        self._channel, self._metadata = _open_channel(grpc, address, token, tls_ca)
+        self._channel, self._metadata, session_path = _open_channel(grpc, address, token, tls_ca)
+        self._init_session(session_path)
         self.stub = pb_grpc.KvTierStub(self._channel)
         self._arena: Arena | None = None
 
     def close(self) -> None:
         if self._arena is not None:
             self._arena.close()
+        self._drop_session()
         self._channel.close()
 
     def __enter__(self):
@@ -186,8 +261,16 @@ class Client:
         self.close()
 
     def call(self, method, request):
-        """Any unary RPC (a stub method) with this client's token and deadline."""
-        return method(request, metadata=self._metadata, timeout=self.timeout)
+        """Any unary RPC (a stub method) with this client's token or session and deadline. A call
+        refused because the session ended (the daemon restarted) is retried once on a new one."""
+        session, metadata = self._session_and_metadata()
+        try:
+            return method(request, metadata=metadata, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if session is None or exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            self._renew_session(session)
+            return method(request, metadata=self.call_metadata, timeout=self.timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Blocks until the channel is connected (raises grpc.FutureTimeoutError past `timeout`)."""
@@ -222,7 +305,7 @@ class Client:
     def snapshot(self, namespace: str = ""):
         """(seq, blocks): every block, consistent with event `seq`; watch from seq + 1 to stay current."""
         seq, blocks = 0, []
-        for chunk in self.stub.Snapshot(pb.SnapshotRequest(namespace=namespace), metadata=self._metadata):
+        for chunk in self.stub.Snapshot(pb.SnapshotRequest(namespace=namespace), metadata=self.call_metadata):
             seq = chunk.seq
             blocks.extend(chunk.blocks)
         return seq, blocks
@@ -233,7 +316,8 @@ class Client:
         if self._arena is None or (generation and generation != self._arena.generation):
             if self._arena is not None:
                 self._arena.close()
-            self._arena = Arena(self.call(self.stub.ArenaInfo, pb.ArenaInfoRequest()))
+            self._arena = None
+            self._arena = self._mapped_arena(self.call(self.stub.ArenaInfo, pb.ArenaInfoRequest()))
         return self._arena
 
     def allocate(self, count: int, wait_ms: int = 5000, lease_ms: int = 0) -> Allocation:
@@ -287,10 +371,10 @@ class Client:
     def put(self, namespace: str, key: bytes, data, parent: bytes = b"", wait_durable=False,
             retention: pb.Retention | None = None) -> int:
         return self.stub.Put(_put_messages(namespace, key, data, parent, wait_durable, retention),
-                             metadata=self._metadata).status
+                             metadata=self.call_metadata).status
 
     def get(self, namespace: str, key: bytes) -> tuple[pb.BlockInfo, bytes]:
-        stream = self.stub.Get(pb.GetRequest(namespace=namespace, key=key), metadata=self._metadata)
+        stream = self.stub.Get(pb.GetRequest(namespace=namespace, key=key), metadata=self.call_metadata)
         info, parts = None, []
         for message in stream:
             if message.WhichOneof("part") == "info":
@@ -334,23 +418,26 @@ class Client:
     def watch(self, from_seq: int = 0, namespace: str = "", timeout: float | None = None):
         """A cancellable iterator of Events (call .cancel() on it to stop). `timeout`: a deadline
         in seconds for the whole stream (None: open until cancelled or ended by the daemon)."""
-        return self.stub.Watch(pb.WatchRequest(from_seq=from_seq, namespace=namespace), metadata=self._metadata,
+        return self.stub.Watch(pb.WatchRequest(from_seq=from_seq, namespace=namespace), metadata=self.call_metadata,
                                timeout=timeout)
 
 
-class AsyncClient:
-    """asyncio client with the same methods as Client (awaitables)."""
+class AsyncClient(_Sessioned):
+    """asyncio client with the same methods as Client (awaitables). The local session's handshake
+    is a few small blocking socket calls on this host, done inline."""
 
     def __init__(self, address: str = DEFAULT_SOCKET, token: str | None = None, tls_ca: str | None = None,
                  timeout: float | None = None):
         self.timeout = timeout
-        self._channel, self._metadata = _open_channel(grpc.aio, address, token, tls_ca)
+        self._channel, self._metadata, session_path = _open_channel(grpc.aio, address, token, tls_ca)
+        self._init_session(session_path)
         self.stub = pb_grpc.KvTierStub(self._channel)
         self._arena: Arena | None = None
 
     async def close(self) -> None:
         if self._arena is not None:
             self._arena.close()
+        self._drop_session()
         await self._channel.close()
 
     async def __aenter__(self):
@@ -360,8 +447,16 @@ class AsyncClient:
         await self.close()
 
     async def call(self, method, request):
-        """Any unary RPC (a stub method) with this client's token and deadline."""
-        return await method(request, metadata=self._metadata, timeout=self.timeout)
+        """Any unary RPC (a stub method) with this client's token or session and deadline (retried
+        once on a new session when the old one ended)."""
+        session, metadata = self._session_and_metadata()
+        try:
+            return await method(request, metadata=metadata, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if session is None or exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            self._renew_session(session)
+            return await method(request, metadata=self.call_metadata, timeout=self.timeout)
 
     async def register_namespace(self, name: str, attributes: dict[str, str] | None = None) -> bool:
         return (await self.call(self.stub.RegisterNamespace,
@@ -374,7 +469,8 @@ class AsyncClient:
         if self._arena is None or (generation and generation != self._arena.generation):
             if self._arena is not None:
                 self._arena.close()
-            self._arena = Arena(await self.call(self.stub.ArenaInfo, pb.ArenaInfoRequest()))
+            self._arena = None
+            self._arena = self._mapped_arena(await self.call(self.stub.ArenaInfo, pb.ArenaInfoRequest()))
         return self._arena
 
     async def allocate(self, count: int, wait_ms: int = 5000, lease_ms: int = 0) -> Allocation:
@@ -426,4 +522,4 @@ class AsyncClient:
         return await self.call(self.stub.Stat, pb.StatRequest(namespace=namespace, key=key))
 
     def watch(self, from_seq: int = 0, namespace: str = ""):
-        return self.stub.Watch(pb.WatchRequest(from_seq=from_seq, namespace=namespace), metadata=self._metadata)
+        return self.stub.Watch(pb.WatchRequest(from_seq=from_seq, namespace=namespace), metadata=self.call_metadata)

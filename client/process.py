@@ -25,11 +25,16 @@ from .client import Client, _open_channel
 
 
 def toml_text(data_dir: str, overrides: dict, log_level: str = "info") -> str:
-    """A TOML config from dotted keys ({"cpu.capacity": "1GiB", "disk.enabled": False, ...})."""
+    """A TOML config from dotted keys ({"cpu.capacity": "1GiB", "disk.enabled": False, ...}); a
+    top-level key with a list of dicts becomes an array of tables ({"tenant": [{...}]})."""
     top: dict = {"data_dir": str(data_dir), "log_level": log_level}
     sections: dict[str, dict] = {}
+    arrays: dict[str, list] = {}
     for dotted, value in overrides.items():
         section, _, key = dotted.rpartition(".")
+        if not section and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            arrays[key] = value
+            continue
         (sections.setdefault(section, {}) if section else top)[key] = value
 
     def fmt(value):
@@ -45,6 +50,10 @@ def toml_text(data_dir: str, overrides: dict, log_level: str = "info") -> str:
     for section, table in sections.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {fmt(v)}" for k, v in table.items()]
+    for name, tables in arrays.items():
+        for table in tables:
+            lines.append(f"[[{name}]]")
+            lines += [f"{k} = {fmt(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -56,11 +65,9 @@ class DaemonProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Unix socket paths are limited to ~107 bytes: keep the socket in a short /tmp dir.
         self._sock_dir = tempfile.mkdtemp(prefix="kvt-", dir="/tmp")
+        os.chmod(self._sock_dir, 0o755)  # the socket's own mode decides who may connect
         self.socket = os.path.join(self._sock_dir, "kvtierd.sock")
-        # Its own shared-memory dir: an arena left by a kill -9 is removed by cleanup(), not leaked
-        # into /dev/shm (the arena is resident memory).
-        self._shm_dir = tempfile.mkdtemp(prefix="kvt-", dir="/dev/shm")
-        self.overrides = {"server.socket": self.socket, "cpu.shm_dir": self._shm_dir, **(overrides or {})}
+        self.overrides = {"server.socket": self.socket, **(overrides or {})}
         self.config = self.work_dir / f"{name}.toml"
         self.config.write_text(toml_text(str(self.data_dir), self.overrides, log_level))
         self.log_path = self.work_dir / f"{name}.log"
@@ -84,7 +91,7 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         # One channel for the whole wait, with the client's connection settings: each attempt is
         # given gRPC's full connect timeout, not a short per-call one that a slow start would miss.
-        channel, _ = _open_channel(grpc, self.socket, None, None)
+        channel, _, _ = _open_channel(grpc, self.socket, None, None)
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -138,9 +145,9 @@ class DaemonProcess:
             self.proc.wait(10)
 
     def cleanup(self, remove_data: bool = True) -> None:
-        """Removes the socket dir and the shared-memory dir (and the data dir unless told not to)."""
+        """Removes the socket dir (and the data dir unless told not to). The arena is memory that
+        goes with the daemon's process: nothing of it is left to remove."""
         shutil.rmtree(self._sock_dir, ignore_errors=True)
-        shutil.rmtree(self._shm_dir, ignore_errors=True)
         if remove_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

@@ -88,17 +88,19 @@ class BlockLayout:
         for part in self.parts:
             part.rows(block_id).copy_(self._arena_tensor(buffer, part))
 
-    def arena_views(self, buffer, slot_bytes: int, slot_count: int) -> "ArenaViews":
+    def arena_views(self, buffer, slot_bytes: int, slot_count: int, first_slot: int = 0) -> "ArenaViews":
         """Views of this layout over every slot of an arena (``buffer``: the whole arena, slot ``s`` at
         byte ``s * slot_bytes``). Build once per arena mapping and reuse."""
-        return ArenaViews(self, buffer, slot_bytes, slot_count)
+        return ArenaViews(self, buffer, slot_bytes, slot_count, first_slot)
 
 
 class ArenaViews:
     """One tensor per part over a whole arena: ``views[i][slot]`` is part ``i`` of the block in ``slot``,
-    in the part's logical block shape. The tensors keep ``buffer`` exported (alive) while they exist."""
+    in the part's logical block shape. The tensors keep ``buffer`` exported (alive) while they exist.
+    ``buffer`` holds the daemon's slots first_slot .. first_slot + slot_count - 1 (a tenant's part of
+    the arena): slot numbers given to pack/unpack are the daemon's."""
 
-    def __init__(self, layout: BlockLayout, buffer, slot_bytes: int, slot_count: int):
+    def __init__(self, layout: BlockLayout, buffer, slot_bytes: int, slot_count: int, first_slot: int = 0):
         if layout.block_bytes > slot_bytes:
             raise ValueError(f"block of {layout.block_bytes} bytes exceeds the slot size {slot_bytes}")
         with memoryview(buffer) as whole:
@@ -108,6 +110,7 @@ class ArenaViews:
         self.layout = layout
         self.slot_bytes = slot_bytes
         self.slot_count = slot_count
+        self.first_slot = first_slot
         self._buffer = buffer
         self.views: list[torch.Tensor | None] = []
         for part in layout.parts:
@@ -122,8 +125,10 @@ class ArenaViews:
                                               (slot_bytes // item, *torch.empty(shape, device="meta").stride())))
 
     def _slot(self, index: int, part: Part, slot: int) -> torch.Tensor:
+        slot -= self.first_slot
         if not 0 <= slot < self.slot_count:
-            raise IndexError(f"slot {slot} outside the arena's {self.slot_count} slots")
+            raise IndexError(f"slot {slot + self.first_slot} outside this arena's {self.slot_count} slots "
+                             f"from {self.first_slot}")
         view = self.views[index]
         if view is not None:
             return view[slot]

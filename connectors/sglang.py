@@ -275,6 +275,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         """fn(namespace); registers the namespace first, and again (one retry) when the daemon lost it."""
         with self._lock:
             namespace, attributes = self.namespace, self.attributes
+        namespace = self._client.namespace_prefix + namespace  # the engine's tenant, from its session
         self._ensure_namespace(namespace, attributes)
         try:
             return fn(namespace)

@@ -218,6 +218,12 @@ class _Daemon:
         self._max_keys: int | None = None
 
     def call(self, name: str, request):
+        """The RPC `name` with the request's namespace qualified by the daemon's prefix for this
+        engine's tenant ("<tenant>/"; "" for an administrator): the connector's own names are the
+        same on every node, the tenant comes from who the engine runs as."""
+        field = "name" if name == "RegisterNamespace" else "namespace"
+        if hasattr(request, field) and getattr(request, field):
+            setattr(request, field, self.client.namespace_prefix + getattr(request, field))
         return self.client.call(getattr(self.client.stub, name), request)
 
     def ensure_namespaces(self, force: bool = False) -> None:
@@ -401,7 +407,8 @@ class KvtierConnector(KVConnectorBase_V1):
             for namespace in self._namespaces:
                 for start in range(0, len(keys), limit):  # the chain's stored prefix: it ends at a gap
                     chunk = keys[start:start + limit]
-                    reply = self._daemon.with_namespace(lambda: self._daemon.client.prefetch(namespace, chunk))
+                    reply = self._daemon.with_namespace(lambda: self._daemon.call(
+                        "Prefetch", pb.PrefetchRequest(namespace=namespace, keys=chunk)))
                     self.stats["prefetched_blocks"] += reply.warmed
                     if reply.matched < len(chunk):
                         break
@@ -573,7 +580,8 @@ class KvtierConnector(KVConnectorBase_V1):
         """The layout's tensors over `arena`, built once per mapping (a daemon restart maps a new one)."""
         if self._views_of is not arena:
             self._views = None  # drop the old mapping's tensors first: they keep it alive
-            self._views = self._layout.arena_views(_arena_buffer(arena), arena.slot_bytes, arena.slot_count)
+            self._views = self._layout.arena_views(_arena_buffer(arena), arena.slot_bytes, arena.slot_count,
+                                                   arena.first_slot)
             self._views_of = arena
         return self._views
 

@@ -1,8 +1,11 @@
 """Who is calling, and what they may see: principals for the client API (docs/security.md).
 
 Contract
-- The Unix socket is guarded by its file mode (server.socket_mode): every caller on it is the
-  local administrator (`LOCAL`).
+- On the Unix socket a caller is known by its uid and gid, read by the kernel (SO_PEERCRED) when it
+  opens a local session (daemon/sessions.py): `LocalIdentities` maps a configured uid or gid to its
+  tenant ([[tenant]] uids/gids) or to the administrators (server.admin_uids/admin_gids; when both
+  are empty, the daemon's own uid and root). Any other local user is refused. A local principal may
+  use the shared-memory arena: its tenant's own part.
 - On TCP a caller presents `authorization: Bearer <token>`. The daemon keeps only SHA-256 digests
   of tokens (server.tokens_file), each bound to one tenant or marked admin, optionally expiring.
 - A tenant's namespaces are the names that start with "<tenant>/". A tenant principal can read,
@@ -34,9 +37,10 @@ class AuthConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Principal:
-    name: str                  # for logs: "local" or "token <id>"
+    name: str                  # for logs: "uid 1001" or "token <id>"
     tenant: str | None = None  # None: an administrator, who sees every namespace
     expires_unix: float = 0.0  # the token's expiry (time.time() seconds); 0: never
+    local: bool = False        # came through a local session: may map its tenant's arena part
 
     def expired(self, now: float | None = None) -> bool:
         """True once the token this principal presented is past its expiry (never for 0)."""
@@ -50,7 +54,31 @@ class Principal:
         return self.tenant is None or namespace.startswith(self.tenant + "/")
 
 
-LOCAL = Principal("local")
+LOCAL = Principal("local", local=True)  # the daemon's own calls and in-process tests
+
+
+class LocalIdentities:
+    """Local users (uid, gid from SO_PEERCRED) to principals. A uid entry wins over a gid entry;
+    the gid is the caller's effective gid (supplementary groups are not consulted)."""
+
+    def __init__(self, admin_uids, admin_gids, tenants, own_uid: int):
+        self._admin_uids = set(admin_uids) or ({own_uid, 0} if not admin_gids else set())
+        self._admin_gids = set(admin_gids)
+        self._uid_tenant = {uid: t.name for t in tenants for uid in t.uids}
+        self._gid_tenant = {gid: t.name for t in tenants for gid in t.gids}
+
+    def resolve(self, uid: int, gid: int) -> Principal | None:
+        """The principal of a local user; None when the configuration names it nowhere."""
+        name = f"uid {uid}"
+        if uid in self._admin_uids:
+            return Principal(name, None, local=True)
+        if uid in self._uid_tenant:
+            return Principal(name, self._uid_tenant[uid], local=True)
+        if gid in self._admin_gids:
+            return Principal(name, None, local=True)
+        if gid in self._gid_tenant:
+            return Principal(name, self._gid_tenant[gid], local=True)
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

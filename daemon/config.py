@@ -44,14 +44,17 @@ class ServerConfig:
     tls_cert: str = ""          # required with tcp: the token must never travel in clear
     tls_key: str = ""
     max_message_bytes: int = 4 << 20
+    # Local identity (docs/security.md): a Unix-socket client is known by its uid and gid (SO_PEERCRED).
+    # These uids and gids are administrators; empty lists: the daemon's own uid (and root) only.
+    admin_uids: list = dataclasses.field(default_factory=list)
+    admin_gids: list = dataclasses.field(default_factory=list)
+    max_sessions: int = 1024    # local sessions open at once (each holds one socket in the daemon)
 
 
 @dataclasses.dataclass
 class CpuConfig:
     capacity: int = 1 << 30
     slot_bytes: int = 2 << 20
-    shm_dir: str = "/dev/shm"
-    arena_mode: int = 0o600
     policy: str = "lru"
 
 
@@ -115,10 +118,43 @@ class LimitsConfig:
 class EventsConfig:
     ring_size: int = 65536
     watcher_queue: int = 8192   # a watcher this far behind is disconnected (RESOURCE_EXHAUSTED)
-    zmq_endpoint: str = ""      # e.g. "tcp://127.0.0.1:5557": KV events in vLLM's wire format; empty = off
-    zmq_replay_endpoint: str = ""  # ROUTER socket replaying batches from a sequence number
+    # Block events in vLLM's KV-event wire format over ZMQ (docs/kv-events.md); empty = off. They name
+    # every namespace and block hash on the node, to any subscriber, without authentication: prefer
+    # "ipc://<path>" (a socket file of mode ipc_mode, in a directory that must exist). A tcp:// endpoint
+    # on an address other than loopback needs allow_remote = true.
+    zmq_endpoint: str = ""      # e.g. "ipc://kvtier-data/kv-events.sock"
+    zmq_replay_endpoint: str = ""  # ROUTER socket replaying batches from a sequence number (same rules)
     zmq_topic: str = "kvtier"   # each batch goes out as "<topic>/<namespace>"
     zmq_block_size: int = 0     # BlockStored.block_size (tokens per block), when one value holds
+    ipc_mode: int = 0o600       # the ipc:// socket files' mode: who may connect and read every block hash
+    allow_remote: bool = False  # true: a tcp:// endpoint may listen beyond loopback
+
+    def endpoint_problem(self) -> str | None:
+        """Why zmq_endpoint / zmq_replay_endpoint are refused, or None."""
+        for key in ("zmq_endpoint", "zmq_replay_endpoint"):
+            endpoint = getattr(self, key)
+            if not endpoint:
+                continue
+            scheme, sep, rest = endpoint.partition("://")
+            if not sep or scheme not in ("ipc", "tcp"):
+                return f"events.{key} must be \"ipc://<path>\" or \"tcp://<host>:<port>\", got {endpoint!r}"
+            if scheme == "ipc":
+                if not rest or rest == "*" or rest.startswith("@") or rest.endswith("/") or "\0" in rest:
+                    return (f"events.{key}: {endpoint!r} needs a socket file path (no ipc://*, no abstract "
+                            "@name: those have no file permissions, anyone on the host could connect)")
+                if len(rest.encode()) > 107:
+                    return f"events.{key}: the ipc path {rest!r} is too long for a Unix socket (at most 107 bytes)"
+                continue
+            host, sep, port = rest.rpartition(":")
+            if not sep or not port.isdigit() or int(port) > 65535 or not host:
+                return f"events.{key} must be \"tcp://<host>:<port>\", got {endpoint!r}"
+            if not self.allow_remote and not MetricsConfig.loopback(host):
+                return (f"events.{key} = {endpoint!r} listens beyond loopback: whoever can reach it reads every "
+                        "namespace name and block hash on this node, without authentication. Use an ipc:// "
+                        "endpoint or tcp://127.0.0.1:<port>, or set events.allow_remote = true to accept that")
+        if self.zmq_endpoint and self.zmq_endpoint == self.zmq_replay_endpoint:
+            return "events.zmq_replay_endpoint must differ from events.zmq_endpoint"
+        return None
 
 
 @dataclasses.dataclass
@@ -137,8 +173,59 @@ class PeersConfig:
 
 
 @dataclasses.dataclass
+class ClusterConfig:
+    # HMAC-SHA256 key shared by the nodes of a cluster (32..4096 bytes, readable by kvtierd only):
+    # blocks served to peers and objects uploaded to S3 carry a MAC under it, checked before commit
+    # or adoption. Empty: blocks from peers and S3 are checked by checksum only (docs/security.md).
+    key_file: str = ""
+
+
+@dataclasses.dataclass
+class TenantConfig:
+    """One `[[tenant]]`: the local users whose engines act as this tenant, and its bounds."""
+    name: str = ""
+    uids: list = dataclasses.field(default_factory=list)
+    gids: list = dataclasses.field(default_factory=list)
+    cpu_capacity: int = 256 << 20   # the tenant's own arena (its slots, never another tenant's)
+    max_leases: int = 4096          # allocations and read leases open at once
+    max_watchers: int = 8
+    max_namespaces: int = 256
+    max_pulls: int = 4              # peer pulls in flight for this tenant's namespaces
+    max_sessions: int = 64          # local sessions (engine processes) open at once
+
+
+@dataclasses.dataclass
 class MetricsConfig:
-    listen: str = ""            # e.g. "127.0.0.1:9477"; empty = off
+    listen: str = ""            # "host:port" serving Prometheus /metrics, e.g. "127.0.0.1:9477"; empty = off
+    allow_remote: bool = False  # true: listen may be beyond loopback (node-wide counters, no authentication)
+
+    @staticmethod
+    def loopback(host: str) -> bool:
+        """`host` (an IP address, "[v6]", "localhost", ZMQ's interface name "lo", or "" for metrics'
+        default 127.0.0.1) accepts local connections only. Anything else counts as remote: "*", "0.0.0.0",
+        "::", and any other name (what it resolves to is not known here)."""
+        import ipaddress  # noqa: PLC0415 - kept inside the class (this file's imports belong to others)
+        host = host.strip("[]")
+        if host in ("localhost", "lo", ""):
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def listen_problem(self) -> str | None:
+        """Why `listen` is refused, or None."""
+        if not self.listen:
+            return None
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            return f"metrics.listen must be \"host:port\", got {self.listen!r}"
+        if not self.allow_remote and not self.loopback(host):
+            return (f"metrics.listen = {self.listen!r} listens beyond loopback: whoever can reach it reads the "
+                    "node-wide counters (blocks, bytes, lookups and hits, event sequence, tier usage of every "
+                    "tenant), without authentication. Use 127.0.0.1:<port>, or set metrics.allow_remote = true "
+                    "to accept that")
+        return None
 
 
 @dataclasses.dataclass
@@ -154,6 +241,8 @@ class Config:
     events: EventsConfig = dataclasses.field(default_factory=EventsConfig)
     peers: PeersConfig = dataclasses.field(default_factory=PeersConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    tenant: list = dataclasses.field(default_factory=list)  # of TenantConfig, from [[tenant]] tables
 
     @property
     def disk_dir(self) -> str:
@@ -162,8 +251,10 @@ class Config:
 
 MAX_LIST = 64
 _SIZE_KEYS = {"capacity", "slot_bytes", "segment_bytes", "max_message_bytes",
-              "put_chunk_bytes", "align"}
-_MODE_KEYS = {"socket_mode", "arena_mode"}
+              "put_chunk_bytes", "align", "cpu_capacity"}
+_ID_LIST_KEYS = {"admin_uids", "admin_gids", "uids", "gids"}
+MAX_TENANTS = 64
+_MODE_KEYS = {"socket_mode", "ipc_mode"}
 
 
 def _fill(section_obj, table: dict, path: str) -> None:
@@ -173,16 +264,38 @@ def _fill(section_obj, table: dict, path: str) -> None:
         if key not in fields:
             raise ConfigError(f"unknown config key {where!r}; known: {', '.join(sorted(fields))}")
         current = getattr(section_obj, key)
-        if dataclasses.is_dataclass(current):
+        if key == "tenant" and not path:
+            setattr(section_obj, key, _tenants(value))
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a [table]")
             _fill(current, value, where)
         elif key in _SIZE_KEYS:
             setattr(section_obj, key, parse_size(value, where))
+        elif key in _ID_LIST_KEYS:
+            setattr(section_obj, key, _id_list(value, where))
         elif key in _MODE_KEYS:
             setattr(section_obj, key, _parse_mode(value, where))
         else:
             setattr(section_obj, key, _typed(value, type(current), where))
+
+
+def _tenants(value) -> list:
+    if not isinstance(value, list) or len(value) > MAX_TENANTS or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"tenant: expected at most {MAX_TENANTS} [[tenant]] tables")
+    tenants = []
+    for index, table in enumerate(value):
+        tenant = TenantConfig()
+        _fill(tenant, table, f"tenant[{index}]")
+        tenants.append(tenant)
+    return tenants
+
+
+def _id_list(value, where: str) -> list:
+    if (not isinstance(value, list) or len(value) > MAX_LIST
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 32 for v in value)):
+        raise ConfigError(f"{where}: expected a list of at most {MAX_LIST} numeric ids, got {value!r}")
+    return list(value)
 
 
 def _parse_mode(value, where: str) -> int:
@@ -276,14 +389,49 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for problem in (cfg.events.endpoint_problem(), cfg.metrics.listen_problem()):
+        if problem:
+            raise ConfigError(problem)
+    _validate_tenants(cfg)
     check_secret_modes(cfg)
     return cfg
+
+
+_TENANT_NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+
+
+def _validate_tenants(cfg: Config) -> None:
+    """Each tenant has a valid unique name, an arena of whole slots, and users that no other tenant
+    (and no administrator entry) claims: one local user acts as exactly one principal."""
+    names, claimed = set(), {}
+    admins = {("uid", u) for u in cfg.server.admin_uids} | {("gid", g) for g in cfg.server.admin_gids}
+    for index, tenant in enumerate(cfg.tenant):
+        where = f"tenant[{index}]"
+        if not _TENANT_NAME.fullmatch(tenant.name) or tenant.name in names:
+            raise ConfigError(f"{where}.name must be a unique 1..64 characters of [A-Za-z0-9._-]")
+        names.add(tenant.name)
+        if not tenant.uids and not tenant.gids:
+            raise ConfigError(f"{where} ({tenant.name}): needs uids or gids: who acts as this tenant")
+        if tenant.cpu_capacity < cfg.cpu.slot_bytes:
+            raise ConfigError(f"{where} ({tenant.name}): cpu_capacity must hold at least one slot")
+        for what, bound in (("max_leases", 1 << 20), ("max_watchers", 1024), ("max_namespaces", 1 << 16),
+                            ("max_pulls", 256), ("max_sessions", 1 << 16)):
+            if not 1 <= getattr(tenant, what) <= bound:
+                raise ConfigError(f"{where} ({tenant.name}): {what} must be 1..{bound}")
+        for ident in [("uid", u) for u in tenant.uids] + [("gid", g) for g in tenant.gids]:
+            if ident in admins or ident in claimed:
+                raise ConfigError(f"{where} ({tenant.name}): {ident[0]} {ident[1]} already belongs to "
+                                  f"{claimed.get(ident, 'the administrators')}")
+            claimed[ident] = tenant.name
+    if not 1 <= cfg.server.max_sessions <= 1 << 16:
+        raise ConfigError("server.max_sessions must be 1..65536")
 
 
 def _secret_files(cfg: Config) -> list[tuple[str, str]]:
     """(config key, path) of every configured file that holds a secret."""
     named = [("server.tokens_file", cfg.server.tokens_file), ("server.tls_key", cfg.server.tls_key),
-             ("peers.tls_key", cfg.peers.tls_key), ("s3.secret_access_key_file", cfg.s3.secret_access_key_file)]
+             ("peers.tls_key", cfg.peers.tls_key), ("s3.secret_access_key_file", cfg.s3.secret_access_key_file),
+             ("cluster.key_file", cfg.cluster.key_file)]
     return [(key, path) for key, path in named if path]
 
 
@@ -299,6 +447,9 @@ def check_secret_modes(cfg: Config) -> None:
         except OSError as exc:
             raise ConfigError(f"{key} {path} cannot be checked: {exc.strerror}") from exc
         check_secret_stat(key, path, info)
+        if key == "cluster.key_file" and not 32 <= info.st_size <= 4096:
+            raise ConfigError(f"{key} {path} holds {info.st_size} bytes; a cluster key is 32..4096 bytes "
+                              "(e.g. head -c 32 /dev/urandom > key)")
 
 
 def check_secret_stat(key: str, path: str, info: os.stat_result) -> None:

@@ -28,6 +28,11 @@ Namespaces: vLLM's format has no namespace field, so the namespace goes in the t
 ``f"{topic}/{namespace}"`` (ZMQ SUB filters by prefix), and a batch never mixes namespaces.
 With ``namespace_topics=False`` every batch carries the bare topic (one model per daemon).
 
+Access: every subscriber reads every namespace name and block hash; ZMQ has no authentication here.
+An ``ipc://`` endpoint is a socket file created with mode ``ipc_mode`` (default 0600) before anyone
+can reach it (see `_listen_ipc`); its directory must exist. Which tcp:// addresses are allowed is
+config validation's business (events.allow_remote).
+
 Never blocks the event loop: the EventLog watcher queue is the bounded buffer; sends are
 non-blocking; a message ZMQ refuses (HWM) is dropped and counted, logged at most every 10 s.
 If the watcher queue overflows (the publisher fell behind) it resumes from the EventLog ring
@@ -40,6 +45,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import stat
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -60,6 +69,11 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_MEDIUMS = {pb.TIER_GPU: "GPU", pb.TIER_CPU: "CPU", pb.TIER_DISK: "STORAGE", pb.TIER_S3: "S3"}
 LOG_EVERY_S = 10.0
 REPLAY_TIMEOUT_S = 5.0
+IPC_BACKLOG = 100  # libzmq's default ZMQ_BACKLOG
+
+
+class EndpointError(ValueError):
+    """An endpoint that cannot be served as configured; the message names it and says why."""
 
 
 # ---- vLLM 0.32 wire structs (vllm/distributed/kv_events.py), mirrored ----------------------------
@@ -104,7 +118,7 @@ class ZmqKvEventPublisher:
                  topic: str = "kvtier", namespace_topics: bool = True, buffer_steps: int = 10_000,
                  max_batch: int = 512, hwm: int = 100_000, block_size: int = 0,
                  mediums: dict[int, str] | None = None, data_parallel_rank: int | None = None,
-                 namespaces: Callable[[], Iterable[str]] | None = None):
+                 namespaces: Callable[[], Iterable[str]] | None = None, ipc_mode: int = 0o600):
         self._events = events
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
@@ -116,6 +130,8 @@ class ZmqKvEventPublisher:
         self._mediums = {**DEFAULT_MEDIUMS, **(mediums or {})}
         self._dp_rank = data_parallel_rank
         self._known_namespaces = namespaces  # e.g. lambda: store.catalog.namespaces; used after a gap
+        self._ipc_mode = ipc_mode
+        self._ipc_files: list[tuple[str, int, int]] = []  # (path, st_dev, st_ino) of socket files we made
         self._buffer: deque[tuple[int, bytes, bytes]] = deque(maxlen=buffer_steps)  # (seq, topic, payload)
         self._encoder = msgspec.msgpack.Encoder()
         self._ctx: zmq.asyncio.Context | None = None
@@ -147,14 +163,12 @@ class ZmqKvEventPublisher:
             self._pub = zmq.Context.shadow(self._ctx.underlying).socket(zmq.PUB)
             self._pub.setsockopt(zmq.SNDHWM, self._hwm)
             self._pub.setsockopt(zmq.LINGER, 0)
-            self._pub.bind(self.endpoint)
-            self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.endpoint = self._bind(self._pub, self.endpoint)
             if self.replay_endpoint:
                 self._replay = self._ctx.socket(zmq.ROUTER)
                 self._replay.setsockopt(zmq.LINGER, 0)
                 self._replay.setsockopt(zmq.ROUTER_MANDATORY, 1)
-                self._replay.bind(self.replay_endpoint)
-                self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+                self.replay_endpoint = self._bind(self._replay, self.replay_endpoint)
             self._last_event_seq = self._events.seq
             _, self._queue = self._events.subscribe(0)
         except BaseException:
@@ -203,6 +217,86 @@ class ZmqKvEventPublisher:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+        for path, dev, ino in self._ipc_files:  # ours only: not a file another process put there since
+            try:
+                info = os.lstat(path)
+                if (info.st_dev, info.st_ino) == (dev, ino):
+                    os.unlink(path)
+            except OSError:
+                pass
+        self._ipc_files.clear()
+
+    # ---- endpoints ----
+
+    def _bind(self, sock: zmq.Socket, endpoint: str) -> str:
+        """Binds `sock` on `endpoint`; returns the address to announce (tcp://host:0 becomes the port bound)."""
+        if not endpoint.startswith("ipc://"):
+            sock.bind(endpoint)
+            return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        fd = self._listen_ipc(endpoint, endpoint[len("ipc://"):])
+        try:
+            sock.setsockopt(zmq.USE_FD, fd)
+            sock.bind(endpoint)  # ZMQ accepts on our listening socket from here on, and closes it
+        except BaseException:
+            os.close(fd)
+            raise
+        return endpoint  # LAST_ENDPOINT would name the private directory the socket was bound in
+
+    def _listen_ipc(self, endpoint: str, path: str) -> int:
+        """A listening Unix socket at `path` whose file has mode `ipc_mode` from the moment it appears
+        there; returns its fd, for ZMQ_USE_FD.
+
+        No window in which another user could connect: the socket is bound inside a fresh private
+        directory (mkdtemp: mode 0700, in the same directory as `path`, so on the same file system),
+        chmodded to ipc_mode there, and only then renamed onto `path` (rename(2) is atomic; a client
+        that connects by path reaches the same socket). Not a umask: umask is per process, and the
+        daemon's other threads create files and directories meanwhile. Not bind-then-chmod in place:
+        between the two, the file has the umask's mode. ZMQ gets the listening fd (ZMQ_USE_FD), so it
+        never deletes or re-creates the file; close() removes it if it is still ours."""
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            raise EndpointError(f"{endpoint}: directory {directory} does not exist (kvtierd does not create it)")
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(info.st_mode):
+                raise EndpointError(f"{endpoint}: {path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                pass  # a stale socket file (nothing listens): the rename below replaces it
+            except OSError as exc:
+                raise EndpointError(f"{endpoint}: {path} exists and cannot be checked: {exc}") from exc
+            else:
+                raise EndpointError(f"{endpoint}: {path} is in use by a running server")
+            finally:
+                probe.close()
+        private = tempfile.mkdtemp(prefix=".k", dir=directory)
+        staged = os.path.join(private, "s")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                listener.bind(staged)
+            except OSError as exc:
+                raise EndpointError(f"{endpoint}: cannot bind a socket in {directory}: {exc}") from exc
+            os.chmod(staged, self._ipc_mode)
+            listener.listen(IPC_BACKLOG)
+            listener.setblocking(False)
+            os.rename(staged, path)
+            info = os.lstat(path)
+            self._ipc_files.append((path, info.st_dev, info.st_ino))
+            return listener.detach()
+        finally:
+            listener.close()  # a no-op once detached
+            try:
+                os.unlink(staged)  # only if the rename did not happen
+            except FileNotFoundError:
+                pass
+            os.rmdir(private)
 
     # ---- publishing ----
 

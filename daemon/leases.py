@@ -12,6 +12,7 @@ import dataclasses
 import heapq
 import secrets
 import time
+from collections import Counter
 
 
 @dataclasses.dataclass(slots=True)
@@ -22,25 +23,49 @@ class Held:
     namespace: str = ""
     gpu_items: list = dataclasses.field(default_factory=list)  # read leases: blocks also pinned on the GPU
     owner: str | None = None  # the tenant that opened it (None: an admin or the daemon itself)
+    part: int = 0             # allocations: the arena part its slots are in
+    charged: str | None = None  # the owner whose limit this entry counts against (set by add)
 
 
 class LeaseTable:
-    def __init__(self, limit: int):
+    """At most `limit` entries open, and at most owner_limits[tenant] of them owned by that tenant
+    (so one tenant cannot take the whole table from the others)."""
+
+    def __init__(self, limit: int, owner_limits: dict[str, int] | None = None):
         self._limit = limit
+        self._owner_limits = dict(owner_limits or {})
+        self._owned: Counter[str] = Counter()
         self._held: dict[int, Held] = {}
         self._deadlines: list[tuple[float, int]] = []
 
     def __len__(self) -> int:
         return len(self._held)
 
-    def full(self) -> bool:
-        return len(self._held) >= self._limit
+    def owned(self, owner: str | None) -> int:
+        return self._owned[owner] if owner is not None else 0
 
-    def add(self, items: list, lease_ms: int, namespace: str = "") -> Held:
-        assert not self.full()
-        held = Held(self._new_id(), items, time.monotonic() + lease_ms / 1000, namespace)
+    def full(self, owner: str | None = None) -> bool:
+        """No room for one more entry (for `owner`: in the table, or within the owner's limit)."""
+        if len(self._held) >= self._limit:
+            return True
+        return owner in self._owner_limits and self._owned[owner] >= self._owner_limits[owner]
+
+    def add(self, items: list, lease_ms: int, namespace: str = "", owner: str | None = None) -> Held:
+        assert not self.full(owner)
+        held = Held(self._new_id(), items, time.monotonic() + lease_ms / 1000, namespace, owner=owner,
+                    charged=owner)
         self._held[held.id] = held
+        if owner is not None:
+            self._owned[owner] += 1
         heapq.heappush(self._deadlines, (held.deadline, held.id))
+        return held
+
+    def _closed(self, held: Held | None) -> Held | None:
+        if held is not None and held.charged is not None:
+            self._owned[held.charged] -= 1
+            assert self._owned[held.charged] >= 0
+            if not self._owned[held.charged]:
+                del self._owned[held.charged]
         return held
 
     def _new_id(self) -> int:
@@ -56,7 +81,7 @@ class LeaseTable:
         return self._held.get(held_id)
 
     def take(self, held_id: int) -> Held | None:
-        return self._held.pop(held_id, None)
+        return self._closed(self._held.pop(held_id, None))
 
     def expired(self, now: float | None = None) -> list[Held]:
         now = time.monotonic() if now is None else now
@@ -67,5 +92,5 @@ class LeaseTable:
             # The deadline must be this entry's own: a closed entry's heap item stays behind, and
             # a random id may (rarely) come back for a newer entry with a later deadline.
             if held is not None and held.deadline == deadline:
-                out.append(self._held.pop(held_id))
+                out.append(self._closed(self._held.pop(held_id)))
         return out

@@ -27,14 +27,16 @@ from grpc_reflection.v1alpha import reflection
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 from . import config as config_mod
+from . import mac
 from .metrics import serve_metrics
 from .notify import monotonic_usec, sd_notify, watchdog_period_s
 from . import peers as peers_mod
-from .auth import AuthConfigError, Principal, TokenTable
+from .auth import AuthConfigError, LocalIdentities, Principal, TokenTable
 from .errors import unauthenticated
 from .peers import PeerService
 from .service import KvTierService, Validator, add_to_server
 from .s3sync import S3Refused
+from .sessions import METADATA_KEY, Sessions, session_path
 from .store import BlockStore, wait_event
 
 log = logging.getLogger("kvtierd")
@@ -168,12 +170,41 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return principal
 
 
-def _denying(handler):
+class SessionAuth(grpc.aio.ServerInterceptor):
+    """Authentication for the Unix-socket listener: every kvtier.v1 call needs an open local session
+    (metadata x-kvtier-session, daemon/sessions.py), which names the caller by its uid. Health and
+    reflection answer anyone who can open the socket: they say nothing about any tenant's blocks."""
+
+    def __init__(self, sessions: Sessions):
+        self.sessions = sessions
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        supplied = dict(details.invocation_metadata or ()).get(METADATA_KEY, "")
+        if self.sessions.principal(supplied) is not None:
+            return handler
+        return _denying(handler, NO_SESSION)
+
+    def identify(self, context) -> Principal:
+        principal = self.sessions.principal(dict(context.invocation_metadata() or ()).get(METADATA_KEY, ""))
+        if principal is None:  # the interceptor let it through: the session closed in between
+            raise unauthenticated(NO_SESSION)
+        return principal
+
+
+NO_TOKEN = "missing, wrong or expired bearer token"
+NO_SESSION = ("no open local session: a Unix-socket client opens one on <socket>.session first "
+              "(kvtier.client.Client does)")
+
+
+def _denying(handler, why: str = NO_TOKEN):
     async def deny_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, wrong or expired bearer token")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
     async def deny_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing, wrong or expired bearer token")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         yield  # pragma: no cover - makes this an async generator
 
     kinds = {(False, False): (grpc.unary_unary_rpc_method_handler, deny_unary),
@@ -208,7 +239,7 @@ def _tcp_server(cfg, store, peers, health_servicer):
         raise StartupError(str(exc)) from exc
     auth = TokenAuth(tokens)
     log.info("tcp %s: %d bearer tokens loaded from %s", cfg.server.tcp, len(tokens), cfg.server.tokens_file)
-    servicer = KvTierService(store, cfg.limits, identify=auth.identify, peers=peers)
+    servicer = KvTierService(store, cfg.limits, identify=auth.identify, peers=peers, tenants=cfg.tenant)
     server = _server(cfg, servicer, health_servicer, interceptors=[auth])
     with open(cfg.server.tls_cert, "rb") as c, open(cfg.server.tls_key, "rb") as k:
         server.add_secure_port(cfg.server.tcp, grpc.ssl_server_credentials([(k.read(), c.read())]))
@@ -244,6 +275,10 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     # SIGHUP's default action is to terminate: until the reload handler is in place, ignore it.
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: still starting")
     lock_fd = lock_data_dir(cfg.data_dir)
+    try:
+        mac.cluster_key(cfg)  # read once up front: a bad key stops the start here, in one line
+    except mac.ClusterKeyError as exc:
+        raise StartupError(str(exc)) from exc
     sd_notify("STATUS=recovering the disk tier")
     try:
         store = BlockStore(cfg)
@@ -258,7 +293,7 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     kv_events = await _start_kv_events(cfg, store)
     transport, peers = _start_peers(cfg, store)
     servers, health_servicer = await _listen(cfg, store, transport, peers)
-    metrics = serve_metrics(store, cfg.metrics.listen) if cfg.metrics.listen else None
+    metrics = serve_metrics(store, cfg.metrics.listen, cfg.metrics.allow_remote) if cfg.metrics.listen else None
     stop = asyncio.Event()
     store._spawn(_report_health(store, health_servicer, stop), "health")
     beat = Heartbeat(lambda: status_line(store, draining=stop.is_set()), watchdog_period_s())
@@ -306,21 +341,35 @@ async def _start_kv_events(cfg: config_mod.Config, store: BlockStore):
     """Block events in vLLM's KV-event wire format over ZMQ (docs/kv-events.md), when configured."""
     if not cfg.events.zmq_endpoint:
         return None
-    from .kv_events import ZmqKvEventPublisher  # noqa: PLC0415 - pyzmq only when the feature is on
+    import zmq  # noqa: PLC0415 - pyzmq only when the feature is on
+
+    from .kv_events import EndpointError, ZmqKvEventPublisher  # noqa: PLC0415
     publisher = ZmqKvEventPublisher(store.events, cfg.events.zmq_endpoint, cfg.events.zmq_replay_endpoint or None,
                                     topic=cfg.events.zmq_topic, block_size=cfg.events.zmq_block_size,
-                                    namespaces=lambda: store.catalog.namespaces)
-    await publisher.start()
-    log.info("KV events (vLLM format) on %s%s", cfg.events.zmq_endpoint,
-             f", replay on {cfg.events.zmq_replay_endpoint}" if cfg.events.zmq_replay_endpoint else "")
+                                    namespaces=lambda: store.catalog.namespaces, ipc_mode=cfg.events.ipc_mode)
+    try:  # an ipc:// socket file has its mode (events.ipc_mode) before it appears at its path
+        await publisher.start()
+    except (EndpointError, zmq.ZMQError, OSError) as exc:
+        raise StartupError(f"KV events: {exc}") from exc
+    ipc = f" (socket files mode {cfg.events.ipc_mode:04o})" if cfg.events.zmq_endpoint.startswith("ipc://") else ""
+    log.info("KV events (vLLM format) on %s%s%s", publisher.endpoint,
+             f", replay on {publisher.replay_endpoint}" if publisher.replay_endpoint else "", ipc)
     return publisher
 
 
 async def _listen(cfg: config_mod.Config, store: BlockStore, transport, peers):
-    """Starts the gRPC servers (Unix socket, optional TCP and peer API); returns them and the
-    health servicer."""
+    """Starts the local session socket and the gRPC servers (Unix socket, optional TCP and peer
+    API); returns them and the health servicer."""
     health_servicer = health.aio.HealthServicer()
-    servers = [_server(cfg, KvTierService(store, cfg.limits, peers=peers), health_servicer)]
+    identities = LocalIdentities(cfg.server.admin_uids, cfg.server.admin_gids, cfg.tenant, os.geteuid())
+    sessions = Sessions(identities, store.arena, cfg.server.max_sessions,
+                        {t.name: t.max_sessions for t in cfg.tenant})
+    store.sessions = sessions
+    prepare_socket_path(session_path(cfg.server.socket))
+    session_server = await sessions.serve(session_path(cfg.server.socket), cfg.server.socket_mode)
+    auth = SessionAuth(sessions)
+    servers = [_server(cfg, KvTierService(store, cfg.limits, identify=auth.identify, peers=peers, tenants=cfg.tenant),
+                       health_servicer, interceptors=[auth])]
     prepare_socket_path(cfg.server.socket)
     servers[0].add_insecure_port(f"unix:{os.path.abspath(cfg.server.socket)}")
     if cfg.server.tcp:
@@ -332,7 +381,19 @@ async def _listen(cfg: config_mod.Config, store: BlockStore, transport, peers):
     os.chmod(cfg.server.socket, cfg.server.socket_mode)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return servers, health_servicer
+    return servers + [_SessionServer(session_server)], health_servicer
+
+
+class _SessionServer:
+    """The session listener with a gRPC server's stop(grace): stops accepting new sessions (open
+    ones end with the event loop)."""
+
+    def __init__(self, server: asyncio.AbstractServer):
+        self.server = server
+
+    async def stop(self, grace: float) -> None:
+        self.server.close()
+        await self.server.wait_closed()
 
 
 def _install_signal_handlers(stop: asyncio.Event, beat: "Heartbeat", reloader: "Reloader | None") -> None:
@@ -373,10 +434,11 @@ async def _shut_down(cfg: config_mod.Config, store: BlockStore, servers, health_
     left = await store.close(DRAIN_TIMEOUT_S)
     if left:
         log.error("shutdown: %d blocks were not written through in %.0fs and are lost", left, DRAIN_TIMEOUT_S)
-    try:
-        os.remove(cfg.server.socket)
-    except FileNotFoundError:
-        pass
+    for path in (cfg.server.socket, session_path(cfg.server.socket)):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def status_line(store: BlockStore, draining: bool = False) -> str:

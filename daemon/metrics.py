@@ -1,5 +1,9 @@
 """Prometheus /metrics: a collector that reads the store's counters at scrape time.
 
+Every series is node-wide or per tier (the only label is `tier`: gpu, cpu, disk, s3): no namespace,
+tenant, key or block hash appears here. The endpoint has no authentication, so it listens on
+loopback unless metrics.allow_remote says otherwise.
+
 The store is event-loop-only state, so a scrape (on the HTTP server's thread) asks the loop for a
 snapshot and waits for it (bounded): a consistent view, never a read of state being changed.
 Nothing here is on the request path.
@@ -13,6 +17,7 @@ import dataclasses
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .config import MetricsConfig
 from .stats import stats_response
 
 
@@ -68,9 +73,14 @@ class StoreCollector:
         yield from (tier_blocks, tier_bytes, tier_capacity, evictions, pressure)
 
 
-def serve_metrics(store, listen: str):
-    """Starts the /metrics HTTP endpoint on host:port; returns (server, thread). Call from the loop."""
+def serve_metrics(store, listen: str, allow_remote: bool = False):
+    """Starts the /metrics HTTP endpoint on host:port (an empty host is 127.0.0.1); returns (server,
+    thread). Call from the loop. Anyone who reaches it reads every series above without
+    authentication, so a host beyond loopback needs `allow_remote` (metrics.allow_remote; config
+    validation refuses it first, this is the second line)."""
     host, _, port = listen.rpartition(":")
+    if not allow_remote and not MetricsConfig.loopback(host):
+        raise ValueError(f"metrics.listen {listen!r} is beyond loopback and metrics.allow_remote is false")
     registry = CollectorRegistry()
     registry.register(StoreCollector(store, asyncio.get_running_loop()))
     return start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)

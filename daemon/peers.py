@@ -13,17 +13,33 @@ through). Every peer call and transfer is bounded by peers.timeout_s; a peer tha
 skipped for PEER_BACKOFF_S. A block that fails verification is dropped with everything after
 it: a peer costs at most its timeout and never a wrong block.
 
-Event loop only, except the NIXL READs and the checksums, which run in worker threads: a NIXL pull
-READs in pieces of about VERIFY_PIECE_BYTES, and each piece is verified (xxh3 releases the GIL) while
-the next one is read, so verification costs about one piece beyond the transfer. The owner's lease
-is released in the background once the READs are over.
+With a cluster key (cluster.key_file, daemon/mac.py) the owner checks each block's bytes against
+its checksum and sends their MAC with the block (PeerBlock.mac); the requester commits a block only
+if its checksum and then its MAC verify over the bytes that landed in its slots. A missing or wrong
+MAC drops the block with the rest of the chain, is counted (`mac_rejected`, in total and per peer)
+and logged, and the peer is skipped for PEER_BACKOFF_S. Without a key, blocks are checked by
+checksum only: any peer with a certificate from peers.tls_ca can serve any bytes it likes.
+
+Owner-side bounds (PeerPins): the blocks that peers hold pinned (Pin leases, and Fetch's one block
+at a time) count per peer identity (its certificate's common name) against
+PINS_PER_FETCH * peers.max_blocks_per_fetch, and all peers' pins in one arena part against
+1/PEER_PIN_SHARE of that part's slots, so a peer that pins all it can leaves local Allocate most of
+the arena. Pins last at most peers.lease_ms. A Pin over a bound is cut short (the requester pulls a
+shorter prefix); with nothing left it fails RESOURCE_EXHAUSTED.
+
+Event loop only, except the NIXL READs, the checksums and the MACs, which run in worker threads: a
+NIXL pull READs in pieces of about VERIFY_PIECE_BYTES, and each piece is verified (xxh3 and HMAC
+release the GIL) while the next one is read, so verification costs about one piece beyond the
+transfer. The owner's lease is released in the background once the READs are over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 import os
 import socket
@@ -38,9 +54,10 @@ from kvtier.tiers import nixl
 from kvtier.tiers.nixl import MAX_BYTES_PER_READ, MAX_PAIRS_PER_READ, TransferAbandoned
 from kvtier.tiers.retention import CLASS_RANK, DEFAULT_RETENTION, Retention
 
+from . import mac as macs
 from .catalog import retention_message, retention_of
 from .config import Config
-from .errors import ApiError, grpc_code, invalid
+from .errors import ApiError, exhausted, grpc_code, invalid
 from .store import BlockStore, Staged
 
 log = logging.getLogger("kvtier.peers")
@@ -49,6 +66,13 @@ PEER_BACKOFF_S = 5.0           # a failed peer is not asked again for this long
 ALLOCATE_WAIT_MS = 500         # local slots for a pull: wait this long, then give up the pull
 VERIFY_PIECE_BYTES = 8 << 20   # a NIXL pull READs pieces of about this size; piece k is verified during READ k+1
 VERIFY_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
+# Owner-side bounds on what peers pin here (no config keys: derived from the arena and the peer
+# settings). All peers together pin at most 1/PEER_PIN_SHARE of an arena part's slots at once, so a
+# peer pinning everything it can leaves local Allocate three quarters of the part (minus its own
+# holds); one peer pins at most PINS_PER_FETCH pulls' worth (peers.max_blocks_per_fetch each).
+PEER_PIN_SHARE = 4
+PINS_PER_FETCH = 2
+CORRUPT, FORGED = "checksum", "mac"   # why a pulled block failed verification
 
 
 def channel_credentials(cfg: Config) -> grpc.ChannelCredentials:
@@ -114,6 +138,79 @@ def clamp_peer_retention(retention: Retention | None) -> Retention | None:
     return Retention(cls, min(retention.priority, DEFAULT_RETENTION.priority), None)
 
 
+def peer_identity(context) -> str:
+    """Who is calling, from its mutual-TLS certificate (its common name; else a digest of the
+    certificate; else the address): what the owner-side bounds count by. Not the node id a peer
+    says in Hello, which it may choose freely."""
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # noqa: BLE001 - a context without TLS (tests of the servicer alone)
+        auth = {}
+    names = auth.get("x509_common_name") or []
+    if names:
+        return "cn:" + printable(names[0].decode("utf-8", "replace"), 128)
+    certs = auth.get("x509_pem_cert") or []
+    if certs:
+        return "cert:" + hashlib.sha256(certs[0]).hexdigest()[:32]
+    return "addr:" + printable(context.peer(), 128)
+
+
+class PeerPins:
+    """The blocks peers hold pinned on this node, by peer identity and arena part, counted from the
+    leases themselves (store.leases): a lease that was released or expired stops counting without
+    anyone telling this table. Event loop only.
+
+    grant() before pinning reserves room for up to `want` blocks (so concurrent pins cannot both
+    pass the check), settle() afterwards swaps the reservation for the lease (or drops it)."""
+
+    def __init__(self, store: BlockStore, per_peer: int, share: int = PEER_PIN_SHARE):
+        self.store = store
+        self.per_peer = per_peer
+        self.share = share
+        self._leases: dict[int, tuple[str, int, object]] = {}   # lease id -> (identity, part, lease)
+        self._granted: collections.Counter[tuple[str, int]] = collections.Counter()  # being pinned
+
+    def part_cap(self, part: int) -> int:
+        return max(1, self.store.arena.part_counts[part] // self.share)
+
+    def _live(self) -> list[tuple[str, int, int]]:
+        """(identity, part, blocks) of every open peer lease; forgets the closed ones."""
+        out = []
+        for lease_id, (identity, part, lease) in list(self._leases.items()):
+            if self.store.leases.get(lease_id) is not lease:
+                del self._leases[lease_id]
+                continue
+            out.append((identity, part, len(lease.items)))
+        return out
+
+    def pinned(self, identity: str | None = None, part: int | None = None) -> int:
+        """Blocks pinned (or being pinned) by `identity` (any peer: None), in `part` (any: None)."""
+        held = sum(n for who, p, n in self._live() if identity in (None, who) and part in (None, p))
+        return held + sum(n for (who, p), n in self._granted.items() if identity in (None, who) and part in (None, p))
+
+    def grant(self, identity: str, part: int, want: int) -> int:
+        """How many of `want` blocks the peer may pin in `part` now (0: none), reserved until settle()."""
+        room = min(self.per_peer - self.pinned(identity), self.part_cap(part) - self.pinned(part=part))
+        granted = max(0, min(want, room))
+        if granted:
+            self._granted[(identity, part)] += granted
+        return granted
+
+    def settle(self, identity: str, part: int, granted: int, lease) -> None:
+        if granted:
+            self._granted[(identity, part)] -= granted
+            if self._granted[(identity, part)] <= 0:
+                del self._granted[(identity, part)]
+        if lease is not None:
+            self._leases[lease.id] = (identity, part, lease)
+
+    def owner_of(self, lease_id: int) -> str | None:
+        found = self._leases.get(lease_id)
+        if found is None or self.store.leases.get(lease_id) is not found[2]:
+            return None
+        return found[0]
+
+
 # -- owner side -------------------------------------------------------------------------------
 class PeerService(pb_grpc.KvTierPeerServicer):
     def __init__(self, cfg: Config, store: BlockStore, transport, validator):
@@ -121,11 +218,17 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         self.store = store
         self.transport = transport
         self.check = validator
+        self.key = macs.cluster_key(cfg)  # None: blocks are served without a MAC
+        self.pins = PeerPins(store, PINS_PER_FETCH * cfg.peers.max_blocks_per_fetch)
+        self.refused_pins = 0  # Pin and Fetch calls refused because the peer or the part held its share
+        log.info("peer API: served blocks carry %s; each peer pins at most %d blocks, all peers 1/%d of the arena",
+                 f"MACs under cluster key {macs.key_id(self.key)}" if self.key else "no MAC (no cluster.key_file)",
+                 self.pins.per_peer, PEER_PIN_SHARE)
 
     async def Hello(self, request, context):
         arena = self.store.arena
-        log.info("peer %s said hello from %s (nixl %s)", printable(request.node_id, 64) or "?", context.peer(),
-                 "yes" if request.nixl_metadata else "no")
+        log.info("peer %s (%s) said hello from %s", printable(request.node_id, 64) or "?", peer_identity(context),
+                 printable(context.peer()))
         return pb.PeerHelloResponse(
             node_id=node_id(self.cfg), generation=arena.generation, arena_size=arena.size_bytes,
             slot_bytes=arena.slot_bytes, arena_address=arena.address if self.transport else 0,
@@ -143,63 +246,125 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         return pb.PeerHasResponse(matched=matched, attributes=found.attributes)
 
     async def Pin(self, request, context):
-        return await self._guard(context, self._pin, request)
+        return await self._guard(context, self._pin, request, peer_identity(context))
 
-    async def _pin(self, request):
+    async def _pin(self, request, identity: str):
         namespace = self.check.namespace(request.namespace)
         keys = self.check.keys(request.keys)
         if len(keys) > self.cfg.peers.max_blocks_per_fetch:
             raise invalid(
                            f"at most peers.max_blocks_per_fetch={self.cfg.peers.max_blocks_per_fetch} keys")
         lease_ms = min(request.lease_ms or self.cfg.peers.lease_ms, self.cfg.peers.lease_ms)
-        held, found = await self.store.acquire(namespace, keys, lease_ms)
-        if held is not None:
-            held.owner = PEER_OWNER
+        self.store.catalog.namespace(namespace)  # NOT_FOUND before any bound is charged
+        if not keys:
+            return pb.PeerPinResponse(generation=self.store.arena.generation)
+        part = self.store.part_of(namespace)
+        granted = self._grant(identity, part, len(keys))
+        held = None
+        try:
+            held, found = await self.store.acquire(namespace, keys[:granted], lease_ms)
+            if held is not None:
+                held.owner = PEER_OWNER
+        finally:
+            self.pins.settle(identity, part, granted, held)
+        blocks = _found_prefix_of(found)
+        sealed = await self._seal(namespace, blocks)
+        answer = [self._peer_block(block, mac) for block, mac in zip(blocks, sealed)]
         return pb.PeerPinResponse(lease_id=held.id if held else 0, generation=self.store.arena.generation,
-                                  blocks=[self._peer_block(b) for b in found])
+                                  blocks=answer)
 
-    def _peer_block(self, block) -> pb.PeerBlock:
-        if block is None:
+    def _grant(self, identity: str, part: int, want: int) -> int:
+        granted = self.pins.grant(identity, part, want)
+        if granted:
+            return granted
+        self.refused_pins += 1
+        log.warning("peer %s: pin refused: it holds %d blocks pinned here (at most %d per peer), all peers %d of "
+                    "this arena part (at most %d)", identity, self.pins.pinned(identity), self.pins.per_peer,
+                    self.pins.pinned(part=part), self.pins.part_cap(part))
+        raise exhausted("this node holds as many blocks pinned for peers as it allows; release some, or wait "
+                        "for their leases to expire")
+
+    async def _seal(self, namespace: str, blocks: list) -> list[bytes | None]:
+        """The MAC of each block (b"" without a cluster key), over its bytes in the arena after they
+        matched its checksum; None from the first block that does not match (not served: a node
+        vouches only for bytes it verified). Large batches are hashed on worker threads."""
+        if self.key is None:
+            return [b""] * len(blocks)
+        items = [(block.key, self.store.cpu.view(block)[:block.length], block.checksum) for block in blocks]
+        if sum(block.length for block in blocks) <= macs.OFF_LOOP_BYTES:
+            sealed = _seal_blocks(self.key, namespace, items)
+        else:
+            groups = [items[i::VERIFY_THREADS] for i in range(VERIFY_THREADS)]
+            done = await asyncio.gather(*(asyncio.to_thread(_seal_blocks, self.key, namespace, g) for g in groups))
+            sealed = [None] * len(items)
+            for i, group in enumerate(done):
+                sealed[i::VERIFY_THREADS] = group
+        for index, mac in enumerate(sealed):
+            if mac is None:
+                log.error("block %s/%s in this node's arena does not match its checksum: not served to peers",
+                          printable(namespace), blocks[index].key.hex())
+                return sealed[:index]
+        return sealed
+
+    def _peer_block(self, block, mac: bytes | None = b"") -> pb.PeerBlock:
+        if block is None or mac is None:
             return pb.PeerBlock()
         return pb.PeerBlock(found=True, slot=self.store.cpu.slot_of(block), length=block.length,
                             checksum=block.checksum, parent=block.parent,
-                            retention=retention_message(block.retention))
+                            retention=retention_message(block.retention), mac=mac)
 
     async def Release(self, request, context):
-        return await self._guard(context, self._release, request)
+        return await self._guard(context, self._release, request, peer_identity(context))
 
-    async def _release(self, request):
+    async def _release(self, request, identity: str):
         held = self.store.leases.get(request.lease_id)
-        if held is not None and held.owner == PEER_OWNER:
+        # Only the peer that pinned it: another peer's id (or a local client's lease) reads as not held.
+        if held is not None and held.owner == PEER_OWNER and self.pins.owner_of(request.lease_id) == identity:
             self.store.release(request.lease_id)
         return pb.ReleaseResponse()
 
     async def Fetch(self, request, context):
+        identity = peer_identity(context)
         try:
             namespace = self.check.namespace(request.namespace)
             keys = self.check.keys(request.keys)
             if len(keys) > self.cfg.peers.max_blocks_per_fetch:
                 raise invalid(
                                f"at most peers.max_blocks_per_fetch={self.cfg.peers.max_blocks_per_fetch} keys")
+            self.store.catalog.namespace(namespace)
         except ApiError as exc:
             await context.abort(grpc_code(exc), exc.message)
+        part = self.store.part_of(namespace)
         step = self.cfg.limits.put_chunk_bytes
         for index, key in enumerate(keys):  # one block pinned at a time: a slow reader pins little
-            held, found = await self.store.acquire(namespace, [key], self.cfg.peers.lease_ms)
+            try:
+                granted = self._grant(identity, part, 1)
+            except ApiError as exc:
+                await context.abort(grpc_code(exc), exc.message)
+            held = None
+            try:
+                held, found = await self.store.acquire(namespace, [key], self.cfg.peers.lease_ms)
+            finally:
+                self.pins.settle(identity, part, granted, held)
             if held is None:
                 return  # the chain ends here
             try:
                 block, view = found[0], self.store.cpu.view(found[0])
-                yield pb.PeerFetchChunk(index=index, block=self._peer_block(block), data=bytes(view[:min(step, block.length)]))
+                mac = (await self._seal(namespace, [block]) or [None])[0]
+                if mac is None:
+                    return  # bytes that fail their checksum are not served; the chain ends here
+                yield pb.PeerFetchChunk(index=index, block=self._peer_block(block, mac),
+                                        data=bytes(view[:min(step, block.length)]))
                 for start in range(step, block.length, step):
                     yield pb.PeerFetchChunk(index=index, data=bytes(view[start:min(start + step, block.length)]))
             finally:
-                self.store.release(held.id)
+                if self.store.leases.get(held.id) is held:  # not expired under a slow reader
+                    self.store.release(held.id)
 
     @staticmethod
-    async def _guard(context, fn, request):
+    async def _guard(context, fn, request, *args):
         try:
-            return await fn(request)
+            return await fn(request, *args)
         except ApiError as exc:
             await context.abort(grpc_code(exc), exc.message)
 
@@ -213,7 +378,8 @@ class PeerCounters:
     fetched_blocks_grpc: int = 0
     fetched_bytes: int = 0
     failures: int = 0           # calls or transfers that failed or timed out
-    corrupt_blocks: int = 0     # failed verification on arrival; dropped
+    corrupt_blocks: int = 0     # failed their checksum on arrival; dropped
+    mac_rejected: int = 0       # arrived with a missing or wrong MAC (cluster key set); dropped, peer skipped
     refused_namespaces: int = 0  # the peer's namespace has other attributes (another model)
     abandoned_reads: int = 0    # READs still in flight at their deadline (their slots wait until they settle)
 
@@ -226,6 +392,7 @@ class PeerLink:
     hello: pb.PeerHelloResponse | None = None
     agent: str = ""             # the peer's NIXL agent name in our transport
     down_until: float = 0.0
+    mac_rejected: int = 0       # pulls from this peer refused for a missing or wrong MAC
 
 
 class PeerFetcher:
@@ -234,6 +401,12 @@ class PeerFetcher:
         self.store = store
         self.transport = transport
         self.why_no_nixl = why_no_nixl
+        self.key = macs.cluster_key(cfg)  # None: blocks from peers are checked by checksum only
+        if self.key is not None:
+            log.info("peers: pulled blocks must carry a MAC under cluster key %s", macs.key_id(self.key))
+        else:
+            log.warning("peers: no cluster.key_file: blocks pulled from peers are checked by checksum only "
+                        "(any holder of a peer certificate can plant blocks; docs/peers.md)")
         self.counters = PeerCounters()
         self.withheld_slots = 0  # destination slots of abandoned READs, back in the pool once they settle
         credentials = channel_credentials(cfg)
@@ -250,6 +423,10 @@ class PeerFetcher:
     @property
     def transport_name(self) -> str:
         return "nixl" if self.transport is not None else "grpc"
+
+    def mac_rejected_by_peer(self) -> dict[str, int]:
+        """Pulls refused for a missing or wrong MAC, per peer address (peers.addresses)."""
+        return {link.address: link.mac_rejected for link in self.links}
 
     async def close(self) -> None:
         if self._background:  # Releases in flight, each bounded by peers.timeout_s
@@ -317,8 +494,9 @@ class PeerFetcher:
         """Exchanges NIXL metadata once per peer (again after the peer restarted)."""
         if link.hello is not None:
             return True
-        hello = await link.stub.Hello(pb.PeerHelloRequest(node_id=node_id(self.cfg),
-                                                          nixl_metadata=self.transport.local_metadata()),
+        # Our NIXL metadata stays here: the owner needs none to be READ from, and it would let the
+        # owner READ and WRITE our whole arena (NIXL registers memory for both; docs/peers.md).
+        hello = await link.stub.Hello(pb.PeerHelloRequest(node_id=node_id(self.cfg)),
                                       timeout=self.cfg.peers.timeout_s)
         link.hello, link.agent = hello, ""
         if hello.nixl_metadata and hello.arena_address:
@@ -340,7 +518,8 @@ class PeerFetcher:
 
     # -- pulls ----------------------------------------------------------------------------------
     async def _pull_nixl(self, link: PeerLink, namespace: str, want: list[bytes]) -> int:
-        held = await self.store.allocate(len(want), ALLOCATE_WAIT_MS, self.cfg.peers.lease_ms)
+        held = await self.store.allocate(len(want), ALLOCATE_WAIT_MS, self.cfg.peers.lease_ms,
+                                         self.store.part_of(namespace))
         pin = None
         try:
             pin = await link.stub.Pin(pb.PeerPinRequest(namespace=namespace, keys=want,
@@ -348,23 +527,37 @@ class PeerFetcher:
                                       timeout=self.cfg.peers.timeout_s)
             if pin.generation != link.hello.generation:
                 raise OSError("the peer restarted (new arena generation); hello again next time")
-            blocks = _found_prefix(pin.blocks)
+            blocks = _found_prefix(pin.blocks)[:len(want)]
             if not blocks:
-                return await self._commit(held, namespace, [], [], 0)
-            verified = await self._nixl_read(link, held, blocks)
+                return await self._commit(link, held, namespace, [], [], 0, None)
+            signed = self._signed(blocks)  # a block without a MAC is not worth READing
+            verified, why = await self._nixl_read(link, held, blocks[:signed], namespace, want) \
+                if signed else (0, None)
+            if why is None and signed < len(blocks):
+                why = FORGED
         except BaseException:
             self._abort(held)
             raise
         finally:
             if pin is not None and pin.lease_id:  # the READs are over: nothing waits for the Release
                 self._in_background(self._release_remote(link, pin.lease_id))
-        landed = await self._commit(held, namespace, want, blocks, verified)
+        landed = await self._commit(link, held, namespace, want, blocks, verified, why)
         self.counters.fetched_blocks_nixl += landed
         return landed
 
-    async def _nixl_read(self, link: PeerLink, held, blocks: list[pb.PeerBlock]) -> int:
+    def _signed(self, blocks: list[pb.PeerBlock]) -> int:
+        """How many blocks, from the first, carry a MAC of the right size (all without a cluster key)."""
+        if self.key is None:
+            return len(blocks)
+        for index, block in enumerate(blocks):
+            if len(block.mac) != macs.MAC_BYTES:
+                return index
+        return len(blocks)
+
+    async def _nixl_read(self, link: PeerLink, held, blocks: list[pb.PeerBlock], namespace: str,
+                         want: list[bytes]) -> tuple[int, str | None]:
         """READs the blocks into the allocation's slots, verifying them as they land; returns how
-        many blocks, from the first, landed with their checksum."""
+        many blocks, from the first, landed with their checksum (and MAC), and why the next failed."""
         local, remote = self.store.arena, link.hello
         pairs = []
         for slot, block in zip(held.items, blocks):
@@ -373,8 +566,8 @@ class PeerFetcher:
                 raise OSError(f"peer {link.address} described a block outside its arena")
             pairs.append((local.address + slot * local.slot_bytes,
                           remote.arena_address + block.slot * remote.slot_bytes, block.length))
-        sums = [block.checksum for block in blocks]
-        reading = asyncio.ensure_future(asyncio.to_thread(self._read_verified, link.agent, pairs, held.items, sums))
+        checks = _checks(held.items, blocks, want)
+        reading = asyncio.ensure_future(asyncio.to_thread(self._read_verified, link.agent, pairs, namespace, checks))
         try:
             return await asyncio.shield(reading)
         finally:
@@ -386,38 +579,44 @@ class PeerFetcher:
             if isinstance(failure, TransferAbandoned):
                 self._withhold(held, failure.settled)
 
-    def _read_verified(self, agent: str, pairs: list[tuple[int, int, int]], slots: list[int],
-                       sums: list[int]) -> int:
+    def _read_verified(self, agent: str, pairs: list[tuple[int, int, int]], namespace: str,
+                       checks: list[tuple]) -> tuple[int, str | None]:
         """Worker thread: READs the pairs in pieces (within the transport's per-read bounds) and has
         each piece verified in the verifier pool while the next one is read. Returns how many blocks,
-        from the first, landed with their checksum; stops reading after a block that failed. Returns
-        or raises only once no verification is reading the slots any more."""
+        from the first, landed with their checksum (and MAC), and why the next one failed (None: none
+        failed); stops reading after a block that failed. Returns or raises only once no
+        verification is reading the slots any more."""
         pieces = _pieces(pairs)
         verifying: list[concurrent.futures.Future] = []
         try:
             for start, end in pieces:
-                if any(f.done() and f.result() < e - s for f, (s, e) in zip(verifying, pieces)):
+                if any(f.done() and f.result()[1] is not None for f in verifying):
                     break  # a block already failed: what follows it would be dropped anyway
                 self.transport.read(agent, pairs[start:end], self.cfg.peers.timeout_s)
-                verifying.append(self._verifier.submit(self._verify, slots[start:end],
-                                                       [n for _, _, n in pairs[start:end]], sums[start:end]))
+                verifying.append(self._verifier.submit(self._verify, namespace, checks[start:end]))
         finally:
             concurrent.futures.wait(verifying)
         good = 0
-        for future, (start, end) in zip(verifying, pieces):
-            ok = future.result()
+        for future in verifying:
+            ok, why = future.result()
             good += ok
-            if ok < end - start:
-                break
-        return good
+            if why is not None:
+                return good, why
+        return good, None
 
-    def _verify(self, slots: list[int], lengths: list[int], sums: list[int]) -> int:
-        """Verifier thread: how many of the blocks, from the first, match their checksum."""
+    def _verify(self, namespace: str, checks: list[tuple]) -> tuple[int, str | None]:
+        """Verifier thread: how many of the blocks (checks: (slot, length, checksum, mac, key)), from
+        the first, match their checksum and, with a cluster key, their MAC; and why the next one
+        does not (CORRUPT or FORGED; None when all do). Checked on the bytes in our own slots, which
+        nothing else writes: what is verified is what is committed."""
         arena = self.store.arena
-        for index, (slot, length, expected) in enumerate(zip(slots, lengths, sums)):
-            if checksum(arena.view(slot)[:length]) != expected:
-                return index
-        return len(slots)
+        for index, (slot, length, expected, mac, key) in enumerate(checks):
+            data = arena.view(slot)[:length]
+            if checksum(data) != expected:
+                return index, CORRUPT
+            if self.key is not None and not macs.verify_block(self.key, namespace, key, data, mac):
+                return index, FORGED
+        return len(checks), None
 
     def _in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -457,7 +656,8 @@ class PeerFetcher:
                      exc.code().name)
 
     async def _pull_grpc(self, link: PeerLink, namespace: str, want: list[bytes]) -> int:
-        held = await self.store.allocate(len(want), ALLOCATE_WAIT_MS, self.cfg.peers.lease_ms)
+        held = await self.store.allocate(len(want), ALLOCATE_WAIT_MS, self.cfg.peers.lease_ms,
+                                         self.store.part_of(namespace))
         blocks: list[pb.PeerBlock] = []
         broken, filled = None, 0
         try:
@@ -473,13 +673,12 @@ class PeerFetcher:
         if blocks and filled != blocks[-1].length:
             blocks.pop()  # the stream ended inside this block
         try:
-            verified = await asyncio.get_running_loop().run_in_executor(
-                self._verifier, self._verify, held.items[:len(blocks)], [b.length for b in blocks],
-                [b.checksum for b in blocks])
+            verified, why = await asyncio.get_running_loop().run_in_executor(
+                self._verifier, self._verify, namespace, _checks(held.items, blocks, want))
         except BaseException:
             self._abort(held)
             raise
-        landed = await self._commit(held, namespace, want, blocks, verified)
+        landed = await self._commit(link, held, namespace, want, blocks, verified, why)
         self.counters.fetched_blocks_grpc += landed
         if broken is not None:
             self._failed(link, f"stream after {landed} of {len(want)} blocks", broken)
@@ -499,18 +698,25 @@ class PeerFetcher:
         view[filled:filled + len(chunk.data)] = chunk.data
         return filled + len(chunk.data)
 
-    async def _commit(self, held, namespace: str, want: list[bytes], blocks: list[pb.PeerBlock],
-                      verified: int) -> int:
+    async def _commit(self, link: PeerLink, held, namespace: str, want: list[bytes], blocks: list[pb.PeerBlock],
+                      verified: int, why: str | None) -> int:
         """Commits the prefix of the pulled blocks that passed verification on arrival (`verified`
-        of them, checked by _verify against the bytes in the slots); a block that failed is dropped
-        with everything after it."""
+        of them, checked by _verify against the bytes in the slots); a block that failed (`why`) is
+        dropped with everything after it."""
         staged = []
         for key, slot, block in zip(want[:verified], held.items, blocks[:verified]):
             staged.append(Staged(key, block.parent, slot, block.length, block.checksum, _peer_retention(block)))
-        if verified < len(blocks):
+        if verified < len(blocks) and why == FORGED:
+            self.counters.mac_rejected += 1
+            link.mac_rejected += 1
+            log.error("block %s/%s from peer %s has a missing or wrong MAC (%d such pulls from it): dropped "
+                      "with the rest of the chain; the peer serves blocks this cluster's key does not vouch for",
+                      printable(namespace), want[verified].hex(), link.address, link.mac_rejected)
+            self._failed(link, f"pull of {len(blocks)} blocks", OSError("a block with a missing or wrong MAC"))
+        elif verified < len(blocks):
             self.counters.corrupt_blocks += 1
             log.error("block %s/%s from a peer failed verification: dropped with the rest of the chain",
-                      namespace, want[verified].hex())
+                      printable(namespace), want[verified].hex())
         if not staged:
             self.store.abort(held.id)
             return 0
@@ -531,6 +737,33 @@ def _pieces(pairs: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
         size += length
     if start < len(pairs):
         out.append((start, len(pairs)))
+    return out
+
+
+def _checks(slots: list[int], blocks: list[pb.PeerBlock], want: list[bytes]) -> list[tuple]:
+    """What _verify checks per block: (local slot, length, checksum, MAC, key)."""
+    return [(slot, block.length, block.checksum, block.mac, key) for slot, block, key in zip(slots, blocks, want)]
+
+
+def _seal_blocks(key: bytes, namespace: str, items: list[tuple]) -> list[bytes | None]:
+    """Owner, any thread: the MAC of each (block key, bytes, checksum) whose bytes match the
+    checksum; None for one that does not, and for every one after it."""
+    out: list[bytes | None] = []
+    for block_key, data, expected in items:
+        if out and out[-1] is None or checksum(data) != expected:
+            out.append(None)
+            continue
+        out.append(macs.block_mac(key, namespace, block_key, data))
+    return out
+
+
+def _found_prefix_of(found: list) -> list:
+    """The catalog blocks acquire() found, up to the first key it did not."""
+    out = []
+    for block in found:
+        if block is None:
+            break
+        out.append(block)
     return out
 
 

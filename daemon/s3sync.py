@@ -17,13 +17,23 @@ Contract
   not guaranteed).
 - Reads from S3 are verified against the block's own checksum and length (the catalog's, recorded
   at commit or at listing): a replaced object is a miss, never data.
-- The lister adopts blocks that other nodes uploaded, so a fresh node sees the bucket's blocks.
+- The lister adopts blocks that other nodes uploaded, so a fresh node sees the bucket's blocks, but
+  only blocks of namespaces registered here (namespaces.json): the bucket never creates a namespace
+  (limits.max_namespaces and the tenants' bounds hold), and an adopted block gets the local default
+  retention (S3 objects carry none).
+- With a cluster key (cluster.key_file, daemon/mac.py) every upload carries the block's MAC and its
+  header's MAC in its metadata; the lister adopts only objects whose header MAC verifies (a HEAD,
+  no GET), and a read from S3 is served only if the block MAC verifies over the downloaded bytes.
+  An object that fails is refused (mac_rejected), logged once, never committed, and skipped by
+  later listings; it is not deleted (a node with another key must not delete the cluster's data).
+  Without a key, a bucket writer can plant any block that passes its checksum (docs/s3-format.md).
 - Event loop only; S3 and LMDB calls run on worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import mmap
@@ -34,10 +44,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.tiers.block import BlockHeader, align_up
-from kvtier.tiers.s3 import S3Config, S3Misconfigured, S3Tier, S3Unavailable
+from kvtier.tiers.s3 import METADATA_HEADER_MAC, METADATA_MAC, S3Config, S3Misconfigured, S3Tier, S3Unavailable
 
+from . import mac as macs
 from .catalog import Block
 from .config import S3TierConfig, check_secret_stat
+from .peers import printable
 from .store import wait_event
 
 log = logging.getLogger("kvtier.s3sync")
@@ -45,8 +57,9 @@ S3, CPU, DISK = pb.TIER_S3, pb.TIER_CPU, pb.TIER_DISK
 UPLOAD = "upload"
 UPLOAD_BATCH_PER_WORKER = 4
 BACKOFF_MAX_S = 30.0
-UNREACHABLE_PROBLEM_S = 30.0
-PROBE_BOUND_S = 3.0           # the start-up If-None-Match probe waits this long, then retries later  # S3 unreachable this long with uploads owed: health says NOT_SERVING
+UNREACHABLE_PROBLEM_S = 30.0  # S3 unreachable this long with uploads owed: health says NOT_SERVING
+PROBE_BOUND_S = 3.0           # the start-up If-None-Match probe waits this long, then retries later
+REJECTED_MEMORY = 16384       # object keys refused for their MAC that later listings skip (oldest forgotten)
 
 
 class S3Refused(Exception):
@@ -63,6 +76,7 @@ class S3Counters:
     failures: int = 0
     adopted: int = 0
     adoption_capped: int = 0   # listing passes that stopped at s3.max_catalog_blocks
+    mac_rejected: int = 0      # objects refused because their MAC is missing or wrong (cluster key set)
 
 
 def tier_config(cfg: S3TierConfig) -> S3Config:
@@ -95,9 +109,15 @@ class S3Sync:
         self._pool = ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="kvtier-s3")
         self._uploading: set[Block] = set()
         self._wake = asyncio.Event()
+        self.key: bytes | None = None    # the cluster key (start() loads it): MACs on every object
+        self._rejected: collections.OrderedDict[str, None] = collections.OrderedDict()  # object keys
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> str:
+        try:
+            self.key = macs.cluster_key(self.store.cfg)
+        except macs.ClusterKeyError as exc:
+            raise S3Refused(str(exc)) from None
         if self.tier is None:
             self.tier = await self._in(lambda: S3Tier(tier_config(self.cfg)))
         if self.cfg.write_through:
@@ -106,7 +126,9 @@ class S3Sync:
             self.store._spawn(self._upload_loop(), "s3-upload")
         self.store._spawn(self._list_loop(), "s3-list")
         dedup = "" if self.conditional_puts else " (If-None-Match NOT honoured: no cross-node dedup)"
-        return f"s3 bucket {self.cfg.bucket}: {self.backlog} uploads owed{dedup}"
+        macs_said = f"objects carry MACs under cluster key {macs.key_id(self.key)}" if self.key else \
+            "no cluster key: objects are checked by checksum only, a bucket writer can plant blocks"
+        return f"s3 bucket {self.cfg.bucket}: {self.backlog} uploads owed{dedup}; {macs_said}"
 
     async def _probe(self) -> None:
         """Raises S3Refused when the endpoint ignores If-None-Match and that is not allowed; an
@@ -239,15 +261,27 @@ class S3Sync:
                 slot = self.store.cpu.hold(block, UPLOAD)  # the slot cannot be reused while S3 reads it
                 try:
                     view = self.store.arena.view(slot)[:block.length]
-                    return await self._in(lambda: self.tier.upload(header, view))
+                    return await self._in(lambda: self._put(header, view))
                 finally:
                     self.store.cpu.release(slot, UPLOAD)
             payload = await self._read_disk_copy(block)
             if payload is None:
                 return None
-            return await self._in(lambda: self.tier.upload(header, payload))
+            return await self._in(lambda: self._put(header, payload))
         finally:
             self._uploading.discard(block)
+
+    def _put(self, header: BlockHeader, payload) -> str:
+        """Worker thread: the upload, signed when there is a cluster key (the MACs are computed by
+        the tier's `sign` on the exact bytes it sends, after it verified their checksum)."""
+        if self.key is None:
+            return self.tier.upload(header, payload)
+        key = self.key
+
+        def sign(encoded: bytes, sent) -> dict[str, str]:
+            block_mac = macs.block_mac(key, header.namespace, header.key, sent)
+            return {METADATA_MAC: block_mac.hex(), METADATA_HEADER_MAC: macs.header_mac(key, encoded, block_mac).hex()}
+        return self.tier.upload(header, payload, sign=sign)
 
     async def _read_disk_copy(self, block: Block):
         disk = self.store.disk
@@ -277,13 +311,18 @@ class S3Sync:
 
     # -- read-through ---------------------------------------------------------------------------
     async def download(self, block: Block, dest: memoryview) -> bool:
-        """Copies the S3 object into dest, verified against the block's checksum and length; False
-        (and the S3 bit dropped when the object is bad or gone) otherwise."""
+        """Copies the S3 object into dest, verified against the block's checksum and length (and,
+        with a cluster key, its MAC); False (and the S3 bit dropped when the object is bad, forged or
+        gone) otherwise."""
         try:
-            length = await self._in(lambda: self.tier.download_into(
-                block.namespace, block.key, dest, expected_checksum=block.checksum, expected_length=block.length))
+            length, problem = await self._in(lambda: self._download_verified(block, dest))
         except S3Unavailable as exc:
-            log.warning("S3 read of %s/%s failed: %s", block.namespace, block.key.hex(), exc)
+            log.warning("S3 read of %s/%s failed: %s", printable(block.namespace), block.key.hex(), exc)
+            return False
+        if problem is not None:
+            self._refused(self.tier.object_key(block.namespace, block.key), block.namespace, block.key, problem)
+            if self.store.catalog.get(block.namespace, block.key) is block and block.tiers & S3:
+                self.store._drop_tier(block, S3)  # never read from S3 again; the listing skips it too
             return False
         if length is None or length != block.length:
             if self.store.catalog.get(block.namespace, block.key) is block and block.tiers & S3:
@@ -292,6 +331,27 @@ class S3Sync:
         self.counters.downloads += 1
         self.counters.download_bytes += length
         return True
+
+    def _download_verified(self, block: Block, dest: memoryview) -> tuple[int | None, str | None]:
+        """Worker thread: (length or None, why the MAC refuses the bytes or None)."""
+        metadata = None if self.key is None else {}
+        length = self.tier.download_into(block.namespace, block.key, dest, expected_checksum=block.checksum,
+                                         expected_length=block.length, metadata=metadata)
+        if length is None or self.key is None:
+            return length, None
+        return length, _mac_problem(self.key, block.namespace, block.key, dest[:length], metadata)
+
+    def _refused(self, object_key: str, namespace: str, key: bytes, problem: str) -> None:
+        """An object whose MAC is missing or wrong: counted, logged once per object, remembered so
+        that listings skip it (the oldest of REJECTED_MEMORY object keys are forgotten)."""
+        self.counters.mac_rejected += 1
+        if object_key in self._rejected:
+            return
+        self._rejected[object_key] = None
+        if len(self._rejected) > REJECTED_MEMORY:
+            self._rejected.popitem(last=False)
+        log.warning("S3 object %s (%s/%s) refused: %s; not served, not adopted, left in the bucket",
+                    printable(object_key, 256), printable(namespace), key.hex(), problem)
 
     async def delete(self, block: Block) -> None:
         try:
@@ -323,9 +383,10 @@ class S3Sync:
             await asyncio.sleep(max(0.0, wait))
 
     async def _list_once(self) -> int:
-        """One pass over the bucket: a LIST per page, a HEAD only for blocks the catalog lacks."""
+        """One pass over the bucket: a LIST per page, a HEAD only for blocks the catalog lacks, of
+        namespaces registered here (a namespace registered meanwhile is listed on the next pass)."""
         adopted, token = 0, ""
-        digests = {self.tier.namespace_digest(name): name for name in self.store.catalog.namespaces}
+        digests = {self.tier.namespace_digest(name): name for name in self._registered()}
         while True:
             items, token = await self._in(lambda after=token: self.tier.list_keys(after))
             unknown = [(okey, size) for okey, size in items if not self._known(okey, digests)]
@@ -345,15 +406,32 @@ class S3Sync:
             if not token:
                 return adopted
 
+    def _registered(self) -> list[str]:
+        """Namespaces registered here (namespaces.json), not merely found on disk: the only ones
+        whose blocks the listing adopts."""
+        return [name for name, ns in self.store.catalog.namespaces.items() if not ns.adopted]
+
     def _known(self, object_key: str, digests: dict[str, str]) -> bool:
+        """Nothing to adopt: not one of ours, a namespace not registered here, refused before, or
+        already in the catalog with its S3 bit."""
         parsed = self.tier.parse_object_key(object_key)
-        if parsed is None:
-            return True  # not one of ours: nothing to adopt
+        if parsed is None or object_key in self._rejected:
+            return True
         name = digests.get(parsed[0])
-        block = self.store.catalog.get(name, parsed[1]) if name else None
+        if name is None:
+            return True  # the bucket never registers a namespace here
+        block = self.store.catalog.get(name, parsed[1])
         return block is not None and bool(block.tiers & S3)
 
     def _adopt(self, entry) -> int:
+        ns = self.store.catalog.namespaces.get(entry.namespace)
+        if ns is None or ns.adopted:
+            return 0  # removed (or never registered) since the pass began
+        if self.key is not None:
+            problem = _entry_problem(self.key, entry)
+            if problem is not None:
+                self._refused(entry.object_key, entry.namespace, entry.key, problem)
+                return 0
         block = self.store.catalog.get(entry.namespace, entry.key)
         if block is not None:
             if not block.tiers & S3 and block.checksum == entry.checksum:
@@ -361,7 +439,8 @@ class S3Sync:
                 self.blocks += 1
                 self.store.events.emit(pb.BLOCK_STORED, block.namespace, block.key, S3, length=block.length)
             return 0
-        self.store.catalog.adopt_namespace(entry.namespace)
+        # No retention: the policy's default, as for any block committed here without one (an S3
+        # object carries no retention, and nothing from the bucket may pin this node's memory).
         block = Block(entry.namespace, entry.key, entry.parent, entry.length, entry.checksum,
                       entry.created_unix_ms, entry.created_unix_ms, tiers=S3)
         self.store.catalog.add(block)
@@ -370,6 +449,36 @@ class S3Sync:
         self.store.events.emit(pb.BLOCK_STORED, block.namespace, block.key, S3, length=block.length,
                                parent=block.parent)
         return 1
+
+
+def _hex_mac(metadata: dict | None, name: str) -> bytes | None:
+    text = (metadata or {}).get(name, "")
+    if len(text) != 2 * macs.MAC_BYTES:
+        return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return None
+
+
+def _mac_problem(key: bytes, namespace: str, block_key: bytes, payload, metadata: dict | None) -> str | None:
+    """Why the downloaded payload's MAC (x-amz-meta-kvtier-mac) does not verify, or None."""
+    mac = _hex_mac(metadata, METADATA_MAC)
+    if mac is None:
+        return f"no valid {METADATA_MAC} metadata (a MAC is required: cluster.key_file is set)"
+    if not macs.verify_block(key, namespace, block_key, payload, mac):
+        return "wrong MAC over the payload (forged, or written under another cluster key)"
+    return None
+
+
+def _entry_problem(key: bytes, entry) -> str | None:
+    """Why a listed object's header MAC (x-amz-meta-kvtier-header-mac) does not verify, or None."""
+    mac, header_mac = _hex_mac(entry.metadata, METADATA_MAC), _hex_mac(entry.metadata, METADATA_HEADER_MAC)
+    if mac is None or header_mac is None or not entry.header:
+        return f"no valid {METADATA_MAC}/{METADATA_HEADER_MAC} metadata (required: cluster.key_file is set)"
+    if not macs.verify_header(key, entry.header, mac, header_mac):
+        return "wrong header MAC (forged, or written under another cluster key)"
+    return None
 
 
 def _backoff(failures: int) -> float:

@@ -8,6 +8,7 @@ traceback and returned as INTERNAL without killing the daemon.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -137,15 +138,37 @@ def _streaming(method):
 
 
 class KvTierService(pb_grpc.KvTierServicer):
-    """`identify(context)` names the caller (LOCAL on the Unix socket, a token's principal on TCP);
-    every namespace a call touches must be the caller's own (auth.Principal.owns)."""
+    """`identify(context)` names the caller (a local session's principal on the Unix socket, a
+    token's principal on TCP); every namespace a call touches must be the caller's own
+    (auth.Principal.owns). The arena calls (ArenaInfo, Allocate, Commit, Acquire) need a local
+    principal and touch only its tenant's arena part; CUDA IPC handles (Acquire gpu) go to local
+    administrators only, since they open the whole shared GPU pool. `tenants` ([[tenant]] tables)
+    bound each tenant's namespaces, watchers and peer pulls."""
 
-    def __init__(self, store: BlockStore, limits: LimitsConfig, identify=lambda context: LOCAL, peers=None):
+    def __init__(self, store: BlockStore, limits: LimitsConfig, identify=lambda context: LOCAL, peers=None,
+                 tenants=()):
         self.store = store
         self.check = Validator(limits)
         self.limits = limits
         self.identify = identify
         self.peers = peers  # daemon.peers.PeerFetcher when peers are configured
+        self.tenants = {t.name: t for t in tenants}
+        self._watchers: collections.Counter[str] = collections.Counter()  # per tenant
+        self._pulls: collections.Counter[str] = collections.Counter()     # per tenant, in flight
+        self.pulls_refused: collections.Counter[str] = collections.Counter()
+
+    def _local(self, context, what: str) -> Principal:
+        """The caller, if it came through a local session (the arena is only for local engines)."""
+        who = self.identify(context)
+        if not who.local:
+            raise denied(f"{what} needs a local session on the Unix socket (the arena is for same-node "
+                         "engines); over TCP use Put and Get")
+        return who
+
+    def _in_my_part(self, who: Principal, namespace: str, what: str) -> None:
+        if self.store.part_of(namespace) != self.store.arena.part_named(who.tenant or ""):
+            raise precondition(f"{what}: namespace {namespace} lives in its tenant's own arena part, which "
+                               f"{who.name} does not map; use Get and Put")
 
     def _own(self, context, name: str, allow_star: bool = False) -> str:
         """The validated namespace, if the caller may touch it (PERMISSION_DENIED otherwise)."""
@@ -178,11 +201,34 @@ class KvTierService(pb_grpc.KvTierServicer):
     @_unary
     async def RegisterNamespace(self, request, context):
         name = self._own(context, request.name)
+        self._check_namespace_quota(self.identify(context), name)
         created = await self.store.register_namespace(name, self.check.attributes(request.attributes))
         if created:
             log.info("namespace %s registered by %s (%s)", name, self.identify(context).name,
                      dict(request.attributes))
         return pb.RegisterNamespaceResponse(created=created)
+
+    def _check_namespace_quota(self, who: Principal, name: str) -> None:
+        tenant = self.tenants.get(who.tenant or "")
+        if tenant is None or name in self.store.catalog.namespaces:
+            return
+        owned = sum(1 for n in self.store.catalog.namespaces if who.owns(n))
+        if owned >= tenant.max_namespaces:
+            raise exhausted(f"tenant {tenant.name} has its max_namespaces ({tenant.max_namespaces}) namespaces; "
+                            "an administrator can RemoveNamespace one")
+
+    async def _pull(self, who: Principal, namespace: str, keys, have: int) -> int:
+        """Blocks pulled from peers, within the tenant's max_pulls in flight (0 past it)."""
+        tenant = self.tenants.get(who.tenant or "")
+        if tenant is not None and self._pulls[tenant.name] >= tenant.max_pulls:
+            self.pulls_refused[tenant.name] += 1
+            return 0
+        key = tenant.name if tenant is not None else ""
+        self._pulls[key] += 1
+        try:
+            return await self.peers.fetch(namespace, keys, have)
+        finally:
+            self._pulls[key] -= 1
 
     @_unary
     async def ListNamespaces(self, request, context):
@@ -198,7 +244,7 @@ class KvTierService(pb_grpc.KvTierServicer):
         tiers = self.store.lookup(namespace, keys)
         from_peers = 0
         if request.consult_peers and len(tiers) < len(keys) and self.peers is not None:
-            from_peers = await self.peers.fetch(namespace, keys, len(tiers))
+            from_peers = await self._pull(self.identify(context), namespace, keys, len(tiers))
             tiers = self.store.catalog.lookup(namespace, keys) if from_peers else tiers
         return pb.LookupResponse(matched=len(tiers), tiers=tiers, from_peers=from_peers)
 
@@ -226,18 +272,23 @@ class KvTierService(pb_grpc.KvTierServicer):
 
     @_unary
     async def ArenaInfo(self, request, context):
-        arena = self.store.arena
-        return pb.ArenaInfoResponse(path=arena.path, size_bytes=arena.size_bytes, slot_bytes=arena.slot_bytes,
-                                    slot_count=arena.slot_count, generation=arena.generation,
+        who = self._local(context, "ArenaInfo")
+        arena, index = self.store.arena, self.store.arena.part_named(who.tenant or "")
+        part = arena.parts[index]
+        return pb.ArenaInfoResponse(path="", size_bytes=part.slot_count * arena.slot_bytes,
+                                    slot_bytes=arena.slot_bytes, slot_count=part.slot_count,
+                                    generation=arena.generation, first_slot=part.first_slot,
+                                    namespace_prefix=f"{who.tenant}/" if who.tenant else "",
                                     max_keys_per_request=self.limits.max_keys_per_request,
                                     max_key_bytes=self.limits.max_key_bytes,
-                                    max_allocate=arena.slot_count - self.store.read_reserve)
+                                    max_allocate=self.store.max_allocate(index))
 
     @_unary
     async def Allocate(self, request, context):
+        who = self._local(context, "Allocate")
         held = await self.store.allocate(self.check.count(request.count), self.check.wait_ms(request.wait_ms),
-                                         self.check.lease_ms(request.lease_ms))
-        held.owner = self.identify(context).tenant
+                                         self.check.lease_ms(request.lease_ms),
+                                         self.store.arena.part_named(who.tenant or ""), owner=who.tenant)
         return pb.AllocateResponse(allocation_id=held.id, slots=held.items, slot_bytes=self.store.arena.slot_bytes,
                                    generation=self.store.arena.generation,
                                    deadline_unix_ms=_deadline_unix_ms(held.deadline))
@@ -247,6 +298,7 @@ class KvTierService(pb_grpc.KvTierServicer):
         """INVALID_ARGUMENT always means the allocation was aborted (here for a bad entry, in the
         store for a bad slot or checksum): a refused commit is never retried on the same slots.
         A namespace or ownership refusal leaves the allocation as it was."""
+        self._local(context, "Commit")
         namespace = self._own(context, request.namespace)
         self._owned(self.store.allocations, request.allocation_id, context, "allocation")
         try:
@@ -276,12 +328,15 @@ class KvTierService(pb_grpc.KvTierServicer):
 
     @_unary
     async def Acquire(self, request, context):
+        who = self._local(context, "Acquire")
         namespace = self._own(context, request.namespace)
+        self._in_my_part(who, namespace, "Acquire")
+        if request.gpu and not who.admin:
+            raise denied("Acquire with gpu=true hands out CUDA IPC handles to the shared GPU pool: "
+                         "administrators only")
         keys = self.check.keys(request.keys)
         held, found = await self.store.acquire(namespace, keys, self.check.lease_ms(request.lease_ms),
-                                               gpu=request.gpu)
-        if held is not None:
-            held.owner = self.identify(context).tenant
+                                               gpu=request.gpu, owner=who.tenant)
         on_gpu = {block for block, _ in held.gpu_items} if held else set()
         blocks = [self._acquired(b, b in on_gpu) if b is not None else pb.AcquiredBlock() for b in found]
         return pb.AcquireResponse(lease_id=held.id if held else 0, blocks=blocks,
@@ -319,7 +374,8 @@ class KvTierService(pb_grpc.KvTierServicer):
     async def Get(self, request, context):
         namespace = self._own(context, request.namespace)
         key = self.check.key(request.key)
-        held, found = await self.store.acquire(namespace, [key], self.limits.default_lease_ms)
+        held, found = await self.store.acquire(namespace, [key], self.limits.default_lease_ms,
+                                               owner=self.identify(context).tenant)
         if held is None:
             raise not_found(f"block {key.hex()} is not stored in {namespace}")
         try:
@@ -415,7 +471,7 @@ class KvTierService(pb_grpc.KvTierServicer):
         if request.consult_peers and self.peers is not None:
             local = len(self.store.catalog.lookup(namespace, keys))
             if local < len(keys):
-                from_peers = await self.peers.fetch(namespace, keys, local)
+                from_peers = await self._pull(self.identify(context), namespace, keys, local)
         matched, warmed = await self.store.prefetch(namespace, keys, request.gpu)
         return pb.PrefetchResponse(matched=matched, warmed=warmed, from_peers=from_peers)
 
@@ -427,12 +483,24 @@ class KvTierService(pb_grpc.KvTierServicer):
         if request.namespace:
             self._own(context, request.namespace)
         who = self.identify(context)
+        tenant = self.tenants.get(who.tenant or "")
+        if tenant is not None and self._watchers[tenant.name] >= tenant.max_watchers:
+            raise exhausted(f"tenant {tenant.name} has its max_watchers ({tenant.max_watchers}) streams open")
+        watcher = tenant.name if tenant is not None else ""
+        self._watchers[watcher] += 1
+        try:
+            async for event in self._watch(request, who, context):
+                yield event
+        finally:
+            self._watchers[watcher] -= 1
 
+    async def _watch(self, request, who: Principal, context):
         def wanted(event) -> bool:
             return (event.namespace == request.namespace if request.namespace
                     else who.owns(event.namespace))  # an admin owns every namespace
         replay, queue = self.store.events.subscribe(request.from_seq)
         try:
+            await context.send_initial_metadata(())  # the stream is open: a client can tell, before any event
             for event in replay:
                 _still_authenticated(who)
                 if wanted(event):

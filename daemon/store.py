@@ -25,10 +25,11 @@ Contract
   slot: a client guessing at what a slot held before learns at most one bit per allocation it
   gives up, not which guess was right. Verification failures are logged (principal, allocation,
   entry count; never bytes) and counted per principal (`verification_failures`).
-- Slots are not zeroed when they are handed to a new allocation (zeroing costs a full write per
-  slot): a slot's previous bytes stay readable through the shared arena by whoever maps it. Arena
-  access is node-level trust today (cpu.arena_mode); this is a known limit until arenas are per
-  tenant.
+- The arena has one part per tenant (tiers/arena.py): a namespace "<tenant>/..." of a configured
+  tenant lives in that tenant's part, every other namespace in part 0 (the administrators'). A
+  block's slot, an allocation's slots and a promotion's slot are always in its namespace's part, so
+  slots never pass between tenants and are not zeroed when reused (zeroing costs a full write per
+  slot): a slot's previous bytes were the same tenant's.
 - Reads from lower tiers are verified; a block that fails verification is quarantined and reported
   as a miss. Promotions and their slots belong to the store (tasks a cancelled reader does not
   cancel) and have a reserve of CPU slots that writes cannot take.
@@ -132,9 +133,9 @@ def _die(message: str) -> None:
 
 def _install_in(tier, block, slot: int) -> None:
     """Installs in a memory tier, re-applying the block's retention first (a tier forgets it on eviction)."""
-    if block.retention is not None and hasattr(tier.policy, "retain"):
-        tier.policy.retain(block, block.retention)
     tier.install(block, slot, block.length)
+    if block.retention is not None:
+        tier.retain(block, block.retention)
 
 
 class BlockStore:
@@ -146,17 +147,17 @@ class BlockStore:
         self.verification_failures: collections.Counter[str] = collections.Counter()  # per principal
         self.catalog = Catalog(cfg.data_dir, cfg.limits.max_namespaces)
         self.events = EventLog(cfg.events.ring_size, cfg.events.watcher_queue, cfg.limits.max_watchers)
-        arena = SharedArena(cfg.cpu.shm_dir, _arena_prefix(cfg), cfg.cpu.capacity, cfg.cpu.slot_bytes,
-                            cfg.cpu.arena_mode)
-        self.cpu = CpuTier(arena, POLICIES[cfg.cpu.policy]())
-        # Slots only promotions may take, so reads find room while writes hold the arena. A small
-        # share: a small arena keeps every slot for the write pipeline (two batches in flight).
-        self.read_reserve = arena.slot_count // READ_RESERVE_SHARE
+        parts = [("", cfg.cpu.capacity)] + [(t.name, t.cpu_capacity) for t in cfg.tenant]
+        arena = SharedArena(_arena_prefix(cfg), parts, cfg.cpu.slot_bytes)
+        self.cpu = CpuTier(arena, POLICIES[cfg.cpu.policy](), POLICIES[cfg.cpu.policy])
+        self._tenant_parts = {t.name: index + 1 for index, t in enumerate(cfg.tenant)}
         self.disk: DiskTier | None = None
         self.s3sync = None  # daemon.s3sync.S3Sync when the S3 tier is on
         self.gpu: GpuTier | None = None
-        self.allocations = LeaseTable(cfg.limits.max_active_leases)
-        self.leases = LeaseTable(cfg.limits.max_active_leases)
+        tenant_limits = {t.name: t.max_leases for t in cfg.tenant}
+        self.allocations = LeaseTable(cfg.limits.max_active_leases, tenant_limits)
+        self.leases = LeaseTable(cfg.limits.max_active_leases, tenant_limits)
+        self.sessions = None  # daemon.sessions.Sessions once the daemon listens
         self._pending: dict[Block, _Pending] = {}   # write-through queue, oldest first
         self._backlog_ready = asyncio.Event()
         self._space_freed = asyncio.Event()
@@ -181,6 +182,19 @@ class BlockStore:
     @property
     def arena(self) -> SharedArena:
         return self.cpu.arena
+
+    def part_of(self, namespace: str) -> int:
+        """The arena part holding the namespace's CPU copies: its tenant's, or part 0 (admins')."""
+        tenant, slash, _ = namespace.partition("/")
+        return self._tenant_parts.get(tenant, 0) if slash else 0
+
+    def read_reserve(self, part: int = 0) -> int:
+        """Slots of `part` only promotions may take, so reads find room while writes hold the
+        arena. A small share: a small arena keeps every slot for the write pipeline."""
+        return self.arena.part_counts[part] // READ_RESERVE_SHARE
+
+    def max_allocate(self, part: int = 0) -> int:
+        return self.arena.part_counts[part] - self.read_reserve(part)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> str:
@@ -296,38 +310,46 @@ class BlockStore:
         return block.info(readers=holds[READER], write_pending=block in self._pending)
 
     # -- write path ---------------------------------------------------------------------------
-    async def allocate(self, count: int, wait_ms: int, lease_ms: int):
-        if count > self.arena.slot_count - self.read_reserve:
-            raise invalid(f"count {count} exceeds the {self.arena.slot_count - self.read_reserve} arena slots "
-                          "that writes may use")
-        if self.allocations.full():
-            raise exhausted("too many open allocations; commit or abort some first")
-        slots = await self._reserve_for_write(count, wait_ms)
-        if self.allocations.full():  # others filled the table while this call waited for room
+    async def allocate(self, count: int, wait_ms: int, lease_ms: int, part: int = 0, owner: str | None = None):
+        """Reserves `count` slots of arena `part` for `owner` (a tenant, or None)."""
+        if count > self.max_allocate(part):
+            raise invalid(f"count {count} exceeds the {self.max_allocate(part)} arena slots that writes may use")
+        self._check_room_for_allocation(owner)
+        slots = await self._reserve_for_write(count, wait_ms, part)
+        try:
+            self._check_room_for_allocation(owner)  # others filled the table while this call waited for room
+        except ApiError:
             self._unreserve(slots)
-            raise exhausted("too many open allocations; commit or abort some first")
-        return self.allocations.add(slots, lease_ms)
+            raise
+        held = self.allocations.add(slots, lease_ms, owner=owner)
+        held.part = part
+        return held
 
-    async def _reserve_for_write(self, count: int, wait_ms: int) -> list[int]:
+    def _check_room_for_allocation(self, owner: str | None) -> None:
+        if self.allocations.full(owner):
+            raise exhausted(f"too many open allocations{f' for tenant {owner}' if owner else ''}; "
+                            "commit or abort some first")
+
+    async def _reserve_for_write(self, count: int, wait_ms: int, part: int) -> list[int]:
         deadline = time.monotonic() + wait_ms / 1000
         while True:
             if len(self._pending) < self.cfg.disk.queue_blocks or self.disk is None:
-                slots, evicted = self.cpu.reserve_room(count, floor=self.read_reserve)
+                slots, evicted = self.cpu.reserve_room(count, floor=self.read_reserve(part), part=part)
                 if slots:
                     self._evicted_from_cpu(evicted)
                     return slots
             left = deadline - time.monotonic()
             if left <= 0 or self._closing:
-                raise exhausted(self._why_full(count))
+                raise exhausted(self._why_full(count, part))
             await self._wait_for_space(left)
 
     async def _wait_for_space(self, timeout: float) -> None:
         self._space_freed.clear()
         await wait_event(self._space_freed, timeout)
 
-    def _why_full(self, count: int) -> str:
-        return (f"no room for {count} blocks in the CPU tier: {self.cpu.available()} slots available "
-                f"({self.read_reserve} kept for reads), {len(self._pending)} blocks waiting for "
+    def _why_full(self, count: int, part: int) -> str:
+        return (f"no room for {count} blocks in the CPU tier: {self.cpu.available(part)} slots available "
+                f"({self.read_reserve(part)} kept for reads), {len(self._pending)} blocks waiting for "
                 f"write-through (limit {self.cfg.disk.queue_blocks}), {len(self.leases)} read leases and "
                 f"{len(self.allocations)} allocations open; retry later")
 
@@ -348,6 +370,9 @@ class BlockStore:
         if held is None:
             raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
         self.catalog.namespace(namespace)
+        if self.part_of(namespace) != held.part:
+            raise precondition(f"namespace {namespace} lives in another arena part than allocation "
+                               f"{allocation_id}: its tenant's engines write it (or use Put)")
         try:
             self._check_staged(held.items, staged)
         except ApiError:
@@ -447,7 +472,7 @@ class BlockStore:
         self.catalog.namespace(namespace)
         if length > self.arena.slot_bytes:
             raise invalid(f"block of {length} bytes exceeds the slot size {self.arena.slot_bytes}")
-        held = await self.allocate(1, wait_ms, self.cfg.limits.default_lease_ms)
+        held = await self.allocate(1, wait_ms, self.cfg.limits.default_lease_ms, self.part_of(namespace))
         try:
             view, filled = self.arena.view(held.items[0]), 0
             async for chunk in data_chunks:
@@ -593,12 +618,13 @@ class BlockStore:
             self.catalog.discard(block)
 
     # -- read path ----------------------------------------------------------------------------
-    async def acquire(self, namespace: str, keys: list[bytes], lease_ms: int, gpu: bool = False):
+    async def acquire(self, namespace: str, keys: list[bytes], lease_ms: int, gpu: bool = False,
+                      owner: str | None = None):
         """Holds each found block in the CPU tier (promoting from lower tiers) and, with gpu, in the GPU
-        tier too; returns (lease or None, blocks). Cancellation releases every hold taken."""
+        tier too; returns (lease or None, blocks), the lease owned by `owner` (a tenant, or None).
+        Cancellation releases every hold taken."""
         self.catalog.namespace(namespace)
-        if self.leases.full():
-            raise exhausted("too many open read leases; release some first")
+        self._check_room_for_lease(owner)
         found: list[Block | None] = [None] * len(keys)
         taken: list[tuple[Block, int]] = []  # holds owned by this call until a lease owns them
         try:
@@ -615,9 +641,8 @@ class BlockStore:
             self.counters.acquire_misses += len(keys) - len(taken)
             if not taken:
                 return None, found
-            if self.leases.full():
-                raise exhausted("too many open read leases; release some first")
-            held = self.leases.add(taken, lease_ms, namespace)
+            self._check_room_for_lease(owner)
+            held = self.leases.add(taken, lease_ms, namespace, owner=owner)
             taken = []
         finally:
             self._release_holds(taken, [])
@@ -630,6 +655,11 @@ class BlockStore:
                 self.release(held.id)
                 raise
         return held, found
+
+    def _check_room_for_lease(self, owner: str | None) -> None:
+        if self.leases.full(owner):
+            raise exhausted(f"too many open read leases{f' for tenant {owner}' if owner else ''}; "
+                            "release some first")
 
     async def _promote_and_hold(self, block: Block, index: int, found: list, taken: list) -> None:
         """Promotes and holds; a block evicted again before this reader resumed is promoted again
@@ -706,7 +736,7 @@ class BlockStore:
 
     async def _read_from_lower(self, block: Block) -> Block | None:
         """Copies a block from the highest lower tier that has a good copy into a CPU slot."""
-        slots = await self._reserve_for_read()
+        slots = await self._reserve_for_read(self.part_of(block.namespace))
         if not slots:
             return None
         installed = False
@@ -728,12 +758,12 @@ class BlockStore:
             if not installed:
                 self._unreserve(slots)
 
-    async def _reserve_for_read(self) -> list[int]:
-        """One CPU slot for a promotion: it may use the read reserve and does not wait for the
-        write backlog; no room within PROMOTION_WAIT_MS is a miss."""
+    async def _reserve_for_read(self, part: int) -> list[int]:
+        """One CPU slot of `part` for a promotion: it may use the read reserve and does not wait for
+        the write backlog; no room within PROMOTION_WAIT_MS is a miss."""
         deadline = time.monotonic() + PROMOTION_WAIT_MS / 1000
         while True:
-            slots, evicted = self.cpu.reserve(1)
+            slots, evicted = self.cpu.reserve(1, part)
             if slots:
                 self._evicted_from_cpu(evicted)
                 return slots
@@ -819,8 +849,8 @@ class BlockStore:
                 continue
             block.retention, block.retained_ms = retention, now
             for tier in (self.cpu, self.gpu):
-                if tier is not None and block in tier and hasattr(tier.policy, "retain"):
-                    tier.policy.retain(block, retention)
+                if tier is not None and block in tier:
+                    tier.retain(block, retention)
             updated += 1
         return updated
 
@@ -954,9 +984,14 @@ class BlockStore:
                     assert bool(block.tiers & GPU) == (block in self.gpu), f"gpu bit of {key.hex()}"
         for block in self.cpu:
             assert self.catalog.get(block.namespace, block.key) is block, "cpu holds a block not in the catalog"
+            assert self.cpu.part_of(block) == self.part_of(block.namespace), (
+                f"{block.namespace}/{block.key.hex()} sits in another tenant's arena part")
+        for held in self.allocations._held.values():
+            assert all(self.arena.part_of(slot) == held.part for slot in held.items), "allocation across parts"
         for block, item in self._pending.items():
             assert block in self.cpu and self.cpu.slot_of(block) == item.slot and self.cpu.holds(block)[WRITE]
         assert len(self._pending) <= self.cfg.disk.queue_blocks + self.arena.slot_count
+
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     """Waits for event at most timeout seconds; whether it is set. (asyncio.timeout, not wait_for:
@@ -988,10 +1023,9 @@ def _header(block: Block) -> BlockHeader:
 
 
 def _arena_prefix(cfg: Config) -> str:
-    """One arena name per data dir, so stale arenas of a crashed daemon are found and removed."""
+    """The arena's name (shown in /proc/<pid>/maps): one per data dir, to tell daemons apart."""
     import hashlib
-    digest = hashlib.sha256(os.path.abspath(cfg.data_dir).encode()).hexdigest()[:12]
-    return f"kvtier-{digest}"
+    return hashlib.sha256(os.path.abspath(cfg.data_dir).encode()).hexdigest()[:12]
 
 
 async def _finished(transfer) -> None:

@@ -42,13 +42,17 @@ log_level = "info"
 
 [server]
 socket = "/run/kvtier/kvtierd.sock"   # RuntimeDirectory=kvtier, dir mode 0750
-socket_mode = "0660"                  # kvtier group: the engines' users
+socket_mode = "0660"                  # kvtier group: the engines' users may connect
 max_message_bytes = "4MiB"
+# Connecting is not enough: kvtierd knows each local client by its uid (SO_PEERCRED) and serves
+# only the users named here or in a [[tenant]] (docs/security.md). A single-tenant node names the
+# engines' users as administrators, e.g. admin_uids = [1001]; a shared node gives each tenant a
+# [[tenant]] table instead.
+admin_uids = []                       # empty: kvtierd's own user and root only
 
 [cpu]
-capacity = "1GiB"                 # shared-memory arena in /dev/shm (resident): size it to the node
+capacity = "1GiB"                 # the administrators' arena (memory, resident): size it to the node
 slot_bytes = "2MiB"               # must hold one engine block
-arena_mode = "0660"               # engines in the kvtier group map the arena
 
 [disk]
 enabled = true

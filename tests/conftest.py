@@ -124,11 +124,10 @@ def mount_tmpfs(path, size: str) -> None:
         pytest.fail(f"cannot mount a {size} tmpfs on {path} (needs root): {done.stderr.strip()}")
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """An 8 MiB tmpfs: a /dev/shm that someone else has all but filled."""
-    mount_point = tmp_path / "shm"
-    mount_point.mkdir()
-    mount_tmpfs(mount_point, "8m")
-    yield str(mount_point)
-    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+def tenant_env(env: dict, home: str) -> dict:
+    """`env` for a process of another uid: whatever points into root's home (caches this process or
+    torch set, e.g. TORCHINDUCTOR_CACHE_DIR) is dropped, and its caches go under `home`."""
+    private = os.path.expanduser("~")
+    kept = {k: v for k, v in env.items()
+            if not (k.endswith(("_DIR", "_ROOT", "_HOME", "_CACHE")) and v.startswith(private))}
+    return {**kept, "HOME": home, "XDG_CACHE_HOME": os.path.join(home, "cache")}

@@ -13,8 +13,8 @@ from .slots import SlotTier
 
 
 class CpuTier(SlotTier):
-    def __init__(self, arena: SharedArena, policy: EvictionPolicy):
-        super().__init__(arena, policy)
+    def __init__(self, arena: SharedArena, policy: EvictionPolicy, make_policy=None):
+        super().__init__(arena, policy, make_policy)
 
     @property
     def arena(self) -> SharedArena:

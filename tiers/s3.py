@@ -6,7 +6,9 @@ Layout (exact bytes and key scheme: docs/s3-format.md):
         ns_digest = sha256(namespace UTF-8).hexdigest()[:32]           identifies the namespace
     object bytes  = BlockHeader.encode() + payload                    (docs/block-format.md)
     metadata      = x-amz-meta-kvtier-header: base64 of the same header (self-verifying), so that
-                    head() and list() need no GET of the body
+                    head() and list() need no GET of the body; with the daemon's cluster key also
+                    x-amz-meta-kvtier-mac and -header-mac (upload's `sign` adds them, download_into's
+                    `metadata` and S3Entry.metadata hand them back; this module never checks them)
     s3://<bucket>/<prefix>/_probe/<random hex>: probe_conditional_puts()'s short-lived object
 
 Contract:
@@ -88,6 +90,11 @@ from .block import FIXED_HEADER_BYTES, MAX_HEADER_BYTES, BlockHeader, CorruptBlo
 log = logging.getLogger("kvtier.s3")
 
 METADATA_HEADER = "kvtier-header"   # x-amz-meta-kvtier-header: base64(BlockHeader.encode())
+# With a cluster key (the daemon's, docs/s3-format.md "MACs"): lowercase hex of the block's MAC and
+# of the header's MAC. This tier only carries them (upload's `sign`, download_into's `metadata`,
+# S3Entry.metadata); the daemon computes and checks them.
+METADATA_MAC = "kvtier-mac"
+METADATA_HEADER_MAC = "kvtier-header-mac"
 NS_DIGEST_HEX = 32                  # 128 bits of sha256(namespace)
 _HEADER_LEN = struct.Struct("<H")   # header_len at offset 6 of a BlockHeader
 _HEADER_LEN_OFFSET = 6
@@ -168,6 +175,10 @@ class S3Entry:
     checksum: int          # xxh3-64 of the payload (from the header; verified only on download)
     created_unix_ms: int
     object_key: str
+    # The exact header bytes the metadata carried, and the object's user metadata (keys lowercase,
+    # without x-amz-meta-): what a caller authenticates the entry with. Not part of equality.
+    header: bytes = dataclasses.field(default=b"", compare=False, repr=False)
+    metadata: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 class S3Tier:
@@ -237,12 +248,14 @@ class S3Tier:
 
     # ------------------------------------------------------------------ object I/O
 
-    def upload(self, header: BlockHeader, payload) -> str:
+    def upload(self, header: BlockHeader, payload, sign=None) -> str:
         """PUT the block if absent: "stored", or "exists" if an object is already at its key.
 
         payload may be longer than header.payload_len (an arena slot): only payload_len bytes are sent.
-        Raises CorruptBlock (before any I/O) if the bytes to send do not match the header, ValueError
-        for a short payload, S3Unavailable after retries.
+        sign(encoded_header, payload_view) -> {name: value}: more user metadata (the daemon's MACs),
+        computed on the exact bytes that are sent, after their checksum was verified; it may not
+        replace kvtier-header. Raises CorruptBlock (before any I/O) if the bytes to send do not match
+        the header, ValueError for a short payload, S3Unavailable after retries.
         """
         self._check_open()
         view = _byte_view(payload)
@@ -261,6 +274,11 @@ class S3Tier:
                                "its header checksum")
         okey = self.object_key(header.namespace, header.key)
         metadata = {METADATA_HEADER: base64.b64encode(encoded).decode("ascii")}
+        if sign is not None:
+            extra = sign(encoded, memoryview(body)[len(encoded):])
+            if METADATA_HEADER in extra:
+                raise ValueError(f"sign() may not replace {METADATA_HEADER}")
+            metadata.update(extra)
         for attempt in range(self.cfg.max_attempts):
             try:
                 self._client.put_object(Bucket=self.cfg.bucket, Key=okey, Body=body, IfNoneMatch="*",
@@ -280,14 +298,17 @@ class S3Tier:
         raise AssertionError("unreachable")
 
     def download_into(self, namespace: str, key: bytes, dest, expected_checksum: int | None = None,
-                      expected_length: int | None = None) -> int | None:
+                      expected_length: int | None = None, metadata: dict | None = None) -> int | None:
         """GETs and verifies the block into dest[:payload_len]; its length, or None if absent/corrupt.
 
         expected_checksum/expected_length: the payload xxh3 and length the caller knows (from a
         listing or head()); an object whose header carries others is a different, valid version (it
         replaced the one listed): None, counted in replaced_count(), logged, object kept, payload not
         read. None without quarantine also when the payload does not fit dest (the object is fine;
-        logged). Raises S3Unavailable after retries, S3Misconfigured on a permanent refusal.
+        logged). metadata: a dict that receives the user metadata of the GET whose bytes landed in
+        dest (keys lowercase, without x-amz-meta-), e.g. to check the daemon's MAC on them; it is
+        filled only when a length is returned. Raises S3Unavailable after retries, S3Misconfigured on
+        a permanent refusal.
         """
         self._check_open()
         dest = _byte_view(dest)
@@ -297,7 +318,8 @@ class S3Tier:
         okey = self.object_key(namespace, key)
         for attempt in range(self.cfg.max_attempts):
             try:
-                return self._download_once(namespace, key, okey, dest, (expected_checksum, expected_length))
+                return self._download_once(namespace, key, okey, dest, (expected_checksum, expected_length),
+                                           metadata)
             except _BrokenTransfer as exc:
                 if attempt + 1 >= self.cfg.max_attempts:
                     raise S3Unavailable(f"download {okey}: {exc}") from exc.__cause__
@@ -482,7 +504,7 @@ class S3Tier:
             raise _translate(exc, "create bucket", self.cfg.bucket) from exc
 
     def _download_once(self, namespace: str, key: bytes, okey: str, dest: memoryview,
-                       expected: tuple[int | None, int | None]) -> int | None:
+                       expected: tuple[int | None, int | None], metadata: dict | None = None) -> int | None:
         try:
             reply = self._client.get_object(Bucket=self.cfg.bucket, Key=okey)
         except ClientError as exc:
@@ -512,6 +534,9 @@ class S3Tier:
             return None
         if problem is not None:
             return self._reject(namespace, key, okey, etag, problem)
+        if metadata is not None:
+            metadata.clear()
+            metadata.update(_user_metadata(reply))
         return header.payload_len
 
     @staticmethod
@@ -598,7 +623,12 @@ class S3Tier:
 
     def _header_from_metadata(self, okey: str, reply: dict) -> BlockHeader | None:
         """The header recorded in x-amz-meta-kvtier-header if it verifies against key and size."""
-        text = (reply.get("Metadata") or {}).get(METADATA_HEADER)
+        found = self._encoded_header_from_metadata(okey, reply)
+        return None if found is None else found[0]
+
+    def _encoded_header_from_metadata(self, okey: str, reply: dict) -> tuple[BlockHeader, bytes] | None:
+        """(header, its exact bytes) from x-amz-meta-kvtier-header, if they verify against key and size."""
+        text = _user_metadata(reply).get(METADATA_HEADER)
         if not text:
             return None
         try:
@@ -611,7 +641,7 @@ class S3Tier:
                 size != len(encoded) + header.payload_len or \
                 self.object_key(header.namespace, header.key) != okey:
             return None
-        return header
+        return header, encoded
 
     def _header_by_range(self, namespace: str, key: bytes, okey: str, head_reply: dict) -> BlockHeader | None:
         """Fallback for objects without usable metadata: GET the first MAX_HEADER_BYTES and decode."""
@@ -676,12 +706,13 @@ class S3Tier:
             raise _translate(exc, "list", okey) from exc
         except BotoCoreError as exc:
             raise _translate(exc, "list", okey) from exc
-        header = self._header_from_metadata(okey, reply)
-        if header is None:
+        found = self._encoded_header_from_metadata(okey, reply)
+        if found is None:
             log.warning("list: %s has no valid %s metadata; skipped", okey, METADATA_HEADER)
             return None
+        header, encoded = found
         return S3Entry(header.namespace, header.key, header.parent, header.payload_len,
-                       header.payload_checksum, header.created_unix_ms, okey)
+                       header.payload_checksum, header.created_unix_ms, okey, encoded, _user_metadata(reply))
 
 
 class _BrokenTransfer(Exception):
@@ -707,6 +738,11 @@ def _read_exact(body, view: memoryview) -> None:
 
 def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, min(2.0, 0.05 * 2 ** attempt)))  # full jitter
+
+
+def _user_metadata(reply: dict) -> dict[str, str]:
+    """An answer's user metadata, keys lowercased (boto3 strips x-amz-meta-; stores differ on case)."""
+    return {str(k).lower(): str(v) for k, v in (reply.get("Metadata") or {}).items()}
 
 
 def _error_code(exc: ClientError) -> str:

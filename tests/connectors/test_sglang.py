@@ -12,8 +12,13 @@ import enum
 import hashlib
 import importlib.machinery
 import importlib.util
+import json
+import os
+import shutil
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 import types
 from types import SimpleNamespace
@@ -58,6 +63,11 @@ def _torchvision_shim() -> dict[str, types.ModuleType]:
 
 @pytest.fixture(scope="module")
 def sgl():
+    return load_sglang()
+
+
+def load_sglang() -> SimpleNamespace:
+    """SGLang's storage classes (its own factory and host pools), imported as an engine would."""
     shim = {}
     if importlib.util.find_spec("torchvision") is None:
         import transformers  # noqa: F401 - decides torchvision availability before the shim exists
@@ -472,3 +482,28 @@ def test_hints_set_the_retention_of_stored_pages(sgl, srv):
         ("subagent", 30, 0.0)] * 2
     with pytest.raises(Exception, match="default_hints"):
         make_backend(sgl, srv.socket, pool, model=srv.model, default_hints={"ranges": [{"tokens": -1}]})
+
+
+def test_an_engine_running_as_a_tenant_backs_up_and_loads_in_its_tenants_namespace(make_daemon, tmp_path):
+    """SGLang's own factory builds the backend in a process running as the tenant's uid; the daemon
+    gives it the tenant's arena part and namespace prefix from the uid alone."""
+    uid = 40012
+    daemon = make_daemon({**DAEMON_CONFIG, "server.socket_mode": "0666",
+                          "tenant": [{"name": "team-s", "uids": [uid], "cpu_capacity": "8MiB"}]})
+    home = tempfile.mkdtemp(prefix="kvt-tenant-home-")  # root's caches are not the tenant's to write
+    os.chown(home, uid, uid)
+    from conftest import tenant_env  # noqa: PLC0415 - not at import: _sglang_tenant.py imports this module
+    env = tenant_env(dict(os.environ), home)
+    try:
+        done = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable,
+                               os.path.join(os.path.dirname(__file__), "_sglang_tenant.py"), daemon.socket],
+                              capture_output=True, text=True, timeout=300, cwd=home, env=env)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["namespace"].startswith("team-s/sglang.") and result["stored"] == [True] * 4
+    assert result["loaded"] == [True] * 4 and result["byte_exact"]
+    with Client(daemon.socket) as admin:  # the administrator sees the tenant's pages under its prefix
+        (namespace,) = [n for n in admin.list_namespaces()]
+        assert namespace.name == result["namespace"] and namespace.blocks == 4

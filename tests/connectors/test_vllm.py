@@ -11,12 +11,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pathlib
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
+from conftest import tenant_env
 from s3server import free_port
 from certs import Authority, peer_overrides
 from kvtier.client import block_checksum
@@ -62,16 +66,23 @@ def _prompt(item) -> dict:
 
 
 def run_engine(tmp_path, model: str, prompts: list, socket: str | None, name: str, hash_algo: str = "sha256",
-               hash_seed: str | None = "0", check: bool = True, chunk: int = 1024, extra_config: dict | None = None):
+               hash_seed: str | None = "0", check: bool = True, chunk: int = 1024, extra_config: dict | None = None,
+               uid: int | None = None):
     """Runs prompts (name, (name, salt) or a dict, see _prompt) in sequence in a fresh engine process; returns
-    (results, stats, log). chunk < 100: prefills are split into steps of `chunk` tokens (chunked prefill)."""
+    (results, stats, log). chunk < 100: prefills are split into steps of `chunk` tokens (chunked prefill).
+    `uid`: the engine runs as that user (setpriv), as a tenant's engine would; tmp_path and the model
+    must be readable by it (and tmp_path writable)."""
     spec = {"model": model, "socket": socket, "hash_algo": hash_algo, "max_tokens": 8,
             "max_num_batched_tokens": chunk, "prompts": [_prompt(p) for p in prompts],
             "extra_config": extra_config or {}}
     spec_path, out_path = tmp_path / f"{name}.spec.json", tmp_path / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_vllm_engine.py"), str(spec_path), str(out_path)],
-                          env=_engine_env(hash_seed), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    command = [sys.executable, os.path.join(HERE, "_vllm_engine.py"), str(spec_path), str(out_path)]
+    env = _engine_env(hash_seed)
+    if uid is not None:
+        command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command]
+        env = tenant_env(env, str(tmp_path))
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     log = proc.stdout + proc.stderr
     (tmp_path / f"{name}.log").write_text(log)
     if not check:
@@ -142,6 +153,37 @@ def test_a_second_engine_loads_what_the_first_stored(make_daemon, models, refere
     with daemon.client() as c:
         assert {ns: len(list(c.iter_inventory(ns))) for ns in namespaces} == {namespace: 10, **{
             ns: 3 for ns in namespaces if ns != namespace}}
+
+
+def test_an_engine_running_as_a_tenant_stores_and_loads_in_its_tenants_namespace(make_daemon, models, reference):
+    """The engine runs as the tenant's uid; the daemon knows it by SO_PEERCRED, gives it the tenant's
+    arena part and namespace prefix, and the connector needs no tenant setting of its own."""
+    uid = 40011
+    daemon = make_daemon({**DAEMON, "server.socket_mode": "0666",
+                          "tenant": [{"name": "team-x", "uids": [uid], "cpu_capacity": "16MiB"}]})
+    shared = tempfile.mkdtemp(prefix="kvt-tenant-engine-")  # readable by the tenant's uid
+    try:
+        os.chmod(shared, 0o755)
+        model = shutil.copytree(models[0], os.path.join(shared, "model"))
+        for directory, _, files in os.walk(model):  # the copy keeps root's private modes
+            os.chmod(directory, 0o755)
+            for name in files:
+                os.chmod(os.path.join(directory, name), 0o644)
+        runs = []
+        for name in ("t1", "t2"):
+            work = os.path.join(shared, name)
+            os.mkdir(work)
+            os.chown(work, uid, uid)
+            runs.append(run_engine(pathlib.Path(work), model, ["A"], daemon.socket, name, uid=uid))
+        (first, stats1, _), (second, stats2, _) = runs
+        assert stats1["saved_blocks"] == 3 and second[0]["num_cached_tokens"] == 3 * BLOCK
+        assert first[0]["tokens"] == second[0]["tokens"] == reference["A"]
+        (namespace, attributes), = _namespaces(daemon).items()
+        assert namespace.startswith("team-x/vllm.") and attributes["model"] == model
+        assert stats2["loaded_blocks"] == 3 and stats2["load_errors"] == 0
+        assert f"local session for uid {uid} (tenant team-x)" in daemon.log()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_restart_corruption_and_outage_never_change_tokens(make_daemon, models, reference, tmp_path):

@@ -62,13 +62,13 @@ class FaultyS3(S3Tier):
         if self.down:
             raise S3Unavailable("injected outage")
 
-    def upload(self, header, payload):
+    def upload(self, header, payload, **kwargs):
         self._check_up()
         self.uploads_started.release()
         if self.upload_gate is not None:
             assert self.upload_gate.wait(60), "upload gate never opened"
         self._check_up()
-        return super().upload(header, payload)
+        return super().upload(header, payload, **kwargs)
 
     def download_into(self, *args, **kwargs):
         self._check_up()
@@ -87,15 +87,18 @@ class FaultyS3(S3Tier):
         return super().delete(*args, **kwargs)
 
 
-def store_config(tmp_path, s3_endpoint: str | None = None, bucket: str = "", **sections):
+def store_config(tmp_path, s3_endpoint: str | None = None, bucket: str = "", tenants: list | None = None,
+                 **sections):
     overrides = {"data_dir": str(tmp_path / "data"),
-                 "cpu": {"capacity": "1MiB", "slot_bytes": "64KiB", "shm_dir": str(tmp_path)},
+                 "cpu": {"capacity": "1MiB", "slot_bytes": "64KiB"},
                  "disk": {"capacity": "64MiB", "segment_bytes": "4MiB", "durable_wait_ms": 5000}}
     if s3_endpoint:
         overrides["s3"] = {"enabled": True, "endpoint_url": s3_endpoint, "bucket": bucket,
                            "list_interval_s": 3600.0, "connect_timeout_s": 1.0, "read_timeout_s": 5.0}
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
+    if tenants:
+        overrides["tenant"] = tenants
     (tmp_path / "data").mkdir(exist_ok=True)
     return config.load(overrides=overrides)
 
@@ -127,8 +130,9 @@ def key_of(seed: int) -> bytes:
 
 async def commit(store: BlockStore, namespace: str, seeds: list[int], wait_durable: bool = False,
                  retention=None):
-    """Allocates, fills and commits one block per seed; returns the statuses."""
-    held = await store.allocate(len(seeds), 0, 5000)
+    """Allocates (in the namespace's arena part), fills and commits one block per seed; returns the
+    statuses."""
+    held = await store.allocate(len(seeds), 0, 5000, store.part_of(namespace))
     staged = []
     for slot, seed in zip(held.items, seeds):
         data = blob(seed)

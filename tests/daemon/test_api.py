@@ -14,6 +14,7 @@ import pytest
 from conftest import sigstop, wait_for
 from kvtier.client import block_checksum
 from kvtier.client.client import _channel_args
+from kvtier.client.session import LocalSession
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 
@@ -254,9 +255,11 @@ def test_a_new_connection_waits_for_a_daemon_slow_to_answer_it(daemon):
     options, _ = _channel_args(None)
     # Its own subchannel pool: a brand-new connection, not one the fixture's readiness check left open.
     channel = grpc.insecure_channel(f"unix:{daemon.socket}", options + [("grpc.use_local_subchannel_pool", 1)])
+    session = LocalSession.open(daemon.socket)
     sigstop(daemon.pid)  # the socket accepts; nothing answers
     try:
-        reply = pb_grpc.KvTierStub(channel).Stats.future(pb.StatsRequest(), timeout=60)
+        reply = pb_grpc.KvTierStub(channel).Stats.future(pb.StatsRequest(), timeout=60,
+                                                         metadata=session.metadata())
         time.sleep(1.0)  # the stall being tested (not a wait for a state): the daemon is silent for 1 s
         assert not reply.done(), f"the call gave up while the daemon was stalled: {reply.exception()}"
         os.kill(daemon.pid, signal.SIGCONT)
@@ -264,3 +267,4 @@ def test_a_new_connection_waits_for_a_daemon_slow_to_answer_it(daemon):
     finally:
         os.kill(daemon.pid, signal.SIGCONT)
         channel.close()
+        session.close()

@@ -115,19 +115,19 @@ def test_double_release_and_unknown_lease(stored):
 def test_malformed_streams(stored):
     c = stored
     only_chunk = iter([pb.PutRequest(chunk=b"abc")])
-    assert code_of(c.stub.Put, only_chunk) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(c.stub.Put, only_chunk, metadata=c.call_metadata) == grpc.StatusCode.INVALID_ARGUMENT
     short = iter([pb.PutRequest(header=pb.PutHeader(namespace=NS, key=b"s" * 32, length=10, checksum=1)),
                   pb.PutRequest(chunk=b"abc")])
-    assert code_of(c.stub.Put, short) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(c.stub.Put, short, metadata=c.call_metadata) == grpc.StatusCode.INVALID_ARGUMENT
     long = iter([pb.PutRequest(header=pb.PutHeader(namespace=NS, key=b"s" * 32, length=2, checksum=1)),
                  pb.PutRequest(chunk=b"abc")])
-    assert code_of(c.stub.Put, long) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(c.stub.Put, long, metadata=c.call_metadata) == grpc.StatusCode.INVALID_ARGUMENT
     wrong_sum = iter([pb.PutRequest(header=pb.PutHeader(namespace=NS, key=b"s" * 32, length=3, checksum=1)),
                       pb.PutRequest(chunk=b"abc")])
-    assert code_of(c.stub.Put, wrong_sum) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(c.stub.Put, wrong_sum, metadata=c.call_metadata) == grpc.StatusCode.INVALID_ARGUMENT
     too_big = iter([pb.PutRequest(header=pb.PutHeader(namespace=NS, key=b"s" * 32, length=1 << 30))])
-    assert code_of(c.stub.Put, too_big) == grpc.StatusCode.INVALID_ARGUMENT
-    assert code_of(c.stub.Put, iter([])) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(c.stub.Put, too_big, metadata=c.call_metadata) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(c.stub.Put, iter([]), metadata=c.call_metadata) == grpc.StatusCode.INVALID_ARGUMENT
     assert c.lookup(NS, [b"s" * 32]).matched == 0
     assert_unharmed(c)
 

@@ -1,7 +1,11 @@
 """Fuzzing the gRPC API: generated malformed requests (wrong shapes, hostile sizes, raw garbage) from
-a tenant, for a bounded number of examples, never crash the daemon nor reveal another tenant's data."""
+tenant a, over TCP with its token and over the Unix socket with a local session (this test process's
+uid is configured as tenant a), for a bounded number of examples, never crash the daemon nor reveal
+another tenant's data."""
 
 from __future__ import annotations
+
+import os
 
 import grpc
 from google.protobuf import message_factory
@@ -9,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from certs import Authority
+from kvtier.client.session import LocalSession
 from kvtier.daemon.auth import token_digest
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from s3server import free_port
@@ -18,6 +23,7 @@ METHODS = [m for m in SERVICE.methods]
 SECRET = b"tenant-b-secret-" * 64
 TOKEN_A, TOKEN_B = "fuzz-tenant-a-token-0123", "fuzz-tenant-b-token-0123"
 EXAMPLES = 400
+ADMIN_UID = 40100  # not this process: the test runs as tenant a on the Unix socket too
 
 
 def _field_values(field, depth: int):
@@ -94,7 +100,10 @@ def test_fuzzed_requests_never_crash_the_daemon_or_cross_tenants(make_daemon, tm
     tokens.chmod(0o600)  # the daemon refuses a secrets file others can read
     port = free_port()
     daemon = make_daemon({"server.tcp": f"127.0.0.1:{port}", "server.tokens_file": str(tokens),
-                          "server.tls_cert": cert, "server.tls_key": key, "limits.max_wait_ms": 200})
+                          "server.tls_cert": cert, "server.tls_key": key, "limits.max_wait_ms": 200,
+                          "server.admin_uids": [ADMIN_UID],
+                          "tenant": [{"name": "a", "uids": [os.geteuid()], "cpu_capacity": "4MiB"},
+                                     {"name": "b", "uids": [ADMIN_UID + 1], "cpu_capacity": "4MiB"}]})
     from kvtier.client import Client
     with Client(f"127.0.0.1:{port}", token=TOKEN_B, tls_ca=ca.ca_path) as b:
         b.register_namespace("b/ns")
@@ -102,17 +111,21 @@ def test_fuzzed_requests_never_crash_the_daemon_or_cross_tenants(make_daemon, tm
     channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(open(ca.ca_path, "rb").read()))
     grpc.channel_ready_future(channel).result(timeout=60)  # connected (TLS done) before the first example
     metadata = (("authorization", f"Bearer {TOKEN_A}"),)
+    local = grpc.insecure_channel(f"unix:{daemon.socket}")
+    session = LocalSession.open(daemon.socket)  # tenant a's arena part and session, as an engine has them
+    assert session.tenant == "a"
     seen_codes: set[grpc.StatusCode] = set()
     ran = []
 
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
               derandomize=True)  # the same 400 requests every run: CI stays reproducible
-    @given(requests)
-    def fuzz(request):
+    @given(requests, st.booleans())
+    def fuzz(request, over_tcp):
         ran.append(1)
         method, payload = request
         path = f"/{SERVICE.full_name}/{method.name}"
-        replies = _call(channel, method, path, payload, metadata, seen_codes)
+        replies = (_call(channel, method, path, payload, metadata, seen_codes) if over_tcp
+                   else _call(local, method, path, payload, session.metadata(), seen_codes))
         for reply in replies:  # an error may echo the caller's own input, never anything else of b's
             assert SECRET[:32] not in reply, f"{method.name} leaked tenant b's bytes"
             assert b"b/ns" not in reply or b"b/ns" in payload, f"{method.name} leaked tenant b's namespace"
@@ -120,6 +133,8 @@ def test_fuzzed_requests_never_crash_the_daemon_or_cross_tenants(make_daemon, tm
 
     fuzz()  # no wall-clock budget: every example runs, however slow the machine
     channel.close()
+    local.close()
+    session.close()
     assert len(ran) == EXAMPLES, f"hypothesis ran {len(ran)} of {EXAMPLES} examples"
     assert grpc.StatusCode.INTERNAL not in seen_codes, daemon.log()[-3000:]  # every bad input is named
     assert {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED} <= seen_codes

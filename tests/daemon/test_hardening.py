@@ -26,20 +26,6 @@ from s3server import free_port
 KEY = b"k" * 32
 
 
-# -- the CPU arena reserves its memory at start ------------------------------------------------
-
-
-def test_kvtierd_refuses_to_start_when_shm_dir_cannot_hold_the_arena(small_tmpfs, make_daemon):
-    # Before: the arena was a sparse file, kvtierd said READY and died of SIGBUS on the first write
-    # past what the tmpfs had left.
-    daemon = make_daemon({"cpu.shm_dir": small_tmpfs, "cpu.capacity": "32MiB"}, start=False)
-    with pytest.raises(RuntimeError, match="kvtierd exited"):
-        daemon.start()
-    assert (f"cannot reserve {32 << 20} bytes for the arena in {small_tmpfs}: No space left on device"
-            in daemon.log())
-    assert daemon.proc.returncode > 0  # an error exit, not a signal
-
-
 # -- no bearer token over cleartext TCP --------------------------------------------------------
 def test_client_refuses_a_token_over_cleartext_tcp_before_connecting():
     with socket.socket() as listener:

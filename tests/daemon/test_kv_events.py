@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
+import tempfile
 import time
 
 import msgspec
@@ -10,8 +13,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from conftest import wait_for
+from kvtier.daemon import kv_events
 from kvtier.daemon.events import EventLog
-from kvtier.daemon.kv_events import END_SEQ, ZmqKvEventPublisher
+from kvtier.daemon.kv_events import END_SEQ, EndpointError, ZmqKvEventPublisher
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 import vllm.distributed.kv_events as vkv  # make test installs vLLM: a missing one fails, not skips
@@ -280,6 +285,9 @@ def test_ipc_endpoint(tmp_path):
         pub = ZmqKvEventPublisher(log, f"ipc://{tmp_path}/kv.pub", f"ipc://{tmp_path}/kv.replay")
         await pub.start()
         try:
+            assert (pub.endpoint, pub.replay_endpoint) == (f"ipc://{tmp_path}/kv.pub", f"ipc://{tmp_path}/kv.replay")
+            assert {p.name: stat.S_IMODE(p.lstat().st_mode) for p in tmp_path.iterdir()} == {
+                "kv.pub": 0o600, "kv.replay": 0o600}  # the default ipc_mode, and no private dir left
             log.emit(pb.BLOCK_STORED, NS, key(1), pb.TIER_CPU)
             await asyncio.sleep(0.05)
             ctx = zmq.asyncio.Context()
@@ -293,34 +301,88 @@ def test_ipc_endpoint(tmp_path):
             ctx.term()
         finally:
             await pub.close()
+        assert list(tmp_path.iterdir()) == []  # close() removes the socket files
     run(scenario())
+
+
+def test_ipc_socket_file_has_its_mode_before_it_appears_at_its_path(tmp_path, monkeypatch):
+    """No moment in which the socket file at the configured path is connectable by others: it is
+    bound in a private 0700 directory, chmodded there, and renamed into place."""
+    seen = []
+    real_rename = kv_events.os.rename
+
+    def spy(src, dst):
+        seen.append((os.path.exists(dst), stat.S_IMODE(os.lstat(os.path.dirname(src)).st_mode),
+                     stat.S_IMODE(os.lstat(src).st_mode), stat.S_ISSOCK(os.lstat(src).st_mode), dst))
+        real_rename(src, dst)
+    monkeypatch.setattr(kv_events.os, "rename", spy)
+    old_umask = os.umask(0)  # the worst umask: a socket bound in place would be 0777 until chmodded
+    try:
+        async def scenario():
+            pub = ZmqKvEventPublisher(EventLog(1024, 64, 4), f"ipc://{tmp_path}/kv.pub",
+                                      f"ipc://{tmp_path}/kv.replay", ipc_mode=0o640)
+            await pub.start()
+            await pub.close()
+        run(scenario())
+    finally:
+        os.umask(old_umask)
+    assert seen == [(False, 0o700, 0o640, True, f"{tmp_path}/kv.pub"),
+                    (False, 0o700, 0o640, True, f"{tmp_path}/kv.replay")]
+
+
+def test_ipc_endpoint_in_a_missing_directory_is_refused(tmp_path):
+    async def scenario():
+        log = EventLog(1024, 64, 4)
+        pub = ZmqKvEventPublisher(log, f"ipc://{tmp_path}/missing/kv.pub")
+        with pytest.raises(EndpointError, match=f"directory {tmp_path}/missing does not exist"):
+            await pub.start()
+        assert log.watchers == 0
+    run(scenario())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_kvtierd_publishes_what_vllm_decodes(make_daemon):
     """End to end: a real kvtierd with events.zmq_endpoint set; a SUB socket decodes with vLLM's classes."""
-    import tempfile
-    import time as clock
-    endpoint = f"ipc://{tempfile.mkdtemp(prefix='kvz-', dir='/tmp')}/events.sock"
+    directory = tempfile.mkdtemp(prefix="kvz-", dir="/tmp")  # short: Unix socket paths are limited
+    endpoint = f"ipc://{directory}/events.sock"
     daemon = make_daemon({"events.zmq_endpoint": endpoint})
+    assert stat.S_IMODE(os.lstat(f"{directory}/events.sock").st_mode) == 0o600  # already when serving
     context = zmq.Context()
     sub = context.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"kvtier/e2e")
+    sub.setsockopt(zmq.SUBSCRIBE, b"kvtier/")
     sub.connect(endpoint)
     try:
-        clock.sleep(0.5)  # ZMQ's slow joiner: let the subscription reach the publisher
         with daemon.client() as c:
+            wait_subscribed(c, sub)
             c.register_namespace("e2e")
             c.put_blocks("e2e", [(b"k" * 32, b"", b"v" * 1000)], wait_durable=True)
         stored = []
-        deadline = clock.monotonic() + 10
-        while len(stored) < 2 and clock.monotonic() < deadline:
-            if sub.poll(200):
+
+        def both_tiers():
+            while sub.poll(50):
                 topic, seq, payload = sub.recv_multipart()
-                assert topic == b"kvtier/e2e" and len(seq) == 8
-                batch = DECODER.decode(payload)
-                stored += [(e.block_hashes, e.medium) for e in batch.events if isinstance(e, vkv.BlockStored)]
+                assert len(seq) == 8
+                if topic == b"kvtier/e2e":
+                    batch = DECODER.decode(payload)
+                    stored.extend((e.block_hashes, e.medium) for e in batch.events if isinstance(e, vkv.BlockStored))
+            return len(stored) >= 2
+        wait_for(both_tiers, what="BlockStored on CPU and STORAGE")
         assert stored == [([b"k" * 32], "CPU"), ([b"k" * 32], "STORAGE")]
     finally:
         sub.close(0)
         context.term()
-    assert "KV events (vLLM format) on ipc://" in daemon.log()
+    assert f"KV events (vLLM format) on {endpoint} (socket files mode 0600)" in daemon.log()
+    assert daemon.stop() == 0
+    assert os.listdir(directory) == []  # the socket file goes with the daemon
+    os.rmdir(directory)
+
+
+def wait_subscribed(client, sub) -> None:
+    """ZMQ's slow joiner: stores probe blocks in namespace "warmup" until one reaches `sub`."""
+    client.register_namespace("warmup")
+    probes = iter(range(1 << 30))
+
+    def subscribed():
+        client.put_blocks("warmup", [(next(probes).to_bytes(32, "big"), b"", b"w")])
+        return sub.poll(100)
+    wait_for(subscribed, what="the subscription to reach kvtierd")

@@ -53,16 +53,23 @@ def free_port() -> int:
 def test_metrics_endpoint(make_daemon):
     port = free_port()
     daemon = make_daemon({"metrics.listen": f"127.0.0.1:{port}"})
+    key = bytes(range(32))
     with daemon.client() as c:
-        c.register_namespace("m")
-        c.put_blocks("m", [(b"k" * 32, b"", b"x" * 100)], wait_durable=True)
-        c.lookup("m", [b"k" * 32, b"j" * 32])
+        c.register_namespace("team-a/secret-model")
+        c.put_blocks("team-a/secret-model", [(key, b"", b"x" * 100)], wait_durable=True)
+        c.lookup("team-a/secret-model", [key, b"j" * 32])
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "kvtier_blocks 1.0" in text
     assert "kvtier_lookup_hit_keys_total 1.0" in text
     assert 'kvtier_tier_blocks{tier="disk"} 1.0' in text
     assert "kvtier_write_backlog 0.0" in text
     assert 'kvtier_tier_pressure_evictions_total{tier="cpu"} 0.0' in text
+    # What an unauthenticated scraper learns: node-wide numbers and per-tier ones, never a namespace,
+    # a tenant or a block hash (metrics.listen stays on loopback unless metrics.allow_remote).
+    assert "team-a" not in text and "secret" not in text and key.hex() not in text
+    labels = {label.split("=")[0] for line in text.splitlines() if not line.startswith("#") and "{" in line
+              for label in line[line.index("{") + 1:line.index("}")].split(",")}
+    assert labels == {"tier"}
 
 
 def test_reflection_lists_the_service(daemon):

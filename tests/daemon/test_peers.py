@@ -9,12 +9,14 @@ import signal
 import threading
 import time
 
+import grpc
 import pytest
 
 from s3server import free_port
 from certs import Authority, peer_overrides
 from conftest import scrape_metrics, sigstop, wait_for
 from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 
 TRANSPORTS = ["nixl", "grpc"]
 ATTRS = {"model": "tiny", "block_tokens": "16"}
@@ -33,18 +35,20 @@ def chain(n: int, seed: int = 1, size: int = 50_000) -> list[tuple[bytes, bytes,
 
 @pytest.fixture
 def cluster(make_daemon, tmp_path):
-    """cluster(n, transport, **overrides) -> n daemons, each listing the others as peers, each
-    connected to all of them (a Has to every peer answered) before the test starts."""
+    """cluster(n, transport, overrides, each) -> n daemons, each listing the others as peers, each
+    connected to all of them (a Has to every peer answered) before the test starts. `overrides` go
+    to every node, each[i] (optional) to node i only."""
     ca = Authority(tmp_path / "pki")
 
-    def make(n: int, transport: str, overrides: dict | None = None):
+    def make(n: int, transport: str, overrides: dict | None = None, each: list[dict] | None = None):
         ports = [free_port() for _ in range(n)]
         daemons = []
         for i in range(n):
             metrics_port = free_port()
             daemons.append(make_daemon({"metrics.listen": f"127.0.0.1:{metrics_port}",
                                         **peer_overrides(ca, ports, i, transport),
-                                        "peers.timeout_s": PEER_TIMEOUT_S, **(overrides or {})}, name=f"node{i}"))
+                                        "peers.timeout_s": PEER_TIMEOUT_S, **(overrides or {}),
+                                        **(each[i] if each else {})}, name=f"node{i}"))
             daemons[-1].metrics_port = metrics_port
         for daemon in daemons:
             _connect(daemon, n - 1)
@@ -219,3 +223,108 @@ def test_killing_the_owner_mid_transfer_serves_nothing_corrupt(cluster, transpor
 def _metrics(daemon) -> dict[str, float]:
     """The daemon's Prometheus metrics (untagged series), scraped from its /metrics endpoint."""
     return scrape_metrics(f"127.0.0.1:{daemon.metrics_port}")
+
+
+def key_file(tmp_path, name: str) -> str:
+    """A cluster key (32 random bytes, mode 0600, as the daemon requires of its secrets)."""
+    path = tmp_path / name
+    path.write_bytes(os.urandom(32))
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_with_one_cluster_key_pulled_blocks_carry_macs_that_verify(cluster, transport, tmp_path):
+    a, b = cluster(2, transport, {"cluster.key_file": key_file(tmp_path, "cluster.key")})
+    blocks = chain(24, seed=7, size=60_000)  # 1.4 MB in all: the owner hashes them on worker threads
+    keys = [k for k, _, _ in blocks]
+    register(a).put_blocks("m", blocks)
+    cb = register(b)
+    found = cb.lookup("m", keys, consult_peers=True)
+    assert (found.matched, found.from_peers) == (24, 24)
+    assert cb.get_blocks("m", keys) == [data for _, _, data in blocks]
+    metrics = _metrics(b)
+    assert metrics["kvtier_peer_mac_rejected_total"] == 0 and metrics["kvtier_peer_corrupt_blocks_total"] == 0
+    assert metrics[f"kvtier_peer_fetched_blocks_{transport}_total"] == 24
+
+
+@pytest.mark.parametrize("owner_key", ["another key", "no key"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_peer_serving_blocks_without_a_valid_mac_is_refused_and_counted(cluster, transport, owner_key, tmp_path):
+    """The owner is a real kvtierd whose blocks are right by checksum but that this cluster's key
+    does not vouch for: it signs under another key, or (without one) not at all."""
+    ours = key_file(tmp_path, "cluster.key")
+    theirs = {"cluster.key_file": key_file(tmp_path, "other.key")} if owner_key == "another key" else {}
+    a, b = cluster(2, transport, each=[theirs, {"cluster.key_file": ours}])
+    blocks = chain(6, seed=8)
+    keys = [k for k, _, _ in blocks]
+    register(a).put_blocks("m", blocks)
+    cb = register(b)
+    found = cb.lookup("m", keys, consult_peers=True)
+    assert (found.matched, found.from_peers) == (0, 0)  # nothing committed
+    assert cb.stats().blocks == 0 and cb.get_blocks("m", keys[:1]) == [None]
+    metrics = _metrics(b)
+    assert metrics["kvtier_peer_mac_rejected_total"] == 1  # one pull refused, at its first block
+    assert metrics["kvtier_peer_corrupt_blocks_total"] == 0 and metrics["kvtier_peer_fetches_total"] == 1
+    log = b.log()
+    assert "has a missing or wrong MAC (1 such pulls from it)" in log and "skipping it for" in log
+
+
+def test_a_peer_pinning_all_it_can_leaves_local_allocate_working(make_daemon, tmp_path):
+    """A peer (a real mutual-TLS client of the real peer API, with its own certificate) pins as many
+    blocks as it may and never releases them: each peer identity gets at most 2 x
+    peers.max_blocks_per_fetch, all of them together a quarter of the arena, and local Allocate
+    still gets the rest."""
+    ca = Authority(tmp_path / "pki")
+    port, metrics_port = free_port(), free_port()
+    slots, per_fetch = 64, 4  # 4 MiB of 64 KiB slots; each peer may pin 8, all peers 16
+    owner = make_daemon({**peer_overrides(ca, [port], 0, "grpc"), "cpu.capacity": f"{slots * 64}KiB",
+                         "peers.max_blocks_per_fetch": per_fetch, "peers.lease_ms": 60_000,
+                         "metrics.listen": f"127.0.0.1:{metrics_port}"}, name="owner")
+    blocks = chain(slots, seed=9, size=60_000)
+    keys = [k for k, _, _ in blocks]
+    c = register(owner)
+    for start in range(0, slots, 16):
+        c.put_blocks("m", blocks[start:start + 16], wait_durable=True)
+    stubs = {name: _peer_stub(ca, name, port) for name in ("evil1", "evil2", "evil3")}
+
+    def pin_all(name: str) -> list[int]:
+        """Pins chunk after chunk until refused; the lease ids it got."""
+        leases, offset = [], 0
+        while True:
+            try:
+                answer = stubs[name].Pin(pb.PeerPinRequest(namespace="m", keys=keys[offset:offset + per_fetch],
+                                                           lease_ms=60_000), timeout=30)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                return leases
+            assert answer.lease_id and all(b.found for b in answer.blocks)
+            leases.append((answer.lease_id, len(answer.blocks)))
+            offset += len(answer.blocks)
+            assert len(leases) <= slots, "pins never refused"
+
+    first, second, third = pin_all("evil1"), pin_all("evil2"), pin_all("evil3")
+    assert sum(n for _, n in first) == 2 * per_fetch  # the per-peer bound
+    assert sum(n for _, n in second) == 2 * per_fetch and third == []  # together: a quarter of the arena
+    # The streamed path counts against the same bounds.
+    with pytest.raises(grpc.RpcError) as err:
+        list(stubs["evil3"].Fetch(pb.PeerFetchRequest(namespace="m", keys=keys[:1]), timeout=30))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Local writes still get every slot the peers do not hold (no read reserve in an arena this small).
+    allocation = c.allocate(slots - 4 * per_fetch, wait_ms=10_000)
+    assert len(allocation.slots) == slots - 16
+    c.abort(allocation.id)
+    # A peer cannot release another peer's pins; the one that holds them can, and room comes back.
+    stubs["evil3"].Release(pb.ReleaseRequest(lease_id=first[0][0]), timeout=30)
+    assert pin_all("evil3") == []
+    for lease_id, _ in first:
+        stubs["evil1"].Release(pb.ReleaseRequest(lease_id=lease_id), timeout=30)
+    assert sum(n for _, n in pin_all("evil3")) == 2 * per_fetch
+    assert "pin refused" in owner.log() and "cn:evil3" in owner.log()
+
+
+def _peer_stub(ca: Authority, name: str, port: int) -> pb_grpc.KvTierPeerStub:
+    cert, key = ca.issue(name)
+    with open(ca.ca_path, "rb") as root, open(key, "rb") as k, open(cert, "rb") as c:
+        credentials = grpc.ssl_channel_credentials(root.read(), k.read(), c.read())
+    return pb_grpc.KvTierPeerStub(grpc.secure_channel(f"127.0.0.1:{port}", credentials))

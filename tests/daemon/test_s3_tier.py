@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import random
 import re
+import time
 import urllib.request
 
 import grpc
 import pytest
 
 from conftest import scrape_metrics, wait_for, wait_stopped
+from kvtier.daemon import mac as macs
 from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.tiers.block import BlockHeader, checksum
 from s3server import free_port, make_bucket, s3_server  # noqa: F401  (the fixture)
 
 NS = "s3-ns"
@@ -39,14 +44,14 @@ def uploaded(c, n: int) -> bool:
     return stats.upload_backlog == 0 and stats.tiers[2].blocks == n
 
 
-def matched(c, n: int) -> int:
-    """Lookup depth; 0 while the listing has not yet adopted the namespace (NOT_FOUND until then)."""
-    try:
-        return c.lookup(NS, [key(i) for i in range(n)]).matched
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:
-            raise
-        return 0
+def matched(c, n: int, namespace: str = NS) -> int:
+    """Lookup depth of key(0..n-1): what the node adopted from the bucket (its namespace registered)."""
+    return c.lookup(namespace, [key(i) for i in range(n)]).matched
+
+
+def register(c, namespace: str = NS) -> None:
+    """A fresh node adopts blocks of the bucket only for the namespaces registered on it."""
+    c.register_namespace(namespace, {"model": "m"})
 
 
 def objects(server, bucket: str) -> list[str]:
@@ -54,11 +59,11 @@ def objects(server, bucket: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def put_all(daemon, blocks: range, attributes=None):
+def put_all(daemon, blocks: range, attributes=None, namespace: str = NS):
     with daemon.client() as c:
-        c.register_namespace(NS, attributes or {"model": "m"})
+        c.register_namespace(namespace, attributes or {"model": "m"})
         for start in range(blocks.start, blocks.stop, 10):
-            c.put_blocks(NS, [(key(i), b"", payload(i)) for i in range(start, min(start + 10, blocks.stop))])
+            c.put_blocks(namespace, [(key(i), b"", payload(i)) for i in range(start, min(start + 10, blocks.stop))])
 
 
 def test_write_through_reaches_s3_and_a_fresh_node_reads_it_back(make_daemon, s3_server):
@@ -73,13 +78,13 @@ def test_write_through_reaches_s3_and_a_fresh_node_reads_it_back(make_daemon, s3
     first.stop()
     fresh = make_daemon(s3_overrides(s3_server, bucket), name="b")  # empty data dir, same bucket
     with fresh.client() as c:
+        register(c)
         wait_for(lambda: matched(c, 30) == 30, what="listing")
         assert c.stat(NS, key(5)).tiers == pb.TIER_S3
         assert c.get_blocks(NS, [key(i) for i in range(30)]) == [payload(i) for i in range(30)]
         assert c.stat(NS, key(5)).tiers & (pb.TIER_CPU | pb.TIER_S3) == pb.TIER_CPU | pb.TIER_S3
         assert len(list(c.iter_inventory(NS, tier_mask=pb.TIER_S3))) == 30
-        c.register_namespace(NS, {"model": "m"})  # adopted from S3, then named by its first registration
-        assert c.list_namespaces()[0].attributes == {"model": "m"}
+        assert [(n.name, dict(n.attributes)) for n in c.list_namespaces()] == [(NS, {"model": "m"})]
         wait_for(lambda: c.stat(NS, key(5)).tiers & pb.TIER_DISK, what="local copy after promotion")
 
 
@@ -185,6 +190,7 @@ def test_kill_9_with_uploads_pending_loses_nothing(make_daemon, s3_server):
     daemon.stop()
     fresh = make_daemon(s3_overrides(s3_server, bucket), name="fresh")
     with fresh.client() as c:
+        register(c)
         wait_for(lambda: matched(c, 25) == 25, what="listing")
         assert c.get_blocks(NS, [key(i) for i in range(25)]) == [payload(i) for i in range(25)]
 
@@ -204,6 +210,7 @@ def test_corrupted_object_is_a_miss_not_data(make_daemon, s3_server):
     raw.put_object(Bucket=bucket, Key=victim, Body=bytes(body), Metadata=reply["Metadata"])
     reader = make_daemon(s3_overrides(s3_server, bucket), name="r")
     with reader.client() as c:
+        register(c)
         wait_for(lambda: matched(c, 5) == 5, what="listing")
         got = c.get_blocks(NS, [key(i) for i in range(5)])
         assert got[2] is None
@@ -228,6 +235,7 @@ def test_listing_adopts_no_more_than_the_catalog_bound(make_daemon, s3_server):
     capped = make_daemon(s3_overrides(s3_server, bucket, **{"s3.max_catalog_blocks": 12, "metrics.listen": metrics}),
                          name="b")
     with capped.client() as c:
+        register(c)
         wait_for(lambda: "s3.max_catalog_blocks=12" in capped.log(), what="the cap")
         passes = scrape_metrics(metrics)["kvtier_s3_adoption_capped_total"]
         # Two more listing passes, each stopped at the cap again, counted by the daemon itself.
@@ -235,3 +243,125 @@ def test_listing_adopts_no_more_than_the_catalog_bound(make_daemon, s3_server):
                  what="two more capped listing passes")
         assert c.stats().blocks == 12
         assert len(list(c.iter_inventory(NS))) == 12
+
+
+def object_key(namespace: str, k: bytes, prefix: str = "kvtier") -> str:
+    """The documented object key (docs/s3-format.md), computed here on its own."""
+    h = hashlib.sha256(namespace.encode() + b"\0" + k).hexdigest()
+    return f"{prefix}/{h[:2]}/{h[2:4]}/{hashlib.sha256(namespace.encode()).hexdigest()[:32]}/{k.hex()}"
+
+
+def test_the_bucket_never_registers_a_namespace_and_adopted_blocks_get_the_local_default(make_daemon, s3_server):
+    bucket = make_bucket(s3_server, "kvtier-registry")
+    writer = make_daemon(s3_overrides(s3_server, bucket), name="w")
+    put_all(writer, range(6))
+    put_all(writer, range(4), namespace="elsewhere")
+    with writer.client() as c:
+        wait_for(lambda: uploaded(c, 10), what="uploads")
+    writer.stop()
+    metrics = f"127.0.0.1:{free_port()}"
+    reader = make_daemon(s3_overrides(s3_server, bucket, **{"metrics.listen": metrics, "limits.max_namespaces": 2}),
+                         name="r")
+    with reader.client() as c:
+        register(c)
+        wait_for(lambda: matched(c, 6) == 6, what="the registered namespace's blocks adopted")
+        # All 10 objects are on one LIST page, so the pass that adopted NS's 6 saw the other 4 and
+        # left them alone: no namespace appeared, nothing of it is in the catalog.
+        assert [n.name for n in c.list_namespaces()] == [NS]
+        assert c.stats().blocks == 6 and scrape_metrics(metrics)["kvtier_s3_adopted_total"] == 6
+        with pytest.raises(grpc.RpcError) as err:
+            c.lookup("elsewhere", [key(0)])
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # An adopted block has no retention of its own: the policy's default, like a block put here
+        # without one (an object carries none; the bucket cannot pin this node's memory).
+        c.put_blocks(NS, [(key(100), b"", payload(100))])
+        adopted, local = c.stat(NS, key(1)), c.stat(NS, key(100))
+        assert not adopted.HasField("retention") and adopted.retention == local.retention
+        assert c.get_blocks(NS, [key(1)]) == [payload(1)]
+        assert not c.stat(NS, key(1)).HasField("retention")
+        # Registered here (within limits.max_namespaces), the namespace's blocks follow.
+        register(c, "elsewhere")
+        wait_for(lambda: matched(c, 4, "elsewhere") == 4, what="adopted once registered")
+        assert scrape_metrics(metrics)["kvtier_s3_adopted_total"] == 10
+
+
+def forge(s3_server, bucket: str, k: bytes, data: bytes, mac_key: bytes | None = None,
+          namespace: str = NS, wrong_block_mac: bool = False) -> str:
+    """Writes a well-formed block object (header, payload, its checksum, the header metadata) the way
+    anyone with write access to the bucket can; with mac_key, MACs under that key (wrong_block_mac:
+    a valid header MAC over a block MAC that does not match the bytes). Returns the object key."""
+    header = BlockHeader(namespace, k, b"", len(data), checksum(data), int(time.time() * 1000))
+    encoded = header.encode()
+    metadata = {"kvtier-header": base64.b64encode(encoded).decode()}
+    if mac_key is not None:
+        block_mac = macs.block_mac(mac_key, namespace, k, data + b"x" if wrong_block_mac else data)
+        metadata["kvtier-mac"] = block_mac.hex()
+        metadata["kvtier-header-mac"] = macs.header_mac(mac_key, encoded, block_mac).hex()
+    okey = object_key(namespace, k)
+    s3_server.client().put_object(Bucket=bucket, Key=okey, Body=encoded + data, Metadata=metadata)
+    return okey
+
+
+def key_file(tmp_path, name: str) -> tuple[str, bytes]:
+    path, secret = tmp_path / name, os.urandom(32)
+    path.write_bytes(secret)
+    path.chmod(0o600)
+    return str(path), secret
+
+
+def test_with_a_cluster_key_objects_without_a_valid_mac_are_refused_and_counted(make_daemon, s3_server, tmp_path):
+    bucket = make_bucket(s3_server, "kvtier-mac")
+    path, secret = key_file(tmp_path, "cluster.key")
+    writer = make_daemon(s3_overrides(s3_server, bucket, **{"cluster.key_file": path}), name="w")
+    put_all(writer, range(6))
+    with writer.client() as c:
+        wait_for(lambda: uploaded(c, 6), what="uploads")
+    writer.stop()
+    raw = s3_server.client()
+    for i in range(6):  # every upload carries both MACs, and they are right
+        meta = raw.head_object(Bucket=bucket, Key=object_key(NS, key(i)))["Metadata"]
+        block_mac = macs.block_mac(secret, NS, key(i), payload(i))
+        assert meta["kvtier-mac"] == block_mac.hex()
+        assert meta["kvtier-header-mac"] == macs.header_mac(
+            secret, base64.b64decode(meta["kvtier-header"]), block_mac).hex()
+    # A bucket writer replaces two blocks and plants two more: well-formed objects whose payload
+    # matches its checksum, with no MAC or with MACs under a key of its own.
+    other = os.urandom(32)
+    forged = {2: forge(s3_server, bucket, key(2), payload(1002)),
+              3: forge(s3_server, bucket, key(3), payload(1003), mac_key=other),
+              7: forge(s3_server, bucket, key(7), payload(1007)),
+              8: forge(s3_server, bucket, key(8), payload(1008), mac_key=other)}
+    metrics = f"127.0.0.1:{free_port()}"
+    reader = make_daemon(s3_overrides(s3_server, bucket, **{"cluster.key_file": path, "metrics.listen": metrics}),
+                         name="r")
+    counted = lambda: scrape_metrics(metrics)  # noqa: E731
+    with reader.client() as c:
+        register(c)
+        wait_for(lambda: counted()["kvtier_s3_adopted_total"] == 4 and counted()["kvtier_s3_mac_rejected_total"] == 4,
+                 what="4 blocks adopted and 4 objects refused")
+        assert [i for i in range(9) if matched_one(c, i)] == [0, 1, 4, 5]
+        # The download checks the MAC over the bytes too: an adopted object whose block MAC is then
+        # replaced (its header MAC still valid, its bytes and checksum the real ones) is not served.
+        forged[5] = forge(s3_server, bucket, key(5), payload(5), mac_key=secret, wrong_block_mac=True)
+        got = c.get_blocks(NS, [key(i) for i in range(9)])
+        assert got == [payload(0), payload(1), None, None, payload(4), None, None, None, None]
+        assert counted()["kvtier_s3_mac_rejected_total"] == 5
+        assert [i for i in range(9) if matched_one(c, i)] == [0, 1, 4]  # 5 left the catalog
+        # A valid block planted now is adopted by a later pass, one that went over every refused
+        # object again: none of them was adopted, counted or logged a second time.
+        forge(s3_server, bucket, key(9), payload(9), mac_key=secret)
+        wait_for(lambda: matched_one(c, 9), what="a later listing pass")
+        assert c.get_blocks(NS, [key(9)]) == [payload(9)]
+        assert counted()["kvtier_s3_mac_rejected_total"] == 5
+        assert counted()["kvtier_s3_adopted_total"] == 5
+        assert [i for i in range(10) if matched_one(c, i)] == [0, 1, 4, 9]
+    log = reader.log()
+    for i, okey in forged.items():
+        lines = [line for line in log.splitlines() if f"S3 object {okey} " in line and "refused" in line]
+        assert len(lines) == 1, f"object {i}: {lines}"
+        assert "WARNING" in lines[0]
+    assert "no valid kvtier-mac" in log and "wrong header MAC" in log and "wrong MAC over the payload" in log
+
+
+def matched_one(c, i: int) -> bool:
+    return c.lookup(NS, [key(i)]).matched == 1

@@ -111,16 +111,20 @@ def test_tenants_see_only_their_own_namespaces(tcp_daemon):
         assert {n.name for n in local.list_namespaces()} == {"a/model", "b/model"}
 
 
-def test_a_tenant_cannot_release_or_commit_into_another_tenants_lease(tcp_daemon):
-    with tcp_daemon.connect("a") as a, tcp_daemon.connect("b") as b:
+def test_tcp_tenants_get_streamed_put_and_get_but_no_arena_calls(tcp_daemon):
+    """Over TCP there is no arena to share: ArenaInfo, Allocate, Commit and Acquire (and with them
+    any probing of slots, or a CUDA IPC handle to the GPU pool) are refused; Put and Get work."""
+    with tcp_daemon.connect("b") as b, tcp_daemon.connect("admin") as admin:
         b.register_namespace("b/m")
-        b.put("b/m", KEY, b"x" * 100)
-        lease = b.acquire("b/m", [KEY])
-        assert code_of(lambda: a.release(lease.id)) == grpc.StatusCode.FAILED_PRECONDITION
-        allocation = b.allocate(1)
-        assert code_of(lambda: a.abort(allocation.id)) == grpc.StatusCode.FAILED_PRECONDITION
-        b.release(lease.id)
-        b.abort(allocation.id)
+        assert b.put("b/m", KEY, b"x" * 100) == pb.STORED
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        for call in (lambda: b.call(b.stub.ArenaInfo, pb.ArenaInfoRequest()),
+                     lambda: b.call(b.stub.Allocate, pb.AllocateRequest(count=1)),
+                     lambda: b.call(b.stub.Commit, pb.CommitRequest(allocation_id=1, namespace="b/m")),
+                     lambda: b.call(b.stub.Acquire, pb.AcquireRequest(namespace="b/m", keys=[KEY], gpu=True)),
+                     lambda: admin.call(admin.stub.Acquire, pb.AcquireRequest(namespace="b/m", keys=[KEY]))):
+            assert code_of(call) == denied
+        assert b.get("b/m", KEY)[1] == b"x" * 100
 
 
 def test_tcp_needs_tls_and_tokens_in_config(tmp_path):

@@ -12,6 +12,10 @@ with recovery, and checks the invariants after every step:
 - with S3 reachable and the store quiet, every block on disk is in S3 and nothing is owed;
   during an outage, every block on disk that is not in S3 is owed.
 
+Two principals share the store: seeds above TENANT_SEEDS_FROM go to tenant t's namespace, whose
+blocks live in its own arena part (the store's invariant check asserts that no block and no
+allocation crosses parts).
+
 CI runs a bounded number of examples; KVTIER_MODEL_EXAMPLES=200 runs a longer check.
 """
 
@@ -40,6 +44,18 @@ from store_harness import FaultyFs, FaultyS3, blob, commit, key_of, make_store, 
 SEEDS = st.integers(min_value=1, max_value=48)
 EXAMPLES = int(os.environ.get("KVTIER_MODEL_EXAMPLES", "12"))
 DISK = pb.TIER_DISK
+TENANT_SEEDS_FROM = 33  # seeds 33..48 are tenant t's: "t/ns", in its own (smaller) arena part
+
+
+def ns_of(seed: int) -> str:
+    return "t/ns" if seed >= TENANT_SEEDS_FROM else "ns"
+
+
+def by_namespace(seeds) -> dict[str, list[int]]:
+    split: dict[str, list[int]] = {}
+    for seed in seeds:
+        split.setdefault(ns_of(seed), []).append(seed)
+    return split
 
 
 class StoreModel(RuleBasedStateMachine):
@@ -64,6 +80,7 @@ class StoreModel(RuleBasedStateMachine):
     def _open(self):
         from pathlib import Path
         cfg = store_config(Path(self.dir), self.server.endpoint_url, self.bucket,
+                           tenants=[{"name": "t", "uids": [40200], "cpu_capacity": "512KiB"}],
                            cpu={"capacity": "1MiB", "policy": "retention"},
                            disk={"capacity": "8MiB", "segment_bytes": "1MiB", "batch_blocks": 4,
                                  "queue_blocks": 8, "durable_wait_ms": 400})
@@ -72,6 +89,7 @@ class StoreModel(RuleBasedStateMachine):
         self.store = make_store(cfg, fs=self.fs, s3_tier=self.tier)
         self.run(self.store.start())
         self.run(self.store.register_namespace("ns", {"model": "m"}))
+        self.run(self.store.register_namespace("t/ns", {"model": "m"}))
 
     @initialize()
     def start(self):
@@ -87,29 +105,31 @@ class StoreModel(RuleBasedStateMachine):
           cls=st.sampled_from([None, "system", "decode", "conversation"]))
     def commit(self, seeds, wait, cls):
         retention = Retention(cls, 50, 60.0 if cls == "system" else None) if cls else None
-        try:
-            statuses = self.run(commit(self.store, "ns", seeds, wait_durable=wait, retention=retention))
-        except ApiError as exc:
-            assert exc.kind in (ErrorKind.UNAVAILABLE, ErrorKind.EXHAUSTED), exc
-            return
-        assert all(s in (pb.STORED, pb.DUPLICATE) for s in statuses)
-        if wait:
-            for seed in seeds:
-                self.durable[seed] = blob(seed)
+        for namespace, group in by_namespace(seeds).items():
+            try:
+                statuses = self.run(commit(self.store, namespace, group, wait_durable=wait, retention=retention))
+            except ApiError as exc:
+                assert exc.kind in (ErrorKind.UNAVAILABLE, ErrorKind.EXHAUSTED), exc
+                continue
+            assert all(s in (pb.STORED, pb.DUPLICATE) for s in statuses)
+            if wait:
+                for seed in group:
+                    self.durable[seed] = blob(seed)
 
     @rule(seeds=st.lists(SEEDS, min_size=1, max_size=6, unique=True))
     def acquire_release(self, seeds):
-        held, found = self.run(self.store.acquire("ns", [key_of(s) for s in seeds], 5000))
-        for seed, block in zip(seeds, found):
-            if block is not None:
-                assert bytes(self.store.cpu.view(block)[:block.length]) == blob(seed), "wrong bytes served"
-        if held is not None:
-            self.store.release(held.id)
+        for namespace, group in by_namespace(seeds).items():
+            held, found = self.run(self.store.acquire(namespace, [key_of(s) for s in group], 5000))
+            for seed, block in zip(group, found):
+                if block is not None:
+                    assert bytes(self.store.cpu.view(block)[:block.length]) == blob(seed), "wrong bytes served"
+            if held is not None:
+                self.store.release(held.id)
 
     @rule(seed=SEEDS, steps=st.integers(0, 3))
     def cancelled_acquire(self, seed, steps):
         async def scenario():
-            task = asyncio.ensure_future(self.store.acquire("ns", [key_of(seed)], 5000))
+            task = asyncio.ensure_future(self.store.acquire(ns_of(seed), [key_of(seed)], 5000))
             for _ in range(steps):
                 await asyncio.sleep(0)
             task.cancel()
@@ -123,27 +143,29 @@ class StoreModel(RuleBasedStateMachine):
 
     @rule(seed=SEEDS)
     def delete(self, seed):
-        deleted, _busy = self.run(self.store.delete("ns", [key_of(seed)]))
+        deleted, _busy = self.run(self.store.delete(ns_of(seed), [key_of(seed)]))
         if deleted:
             self.durable.pop(seed, None)
 
     @rule()
     def clear(self):
         self.run(self.store.clear("ns"))
+        self.run(self.store.clear("t/ns"))
         for seed in list(self.durable):
-            if self.store.catalog.get("ns", key_of(seed)) is None:
+            if self.store.catalog.get(ns_of(seed), key_of(seed)) is None:
                 self.durable.pop(seed)
 
     @rule(seed=SEEDS, cls=st.sampled_from(["system", "subagent", "ephemeral"]))
     def set_retention(self, seed, cls):
-        self.store.set_retention("ns", [key_of(seed)], Retention(cls, 10, None))
+        self.store.set_retention(ns_of(seed), [key_of(seed)], Retention(cls, 10, None))
 
     @rule(seeds=st.lists(SEEDS, min_size=1, max_size=4, unique=True),
           code=st.sampled_from([errno.EIO, errno.ENOSPC]), where=st.sampled_from(["pwritev", "fdatasync"]))
     def disk_fault_during_a_batch(self, seeds, code, where):
         self.fs.fail[where] = code
         try:
-            self.run(commit(self.store, "ns", seeds))
+            for namespace, group in by_namespace(seeds).items():
+                self.run(commit(self.store, namespace, group))
             self.run(until(lambda: self.store.counters.disk_write_errors or not self.store.backlog,
                            "a batch to meet the fault"))
         except ApiError as exc:
@@ -215,7 +237,7 @@ class StoreModel(RuleBasedStateMachine):
         if self.store is None:
             return
         for seed, data in self.durable.items():
-            assert self.run(read(self.store, "ns", seed)) == data, f"acknowledged durable block {seed} lost"
+            assert self.run(read(self.store, ns_of(seed), seed)) == data, f"acknowledged durable block {seed} lost"
 
     @invariant()
     def every_block_on_disk_is_in_s3_or_owed(self):

@@ -154,7 +154,7 @@ REQUIRED = {
     "RestartSec": "2", "TimeoutStopSec": "60", "LimitMEMLOCK": "infinity", "LimitNOFILE": "65536",
     "User": "kvtier", "Group": "kvtier", "RuntimeDirectory": "kvtier", "RuntimeDirectoryMode": "0750",
     "StateDirectory": "kvtier", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-    "ReadWritePaths": "/var/lib/kvtier /run/kvtier /dev/shm", "ProtectHome": "yes", "PrivateTmp": "yes",
+    "ReadWritePaths": "/var/lib/kvtier /run/kvtier", "ProtectHome": "yes", "PrivateTmp": "yes",
     "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes", "ProtectControlGroups": "yes",
     "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK", "LockPersonality": "yes",
     "RestrictRealtime": "yes", "SystemCallArchitectures": "native", "CapabilityBoundingSet": "",
@@ -255,7 +255,7 @@ def test_installed_config_matches_the_unit_and_the_docs(tmp_path):
     cfg = config_mod.load(str(path))
     assert cfg.data_dir == "/var/lib/kvtier"
     assert cfg.server.socket == "/run/kvtier/kvtierd.sock"
-    assert cfg.server.socket_mode == 0o660 and cfg.cpu.arena_mode == 0o660
+    assert cfg.server.socket_mode == 0o660
     assert cfg.server.tcp == "" and cfg.metrics.listen.startswith("127.0.0.1:")
     assert text.strip() in OPERATIONS.read_text(), "docs/operations.md must show the config install.sh writes"
 

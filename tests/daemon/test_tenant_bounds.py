@@ -5,11 +5,12 @@ a block pulled from a peer cannot bring a stronger retention than this node's de
 from __future__ import annotations
 
 import asyncio
+import os
 
 import grpc
 import pytest
 
-from kvtier.client import block_checksum
+from kvtier.client import Client, block_checksum
 from kvtier.daemon.errors import ApiError
 from kvtier.daemon.leases import LeaseTable
 from kvtier.daemon.peers import _peer_retention
@@ -19,7 +20,7 @@ from kvtier.tiers.block import checksum
 from kvtier.tiers.retention import Retention
 
 from store_harness import make_store, store_config
-from test_security import code_of, tcp_daemon  # noqa: F401 - tcp_daemon is a fixture
+from test_security import code_of
 
 KEY_A, KEY_B = b"a" * 32, b"b" * 32
 
@@ -31,8 +32,8 @@ def refusal(call) -> grpc.RpcError:
 
 
 # -- Commit: no oracle on a slot's bytes --------------------------------------------------------
-def test_a_commit_that_fails_verification_names_nothing_and_aborts_the_allocation(tcp_daemon):  # noqa: F811
-    with tcp_daemon.connect("a") as a:
+def test_a_commit_that_fails_verification_names_nothing_and_aborts_the_allocation(daemon):
+    with Client(daemon.socket) as a:
         a.register_namespace("a/m")
         allocation = a.allocate(2)
         arena = a.arena()
@@ -43,15 +44,14 @@ def test_a_commit_that_fails_verification_names_nothing_and_aborts_the_allocatio
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details() == VERIFY_FAILED
         assert code_of(lambda: a.abort(allocation.id)) == grpc.StatusCode.FAILED_PRECONDITION
         assert a.lookup("a/m", [KEY_A]).matched == 0  # all or nothing
-    with tcp_daemon.connect("admin") as admin:
-        assert admin.stats().active_allocations == 0  # every slot went back
-    log = tcp_daemon.log()
-    assert f"commit by token engines-a failed verification: allocation {allocation.id} aborted (2 entries" in log
+        assert a.stats().active_allocations == 0  # every slot went back
+    log = daemon.log()
+    assert f"commit by uid {os.geteuid()} failed verification: allocation {allocation.id} aborted (2 entries" in log
     assert "good" not in log and KEY_B.hex() not in log
 
 
-def test_a_shape_error_in_a_commit_also_aborts_the_allocation(tcp_daemon):  # noqa: F811
-    with tcp_daemon.connect("a") as a:
+def test_a_shape_error_in_a_commit_also_aborts_the_allocation(daemon):
+    with Client(daemon.socket) as a:
         a.register_namespace("a/m")
         allocation = a.allocate(1)
         twice = [(KEY_A, b"", allocation.slots[0], 0, block_checksum(b"")),
@@ -101,20 +101,15 @@ def test_a_closed_entrys_deadline_does_not_expire_a_later_entry_with_its_id():
     assert table.get(first.id) is second
 
 
-def test_ids_handed_to_clients_are_not_sequential_and_other_tenants_cannot_use_them(tcp_daemon):  # noqa: F811
-    with tcp_daemon.connect("a") as a, tcp_daemon.connect("b") as b:
+def test_ids_handed_to_clients_are_not_sequential(daemon):
+    """(Another tenant using them: tests/daemon/test_tenants.py, with clients under other uids.)"""
+    with Client(daemon.socket) as b:
         b.register_namespace("b/m")
         allocations = [b.allocate(1) for _ in range(4)]
         ids = [x.id for x in allocations]
         assert all(later - earlier != 1 for earlier, later in zip(ids, ids[1:]))
-        victim = allocations[0]
-        entry = [(KEY_A, b"", victim.slots[0], 0, block_checksum(b""))]
-        not_open = grpc.StatusCode.FAILED_PRECONDITION
-        assert code_of(lambda: a.commit(victim.id, "b/m", entry)) == grpc.StatusCode.PERMISSION_DENIED
-        a.register_namespace("a/m")
-        assert code_of(lambda: a.commit(victim.id, "a/m", entry)) == not_open
-        assert code_of(lambda: a.abort(victim.id)) == not_open
-        assert b.commit(victim.id, "b/m", entry) == [pb.STORED]  # untouched by a's attempts
+        entry = [(KEY_A, b"", allocations[0].slots[0], 0, block_checksum(b""))]
+        assert b.commit(allocations[0].id, "b/m", entry) == [pb.STORED]
         for allocation in allocations[1:]:
             b.abort(allocation.id)
 

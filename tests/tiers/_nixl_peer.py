@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     from kvtier.tiers.nixl import NixlTransport
 
     name, shm_dir, size, seed, info_fd = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
-    arena = SharedArena(shm_dir, f"peer-{name}", size, SLOT)
+    arena = SharedArena(f"peer-{name}", [("", size)], SLOT)
     fill(arena, seed)
     transport = NixlTransport(name, [(arena.address, arena.size_bytes)])
     with os.fdopen(info_fd, "w") as info:

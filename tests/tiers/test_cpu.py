@@ -2,35 +2,46 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 import pytest
 
-from kvtier.tiers.arena import SharedArena
+from kvtier.tiers.arena import SEALS, SharedArena, map_fd
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.eviction import FifoPolicy, LruPolicy
 
 
 @pytest.fixture
-def arena(tmp_path):
-    a = SharedArena(str(tmp_path), "kvt-test", 8 * 4096, 4096)
+def arena():
+    a = SharedArena("test", [("", 8 * 4096)], 4096)
     yield a
     a.close()
 
 
-def test_arena_file_is_private_and_sized(arena):
-    st = os.stat(arena.path)
-    assert st.st_size == 8 * 4096 and st.st_mode & 0o777 == 0o600
-    assert arena.slot_count == 8 and arena.free_count() == 8
-
-
-def test_arena_removes_stale_files_of_its_prefix(tmp_path):
-    stale = tmp_path / "kvt-test-deadbeef"
-    stale.write_bytes(b"old")
-    a = SharedArena(str(tmp_path), "kvt-test", 4096, 4096)
-    assert not stale.exists() and os.path.exists(a.path)
-    a.close()
-    assert not os.path.exists(a.path)
+def test_arena_parts_are_sealed_memfds_mapped_back_to_back():
+    a = SharedArena("test", [("", 4 * 4096), ("team-a", 2 * 4096), ("team-b", 3 * 4096)], 4096)
+    try:
+        assert a.slot_count == 9 and [p.first_slot for p in a.parts] == [0, 4, 6]
+        assert a.part_named("team-b") == 2 and a.part_named("nobody") == 0
+        for part in a.parts:
+            assert os.fstat(part.fd).st_size == part.slot_count * 4096
+            assert os.fstat(part.fd).st_blocks * 512 >= part.slot_count * 4096  # allocated, not sparse
+            assert fcntl.fcntl(part.fd, fcntl.F_GET_SEALS) == SEALS
+            with pytest.raises(PermissionError):
+                os.ftruncate(part.fd, 0)  # a client holding the fd cannot pull memory from under the daemon
+        # The daemon's slot 6 is byte 0 of team-b's file: what a client of team-b maps.
+        a.view(6)[:4] = b"tb-0"
+        client = map_fd(a.parts[2].fd, 3 * 4096)
+        assert client[:4] == b"tb-0"
+        client[4096:4100] = b"tb-1"
+        assert bytes(a.view(7)[:4]) == b"tb-1"
+        client.close()
+        assert a.take(10, 1) == [5, 4] and a.free_count(1) == 0 and a.free_count(0) == 4
+        a.give_back([4])
+        assert a.free_count(1) == 1 and a.part_of(4) == 1 and a.part_of(8) == 2
+    finally:
+        a.close()
 
 
 def test_arena_take_and_give_back(arena):
@@ -46,25 +57,29 @@ def test_arena_take_and_give_back(arena):
         arena.view(8)
 
 
-
-
-def test_arena_larger_than_its_filesystem_fails_at_creation(small_tmpfs):
-    # The old arena was a sparse file: it "succeeded" here and the first write past 8 MiB was a SIGBUS.
-    with pytest.raises(OSError, match=f"cannot reserve {16 << 20} bytes for the arena in {small_tmpfs}: "
-                                      "No space left on device") as err:
-        SharedArena(small_tmpfs, "kvt-test", 16 << 20, 4096)
+def test_arena_part_that_cannot_be_allocated_fails_at_creation(monkeypatch):
+    # A sparse arena would "succeed" here and SIGBUS on the first write the memory cannot back.
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(OSError, match=f"cannot reserve {16 << 20} bytes for the arena") as err:
+        SharedArena("test", [("", 16 << 20)], 4096)
     assert err.value.errno == 28  # ENOSPC, kept for callers that branch on it
-    assert os.listdir(small_tmpfs) == []  # the failed arena does not keep the space it got
 
 
-def test_arena_that_fits_owns_its_space_up_front(small_tmpfs):
-    a = SharedArena(small_tmpfs, "kvt-test", 4 << 20, 4096)
+def test_cpu_tier_parts_evict_only_their_own_blocks():
+    a = SharedArena("test", [("", 2 * 4096), ("t", 2 * 4096)], 4096)
     try:
-        assert os.stat(a.path).st_blocks * 512 >= 4 << 20  # allocated, not sparse
-        with pytest.raises(OSError, match="No space left on device"):
-            SharedArena(small_tmpfs, "kvt-other", 6 << 20, 4096)  # 4 + 6 MiB > 8 MiB
-        a.view(a.slot_count - 1)[:4] = b"last"  # the arena's own pages are there to write
-        assert bytes(a.view(a.slot_count - 1)[:4]) == b"last"
+        tier = CpuTier(a, LruPolicy(), LruPolicy)
+        for name, part in (("a0", 0), ("a1", 0), ("t0", 1), ("t1", 1)):
+            slots, _ = tier.reserve(1, part)
+            tier.install(name, slots[0], 10)
+        slots, evicted = tier.reserve(1, 1)
+        assert evicted == ["t0"] and a.part_of(slots[0]) == 1  # part 0's older blocks stay
+        tier.unreserve(slots)
+        tier.hold("t1", "reader")
+        assert tier.reserve(2, 1) == ([], []) and tier.available(1) == 1 and tier.available(0) == 2
+        tier.check()
     finally:
         a.close()
 

@@ -250,7 +250,7 @@ def test_copy_round_trip_from_an_mmap(tier, tmp_path):
 @needs_torch
 def test_copy_between_the_shared_arena_and_the_tier(tier, tmp_path):
     """The daemon's promotion/demotion path: arena slot -> device slot -> another arena slot."""
-    arena = SharedArena(str(tmp_path), "kvt-gpu-test", 4 * SLOT, SLOT)
+    arena = SharedArena("gpu-test", [("", 4 * SLOT)], SLOT)
     try:
         src, dst = arena.take(2)
         payload = os.urandom(SLOT)
@@ -262,7 +262,7 @@ def test_copy_between_the_shared_arena_and_the_tier(tier, tmp_path):
     finally:
         tier.synchronize()
         arena.close()
-    assert not os.path.exists(arena.path)
+    assert arena.address == 0  # unmapped
 
 
 @needs_torch
@@ -462,7 +462,7 @@ def test_cuda_copies_run_on_the_tiers_stream_from_pinned_memory(tmp_path):
     assert not torch.cuda.default_stream().query(), "the copies waited for the default stream"
     assert torch.equal(back, host)
     # The shared arena is pinned with cudaHostRegister; memoryviews of it are copied zero-copy.
-    arena = SharedArena(str(tmp_path), "kvt-gpu-test", 2 * block, block)
+    arena = SharedArena("gpu-test", [("", 2 * block)], block)
     try:
         assert arena.pinned
         arena.view(0)[:] = os.urandom(block)

@@ -101,7 +101,7 @@ class Local:
     """This process's side: an arena and a NixlTransport registered over it."""
 
     def __init__(self, shm_dir: str, size: int, name: str | None = None):
-        self.arena = SharedArena(shm_dir, f"local-{uuid.uuid4().hex[:8]}", size, 2 * MiB)
+        self.arena = SharedArena(f"local-{uuid.uuid4().hex[:8]}", [("", size)], 2 * MiB)
         self.address, self.size = self.arena.address, self.arena.size_bytes
         self.transport = NixlTransport(name or f"local-{uuid.uuid4().hex[:8]}", [(self.address, self.size)])
         self.clear()
@@ -178,12 +178,12 @@ def test_load_nixl_returns_the_module():
 
 
 def test_arena_address_is_the_mapping_and_does_not_pin_it(shm_dir, caplog):
-    arena = SharedArena(shm_dir, "address", 4 * MiB, 2 * MiB)
+    arena = SharedArena("address", [("", 4 * MiB)], 2 * MiB)
     assert arena.address == arena.address and arena.address % mmap.PAGESIZE == 0
     ctypes.memset(arena.address + 2 * MiB + 5, 0x5A, 3)
     assert bytes(arena.view(1)[4:9]) == b"\0\x5a\x5a\x5a\0"
     arena.close()
-    assert arena._mmap.closed and "still borrowed" not in caplog.text
+    assert arena.address == 0 and not arena.parts  # unmapped, and its memfds closed
 
 
 def test_noncontiguous_ranges_land_byte_identical(served):
@@ -421,6 +421,42 @@ def test_close_settles_abandoned_reads_and_nothing_lands_afterwards(shm_dir, tcp
             local.transport.add_peer(peer.metadata)
         with pytest.raises(TransferFailed):
             local.transport.read(name, [(local.address, peer.address, 8)], 1.0)
+    finally:
+        local.close()
+        peer.stop()
+
+
+@pytest.mark.parametrize("over", ["cma", "tcp"])
+def test_whoever_holds_an_agents_metadata_can_also_write_its_registered_memory(shm_dir, monkeypatch, over):
+    """NIXL registers memory for remote READ and WRITE alike (it has no read-only registration): a
+    process that loaded a peer's metadata can overwrite what that peer registered, on one host (cma)
+    as between hosts (tcp). That is why a kvtierd never sends its own metadata to an owner it pulls
+    from, and what docs/peers.md says a peer that said Hello can do to an owner's arena. If this test
+    ever fails, NIXL gained a read-only mode: revisit that text."""
+    env = None
+    if over == "tcp":
+        monkeypatch.setenv("UCX_TLS", "tcp")
+        env = {"UCX_TLS": "tcp"}
+    peer = Peer(shm_dir, f"victim-{over}", 4 * MiB, seed=21, env=env)
+    local = Local(shm_dir, 4 * MiB)
+    try:
+        transport, b = local.transport, local.transport._b
+        name = transport.add_peer(peer.metadata)
+        ctypes.memset(local.address, 0xEE, 4096)
+        mine, theirs = transport._descs(transport._peers[name], [(local.address, peer.address + MiB, 4096)])
+        handle = transport._agent.createXferReq(b.NIXL_WRITE, mine, theirs, name, "", [])
+        try:
+            state, deadline = transport._agent.postXferReq(handle, ""), time.monotonic() + 10
+            while state == b.NIXL_IN_PROG and time.monotonic() < deadline:  # NIXL's status, polled
+                time.sleep(0.001)
+                state = transport._agent.getXferStatus(handle)
+        finally:
+            transport._agent.releaseXferReq(handle)
+        assert state == b.NIXL_SUCCESS
+        local.clear()
+        box = guarded(40, transport.read, name, [(local.address + MiB, peer.address + MiB, 4096)], 10)
+        assert "error" not in box, box.get("error")
+        assert local.bytes_at(MiB, 4096) == b"\xee" * 4096 != peer.expected(MiB, 4096)  # overwritten
     finally:
         local.close()
         peer.stop()

@@ -584,3 +584,51 @@ def test_closed_tier_refuses_calls(tiers):
         tier.head("ns", b"k")
     with pytest.raises(RuntimeError):
         tier.upload(*block("ns", b"k", 10))
+
+
+# ---------------------------------------------------------------------- extra metadata (the daemon's MACs)
+
+def _sign_with(seen: list):
+    def sign(encoded: bytes, sent) -> dict[str, str]:
+        seen.append((bytes(encoded), bytes(sent)))
+        return {"kvtier-mac": hashlib.sha256(bytes(sent)).hexdigest(), "kvtier-header-mac": "ab" * 32}
+    return sign
+
+
+@pytest.mark.parametrize("server", ["moto", "s3rver"])
+def test_sign_adds_metadata_that_head_list_and_download_hand_back(request, server):
+    tier = request.getfixturevalue("tiers" if server == "moto" else "s3rver_tiers")()
+    header, payload = block("ns", b"signed", 70_000)
+    seen: list = []
+    slot = bytearray(payload) + b"\0" * 1000  # an arena slot: longer than the block
+    assert tier.upload(header, memoryview(slot), sign=_sign_with(seen)) == "stored"
+    assert seen == [(header.encode(), payload)]  # exactly the header and the payload bytes sent
+    expected = {"kvtier-mac": hashlib.sha256(payload).hexdigest(), "kvtier-header-mac": "ab" * 32}
+    [entry], _ = tier.list()
+    assert entry.header == header.encode()
+    assert {k: entry.metadata[k] for k in expected} == expected
+    assert tier.entry_for(entry.object_key, 0).metadata["kvtier-mac"] == expected["kvtier-mac"]
+    metadata = {"stale": "x"}
+    dest = bytearray(80_000)
+    assert tier.download_into("ns", b"signed", dest, metadata=metadata) == len(payload)
+    assert {k: metadata[k] for k in expected} == expected and "stale" not in metadata
+    # Unsigned uploads carry only the header; a miss leaves the caller's dict alone.
+    plain_header, plain = block("ns", b"plain", 100)
+    tier.upload(plain_header, plain)
+    got: dict = {}
+    assert tier.download_into("ns", b"plain", bytearray(100), metadata=got) == 100 and "kvtier-mac" not in got
+    untouched = {"kept": "1"}
+    assert tier.download_into("ns", b"absent", bytearray(100), metadata=untouched) is None
+    assert untouched == {"kept": "1"}
+
+
+def test_sign_cannot_replace_the_header_and_a_bad_payload_is_never_signed(tiers):
+    tier = tiers()
+    header, payload = block("ns", b"k", 1000)
+    with pytest.raises(ValueError, match="may not replace kvtier-header"):
+        tier.upload(header, payload, sign=lambda encoded, sent: {"kvtier-header": "forged"})
+    seen: list = []
+    with pytest.raises(CorruptBlock):
+        tier.upload(header, payload[:-1] + bytes([payload[-1] ^ 1]), sign=_sign_with(seen))
+    assert seen == []  # the checksum is verified first: sign() only ever sees bytes that match it
+    assert tier.download_into("ns", b"k", bytearray(1000)) is None  # nothing was stored

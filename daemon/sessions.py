@@ -1,0 +1,151 @@
+"""Local sessions: who a Unix-socket client is, and the arena part it may map.
+
+gRPC over a Unix socket does not tell the server who is calling, so a local client first opens a
+session on a second socket beside the gRPC one (`<server.socket>.session`, same file mode):
+
+    client -> daemon   b"KVTIER-SESSION 1\\n"
+    daemon -> client   4-byte big-endian length, then that many bytes of JSON, and, when the
+                       session may use the arena, its tenant's arena part as a file descriptor
+                       (SCM_RIGHTS) in the same message:
+                       {"session": "<64 hex>", "principal": "uid 1001", "tenant": "a" | null,
+                        "namespace_prefix": "a/" | "", "arena": {"first_slot", "slot_count",
+                        "slot_bytes", "generation"}}
+                       or {"error": "..."} and the connection closes.
+
+The kernel names the caller (SO_PEERCRED: uid and gid at connect time); `LocalIdentities` maps it
+to a principal. The session id (256 random bits) then goes with every gRPC call as metadata
+`x-kvtier-session`. A session lasts as long as the client keeps this connection open: when the
+process exits, the kernel closes it and the id stops working. Whoever holds the id acts as that
+principal, so a client must not hand it to another user (it is the uid's own authority).
+
+Bounds: server.max_sessions sessions in all and a tenant's max_sessions for each tenant (so one
+tenant cannot take every session); a handshake must arrive within HANDSHAKE_TIMEOUT_S; anything a
+client sends after it is read in small pieces and dropped. Every refusal is logged with the uid.
+Event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import secrets
+import socket
+import struct
+
+from .auth import LocalIdentities, Principal
+
+log = logging.getLogger("kvtier.sessions")
+HELLO = b"KVTIER-SESSION 1\n"
+METADATA_KEY = "x-kvtier-session"
+HANDSHAKE_TIMEOUT_S = 5.0
+MAX_REPLY_BYTES = 64 << 10
+
+
+def session_path(grpc_socket: str) -> str:
+    return grpc_socket + ".session"
+
+
+class Sessions:
+    """Open local sessions by id. `arena_for(principal)` gives (part index, ArenaPart) or None."""
+
+    def __init__(self, identities: LocalIdentities, arena, limit: int, tenant_limits: dict[str, int] | None = None):
+        self.identities = identities
+        self.arena = arena
+        self.limit = limit
+        self.tenant_limits = dict(tenant_limits or {})
+        self._open: dict[str, Principal] = {}
+        self._per_tenant: collections.Counter[str] = collections.Counter()
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def principal(self, session_id: str) -> Principal | None:
+        return self._open.get(session_id)
+
+    def part_of(self, principal: Principal) -> int:
+        return self.arena.part_named(principal.tenant or "")
+
+    async def serve(self, path: str, mode: int) -> asyncio.AbstractServer:
+        """Listens on `path` (created with `mode` before anyone can connect)."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o777)  # no window in which the socket exists with wider permissions
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        listener.listen(64)
+        return await asyncio.start_unix_server(self._handle, sock=listener)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        uid, gid = _peer_credentials(sock)
+        session_id = None
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                hello = await reader.readexactly(len(HELLO))
+            if hello != HELLO:
+                return self._refuse(writer, uid, "not a kvtier session handshake")
+            principal = self.identities.resolve(uid, gid)
+            if principal is None:
+                return self._refuse(writer, uid, f"uid {uid} (gid {gid}) is neither a configured tenant's "
+                                                 "nor an administrator ([[tenant]] uids/gids, server.admin_uids)")
+            full = self._full(principal)
+            if full:
+                return self._refuse(writer, uid, full)
+            session_id = secrets.token_hex(32)
+            self._open[session_id] = principal
+            self._per_tenant[principal.tenant or ""] += 1
+            await self._welcome(writer, sock, session_id, principal)
+            while await reader.read(4096):  # until the client closes: then the session ends
+                pass
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            log.debug("session of uid %d ended: %r", uid, exc)
+        finally:
+            if session_id is not None and self._open.pop(session_id, None) is not None:
+                self._per_tenant[principal.tenant or ""] -= 1
+            writer.close()
+
+    def _full(self, principal: Principal) -> str | None:
+        """Why no session can be opened for `principal` now (None: one can)."""
+        if len(self._open) >= self.limit:
+            return f"server.max_sessions ({self.limit}) sessions are open"
+        limit = self.tenant_limits.get(principal.tenant or "")
+        if limit is not None and self._per_tenant[principal.tenant] >= limit:
+            return f"tenant {principal.tenant} has its max_sessions ({limit}) sessions open"
+        return None
+
+    async def _welcome(self, writer, sock, session_id: str, principal: Principal) -> None:
+        part_index = self.part_of(principal)
+        part = self.arena.parts[part_index]
+        reply = {"session": session_id, "principal": principal.name, "tenant": principal.tenant,
+                 "namespace_prefix": f"{principal.tenant}/" if principal.tenant else "",
+                 "arena": {"first_slot": part.first_slot, "slot_count": part.slot_count,
+                           "slot_bytes": self.arena.slot_bytes, "generation": self.arena.generation}}
+        body = json.dumps(reply).encode()
+        assert len(body) <= MAX_REPLY_BYTES
+        await writer.drain()
+        # The reply is one small message: sendmsg on the non-blocking socket sends it whole or fails.
+        # asyncio's transport socket offers no sendmsg, so send on a duplicate of its descriptor.
+        with socket.fromfd(sock.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as dup:
+            sent = socket.send_fds(dup, [struct.pack(">I", len(body)) + body], [part.fd])
+        if sent != 4 + len(body):
+            raise ConnectionError(f"session reply cut short ({sent} of {4 + len(body)} bytes)")
+        log.info("local session for %s (%s): arena part %s", principal.name,
+                 f"tenant {principal.tenant}" if principal.tenant else "administrator", part.name or "admin")
+
+    def _refuse(self, writer, uid: int, why: str) -> None:
+        self.refused += 1
+        log.warning("local session refused for uid %d: %s", uid, why)
+        body = json.dumps({"error": why}).encode()
+        writer.write(struct.pack(">I", len(body)) + body)
+
+
+def _peer_credentials(sock) -> tuple[int, int]:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, gid = struct.unpack("3i", creds)
+    return uid, gid
