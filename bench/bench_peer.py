@@ -21,7 +21,7 @@ Lookup(consult_peers=True) from this process; MB/s = payload / wall time of that
 pulls (untimed) B's write-through is drained, os.sync() run and the namespace cleared, so every
 round transfers. In the same rotation, raw NIXL READs of the same shape (block count and size, the
 daemons' 2 MiB slot stride) from helper processes, once from anonymous memory (the "reads" peer)
-and once from /dev/shm files mapped like the arenas; the faster median of the two is the limit.
+and once from sealed memfds mapped like the arenas; the faster median of the two is the limit.
 
 Every round runs each variant once, order rotating; figures are medians over rounds, the first
 round of each shape being a discarded warm-up whose bytes are checked (raw READs against the
@@ -38,7 +38,6 @@ import multiprocessing
 import os
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -58,16 +57,14 @@ SEED = 5
 def populated_region(size: int, seed: int | None, shm: bool = False) -> tuple[mmap.mmap, int]:
     """A mapping, every page touched (filled with the pattern or zeroed); (map, address). Anonymous
     memory by default (transparent huge pages where the kernel gives them), or with shm=True a
-    MAP_SHARED file in /dev/shm mapped like kvtierd's arena (tmpfs pages, 4 KiB unless shmem THP is on)."""
+    sealed memfd mapped MAP_SHARED like kvtierd's arena parts (shmem pages, 4 KiB unless shmem THP is on)."""
     if shm:
-        from kvtier.tiers.arena import map_shared_file
-        fd, path = tempfile.mkstemp(prefix="kvtier-bench-peer-", dir="/dev/shm")
+        from kvtier.tiers.arena import create_sealed_memory, map_fd
+        fd = create_sealed_memory("kvtier-bench-peer", size)
         try:
-            os.ftruncate(fd, size)
-            region = map_shared_file(path, size)
+            region = map_fd(fd, size)
         finally:
-            os.close(fd)
-            os.unlink(path)  # the mapping keeps the pages
+            os.close(fd)  # the mapping keeps the pages
     else:
         region = mmap.mmap(-1, size)
     words = np.frombuffer(region, dtype=np.uint64)
@@ -335,6 +332,7 @@ class PullCluster:
 
     def __init__(self, args, shapes: list[tuple[int, int]]):
         from _daemon import BenchDaemon
+        from kvtier.daemon.peers import PEER_PIN_SHARE
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from certs import Authority
         self.work = work_dir(args.out) / "peer"
@@ -347,9 +345,10 @@ class PullCluster:
         self.clients = {}
         try:
             cert, key = ca.issue("bench-a")
-            owner_bytes = sum(count for count, _ in shapes) * SLOT
+            # Peers may pin at most 1/PEER_PIN_SHARE of the owner's arena: it must let one pull pin `most`.
+            owner_bytes = max(sum(count for count, _ in shapes) * SLOT + (64 << 20), PEER_PIN_SHARE * most * SLOT)
             self._start("A", BenchDaemon(self.work, {
-                **common, "cpu.capacity": owner_bytes + (64 << 20), "disk.enabled": False,
+                **common, "cpu.capacity": owner_bytes, "disk.enabled": False,
                 "peers.listen": f"127.0.0.1:{port}", "peers.node_id": "bench-a", "peers.transport": "nixl",
                 "peers.tls_cert": cert, "peers.tls_key": key}, name="peer-a"))
             for i, (variant, (transport, disk)) in enumerate(PULLERS.items()):
@@ -616,7 +615,7 @@ def main(argv=None) -> dict:
         "MB/s = payload / wall time of that Lookup (client RPC + Has + Pin + READs + verify + commit). "
         "After each pull (untimed) B's write-through is drained, os.sync() run and the namespace "
         "cleared, so every round transfers. Raw NIXL READs of the same shape (block count and size, "
-        "2 MiB slot stride) run in the same rotation from anonymous memory and from /dev/shm files "
+        "2 MiB slot stride) run in the same rotation from anonymous memory and from sealed memfds "
         "mapped like the arenas; the limit of a pull row is the faster median of the two.",
         f"Machine load matters: {os.cpu_count()} cores for every process. The copy runs on the reading "
         "thread, so a READ sharing its core with another busy process runs at about half speed; NIXL "

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import os
 import sys
+import time
 
 import grpc
 
@@ -60,15 +61,34 @@ def cmd_stats(client: Client, args) -> None:
               f"{t.reads:>10}{t.writes:>10}{t.evictions:>11}")
 
 
+CLASSES = ("system", "conversation", "subagent", "ephemeral", "decode")
+DEFAULT_CLASS = "conversation"  # what the daemon applies to a block stored without retention
+
+
+def retention_text(b: pb.BlockInfo) -> tuple[str, str, str]:
+    """(class, priority, pin) of a block as the daemon keeps them: "-" priority means the default;
+    pin is the TTL pin's expiry (UTC) or "-" when the block is not pinned (or the pin has run out)."""
+    cls = b.retention.cls if b.HasField("retention") and b.retention.cls else DEFAULT_CLASS
+    priority = str(b.retention.priority) if b.HasField("retention") else "-"
+    pin = "-"
+    if b.pinned_until_unix_ms and b.pinned_until_unix_ms > time.time() * 1000:
+        pin = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.pinned_until_unix_ms / 1000))
+    return cls, priority, pin
+
+
 def _row(b: pb.BlockInfo) -> str:
+    cls, priority, pin = retention_text(b)
     return (f"{b.namespace:<24} {b.key.hex():<64} {human(b.length):>10} {tier_names(b.tiers):<14}"
-            f"{b.hits:>6}{' pending' if b.write_pending else ''}")
+            f"{b.hits:>6} {cls:<13}{priority:>4} {pin:<20}{' pending' if b.write_pending else ''}")
 
 
 def cmd_inventory(client: Client, args) -> None:
-    print(f"{'namespace':<24} {'key':<64} {'size':>10} {'tiers':<14}{'hits':>6}")
+    print(f"{'namespace':<24} {'key':<64} {'size':>10} {'tiers':<14}{'hits':>6} {'class':<13}{'prio':>4} "
+          f"{'pinned until':<20}")
     shown = 0
-    for block in client.iter_inventory(args.namespace or "", tier_mask(args.tier or ""), page_size=500):
+    pin = {None: pb.PIN_ANY, True: pb.PIN_PINNED, False: pb.PIN_UNPINNED}[args.pinned]
+    for block in client.iter_inventory(args.namespace or "", tier_mask(args.tier or ""), page_size=500,
+                                       retention_class=args.retention_class or "", pin=pin):
         print(_row(block))
         shown += 1
         if args.limit and shown >= args.limit:
@@ -81,7 +101,8 @@ def cmd_stat(client: Client, args) -> None:
     for field, value in (("namespace", b.namespace), ("key", b.key.hex()), ("parent", b.parent.hex() or "-"),
                          ("length", b.length), ("checksum", f"{b.checksum:016x}"), ("tiers", tier_names(b.tiers)),
                          ("hits", b.hits), ("readers", b.readers), ("write pending", b.write_pending),
-                         ("created", b.created_unix_ms)):
+                         ("created", b.created_unix_ms), *zip(("class", "priority", "pinned until"),
+                                                              retention_text(b))):
         print(f"{field:<14}{value}")
 
 
@@ -146,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace")
     p.add_argument("-t", "--tier", help="comma-separated tiers, e.g. disk or cpu,disk")
     p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--class", dest="retention_class", choices=CLASSES, help="only blocks of this retention class")
+    pinned = p.add_mutually_exclusive_group()
+    pinned.add_argument("--pinned", dest="pinned", action="store_const", const=True, default=None,
+                        help="only blocks under a TTL pin")
+    pinned.add_argument("--unpinned", dest="pinned", action="store_const", const=False,
+                        help="only blocks without a TTL pin")
     p.set_defaults(fn=cmd_inventory)
     p = sub.add_parser("stat", help="one block's metadata")
     p.add_argument("-n", "--namespace", required=True)

@@ -12,7 +12,7 @@ import xxhash
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
-from kvtier.tiers.arena import map_fd
+from kvtier.tiers.arena import buffer_address, cuda_host_register, cuda_host_unregister, map_fd
 
 from .session import LocalSession, SessionError
 
@@ -154,7 +154,9 @@ def _credentials(tls_ca: str | None):
 
 class Arena:
     """A read/write mapping of this client's part of the daemon's arena (its tenant's slots
-    first_slot .. first_slot + slot_count - 1), from the descriptor its session received."""
+    first_slot .. first_slot + slot_count - 1), from the descriptor its session received. On a CUDA
+    machine the mapping is registered with cudaHostRegister (`pinned`), so an engine's copies
+    between it and the GPU are DMA, asynchronous on a stream; elsewhere it is plain memory."""
 
     def __init__(self, part, max_keys_per_request: int = 0):
         self.generation = part.generation
@@ -164,6 +166,7 @@ class Arena:
         self.first_slot = part.first_slot
         self._mmap = map_fd(part.fd, part.slot_count * part.slot_bytes)
         self._view = memoryview(self._mmap)
+        self.pinned = cuda_host_register(buffer_address(self._mmap), len(self._mmap))
 
     def view(self, slot: int) -> memoryview:
         index = slot - self.first_slot
@@ -174,6 +177,9 @@ class Arena:
         return self._view[start:start + self.slot_bytes]
 
     def close(self) -> None:
+        if self.pinned:
+            cuda_host_unregister(buffer_address(self._mmap))
+            self.pinned = False
         self._view.release()
         try:
             self._mmap.close()

@@ -33,7 +33,9 @@ the page's position in its sequence: known when SGLang passes ``prefix_keys``
 (``"hicache_storage_pass_prefix_keys": true``), otherwise the request retention applies to every page.
 
 Failures: no daemon error reaches SGLang. Reads degrade to misses, writes to ``False``; errors are
-logged (rate-limited) and counted in ``stats``.
+logged (rate-limited) and counted in ``stats``. Daemon access (deadlines, namespaces, a circuit breaker
+that makes a hung or dead daemon cost one deadline per breaker period, not one per batch) is
+``_daemon.DaemonSession``; its counters (``short_circuited``, ``breaker_opened``, ...) are in ``stats``.
 """
 
 from __future__ import annotations
@@ -56,13 +58,14 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorageExtraInfo,
 )
 
-from kvtier.client.client import DEFAULT_SOCKET, Client, block_checksum
+from kvtier.client.client import DEFAULT_SOCKET, block_checksum
+from kvtier.connectors._daemon import DEFAULT_BREAKER_PERIOD_S, BreakerOpen, DaemonSession, RateLimitedLog
+from kvtier.connectors._daemon import error_text as _error_text
 from kvtier.connectors._hints import HINTS_KEY, HintError, parse_hints, to_pb
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_KEYS_PER_CALL = 4096  # the daemon's default limits.max_keys_per_request
 _OK = (pb.STORED, pb.DUPLICATE)
 
 
@@ -135,31 +138,6 @@ def pool_attributes(pool: Any, page_bytes: Optional[int], interface_v1: bool) ->
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-class _RateLimitedLog:
-    def __init__(self, interval_s: float = 30.0):
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, kind: str, message: str, *args) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(kind, -1e9) < self.interval_s:
-                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-                return
-            self._last[kind] = now
-            skipped = self._suppressed.pop(kind, 0)
-        suffix = f" ({skipped} similar messages suppressed)" if skipped else ""
-        logger.warning("kvtier: " + message + suffix, *args)
-
-
-def _error_text(error: BaseException) -> str:
-    if isinstance(error, grpc.RpcError):
-        return f"{error.code().name}: {error.details()}"
-    return repr(error)
-
-
 def _address(view: memoryview) -> tuple[int, ctypes.c_char]:
     """Address of a writable buffer, and the object that keeps it exported while in use."""
     holder = ctypes.c_char.from_buffer(view)
@@ -193,6 +171,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
     write waits for free arena slots, default 200), ``wait_durable`` (commit waits for the disk tier,
     default false), ``skip_existing`` (``batch_set_v1`` looks up and skips stored pages, default true),
     ``interface_v1`` (SGLang's zero-copy page functions), ``clear_timeout_s``, ``warning_interval_s``,
+    ``breaker_period_s`` (how often a daemon that stopped answering is health-checked, default 5),
     ``default_hints`` (retention of stored pages; ``_hints`` and docs/sglang.md).
     """
 
@@ -209,8 +188,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self.consult_peers = bool(extra.get("consult_peers", False))  # pull misses from peers (docs/peers.md)
         # An RPC deadline shorter than the arena wait would turn every full arena into an error.
         timeout = max(self.timeout_s, self.allocate_wait_ms / 1000.0 + 1.0)
-        self._client = Client(self.socket, timeout=timeout)
-        self._log = _RateLimitedLog(float(extra.get("warning_interval_s", 30.0)))
+        self._log = RateLimitedLog(logger, float(extra.get("warning_interval_s", 30.0)))
         try:
             self.default_hints, unknown = parse_hints(extra.get("default_hints"))
         except HintError as error:
@@ -218,8 +196,6 @@ class KvtierHiCacheStorage(HiCacheStorage):
         if unknown:
             logger.warning("kvtier: default_hints: unknown keys %s ignored", unknown)
         self._lock = threading.Lock()
-        self._registered: set[str] = set()
-        self._max_keys: Optional[int] = None
         self.mem_pool_host = None
         self.page_bytes: Optional[int] = None
         self.enable_storage_metrics = bool(getattr(storage_config, "enable_storage_metrics", False))
@@ -230,6 +206,10 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self._base_attributes = config_attributes(storage_config)
         self.attributes = dict(self._base_attributes)
         self.namespace = namespace_for(self.attributes)
+        breaker_period_s = float(extra.get("breaker_period_s", DEFAULT_BREAKER_PERIOD_S))
+        self._daemon = DaemonSession(self.socket, timeout, {self.namespace: self.attributes},
+                                     breaker_period_s=breaker_period_s, probe_timeout_s=min(1.0, breaker_period_s),
+                                     stats=self.stats, logger=logger)
         logger.info("kvtier: SGLang storage backend on %s, namespace %s (%s)", self.socket, self.namespace,
                     self.attributes)
 
@@ -242,10 +222,11 @@ class KvtierHiCacheStorage(HiCacheStorage):
         with self._lock:
             self.attributes = attributes
             self.namespace = namespace_for(attributes)
+            self._daemon.set_namespaces({self.namespace: attributes})
         logger.info("kvtier: host pool %s registered (%s bytes per page), namespace %s (%s)",
                     type(mem_pool_host).__name__, self.page_bytes, self.namespace, attributes)
         try:
-            slot_bytes = self._client.arena().slot_bytes
+            slot_bytes = self._daemon.arena().slot_bytes
         except Exception as error:  # noqa: BLE001 - the daemon may come up later
             self._log.warning("arena", "daemon at %s not reachable yet: %s", self.socket, _error_text(error))
             return
@@ -266,40 +247,44 @@ class KvtierHiCacheStorage(HiCacheStorage):
             return None
 
     # -- daemon access --------------------------------------------------------------------------------
-    def _ensure_namespace(self, namespace: str, attributes: dict[str, str], force: bool = False) -> None:
-        if force or namespace not in self._registered:
-            self._client.register_namespace(namespace, attributes)
-            self._registered.add(namespace)
+    @property
+    def _client(self):
+        """The kvtier Client under the session (its ``namespace_prefix`` is this engine's tenant)."""
+        return self._daemon.client
 
     def _call(self, fn):
-        """fn(namespace); registers the namespace first, and again (one retry) when the daemon lost it."""
+        """fn(namespace) under the daemon session: the namespace registered first, and again (one retry)
+        when the daemon lost it. Requests fn builds are tenant-qualified by the session."""
         with self._lock:
-            namespace, attributes = self.namespace, self.attributes
-        namespace = self._client.namespace_prefix + namespace  # the engine's tenant, from its session
-        self._ensure_namespace(namespace, attributes)
-        try:
-            return fn(namespace)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            self._ensure_namespace(namespace, attributes, force=True)
-            return fn(namespace)
-
-    def _max_keys_per_call(self) -> int:
-        if self._max_keys is None:
-            info = self._client.call(self._client.stub.ArenaInfo, pb.ArenaInfoRequest())
-            self._max_keys = int(getattr(info, "max_keys_per_request", 0) or DEFAULT_MAX_KEYS_PER_CALL)
-        return self._max_keys
+            namespace = self.namespace
+        return self._daemon.with_namespace(lambda: fn(namespace))
 
     def _pages_per_call(self) -> int:
         """Pages per Acquire or Allocate: at most a quarter of the arena, so one batch of large pages
         never needs (or pins) the whole CPU tier."""
-        return max(1, min(self._max_keys_per_call(), self._client.arena().slot_count // 4))
+        return max(1, min(self._daemon.max_keys(), self._daemon.arena().slot_count // 4))
 
     def _failed(self, kind: str, what: str, error: BaseException) -> None:
         self.stats["rpc_errors"] += 1
-        self._max_keys = None  # asked again: the daemon may have restarted with other limits
-        self._log.warning(kind, "%s failed (%s), reported as a miss/failure", what, _error_text(error))
+        self._daemon.forget_limits()  # asked again: the daemon may have restarted with other limits
+        if not isinstance(error, BreakerOpen):  # the breaker logged that the daemon is not answering
+            self._log.warning(kind, "%s failed (%s), reported as a miss/failure", what, _error_text(error))
+
+    def _release(self, lease_id: int) -> None:
+        if lease_id:
+            try:
+                self._daemon.call("Release", pb.ReleaseRequest(lease_id=lease_id))
+            except grpc.RpcError as error:  # the lease expires on its own
+                self._failed("release", "Release", error)
+
+    def _acquire(self, keys: list[bytes]):
+        """One Acquire of keys (the reply: lease_id, blocks) and the arena mapping it refers to."""
+        reply = self._call(lambda ns: self._daemon.call("Acquire", pb.AcquireRequest(namespace=ns, keys=keys)))
+        try:
+            return reply, self._daemon.arena(reply.generation)
+        except BaseException:
+            self._release(reply.lease_id)
+            raise
 
     @staticmethod
     def _parents(keys: list[bytes], extra_info: Optional[HiCacheStorageExtraInfo]) -> list[bytes]:
@@ -340,23 +325,24 @@ class KvtierHiCacheStorage(HiCacheStorage):
 
     def _commit(self, allocation_id: int, namespace: str, entries: list[tuple], retentions: list) -> list[int]:
         """One Commit: the retention as the request's when every page has the same, else per entry."""
-        if len(set(retentions)) <= 1:
-            return self._client.commit(allocation_id, namespace, entries, self.wait_durable,
-                                       to_pb(retentions[0]) if retentions else None)
         request = pb.CommitRequest(allocation_id=allocation_id, namespace=namespace, wait_durable=self.wait_durable)
+        shared = len(set(retentions)) <= 1
         for (key, parent, slot, length, checksum), retention in zip(entries, retentions):
             entry = request.entries.add(key=key, parent=parent, slot=slot, length=length, checksum=checksum)
-            if retention is not None:
+            if retention is not None and not shared:
                 entry.retention.CopyFrom(to_pb(retention))
-        return list(self._client.call(self._client.stub.Commit, request).status)
+        if shared and retentions and retentions[0] is not None:
+            request.retention.CopyFrom(to_pb(retentions[0]))
+        return list(self._daemon.call("Commit", request).status)
 
     # -- lookups --------------------------------------------------------------------------------------
     def _leading_hits(self, keys: list[bytes]) -> int:
-        step = self._max_keys_per_call()
+        step = self._daemon.max_keys()
         matched = 0
         for start in range(0, len(keys), step):
             chunk = keys[start:start + step]
-            got = self._call(lambda ns, chunk=chunk: self._client.lookup(ns, chunk, self.consult_peers)).matched
+            got = self._call(lambda ns, chunk=chunk: self._daemon.call("Lookup", pb.LookupRequest(
+                namespace=ns, keys=chunk, consult_peers=self.consult_peers))).matched
             matched += got
             if got < len(chunk):
                 break
@@ -425,9 +411,8 @@ class KvtierHiCacheStorage(HiCacheStorage):
 
     def _get_chunk(self, keys, segments, results, offset) -> None:
         bad: list[bytes] = []
-        lease = self._call(lambda ns: self._client.acquire(ns, keys))
+        lease, arena = self._acquire(keys)
         try:
-            arena = self._client.arena()
             for i, (block, page) in enumerate(zip(lease.blocks, segments)):
                 if not block.found:
                     continue
@@ -449,15 +434,8 @@ class KvtierHiCacheStorage(HiCacheStorage):
                 del holder
                 results[offset + i] = True
         finally:
-            self._release(lease)
+            self._release(lease.lease_id)
         self._drop_corrupt(bad)
-
-    def _release(self, lease) -> None:
-        if lease.id:
-            try:
-                self._client.release(lease.id)
-            except grpc.RpcError as error:  # the lease expires on its own
-                self._failed("release", "Release", error)
 
     def _drop_corrupt(self, keys: list[bytes]) -> None:
         """Blocks whose bytes fail their checksum are misses, and are deleted so that SGLang's next
@@ -468,7 +446,7 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self._log.warning("checksum", "checksum mismatch in shared memory for %d page(s) (first %s): misses, "
                           "deleted", len(keys), keys[0].hex())
         try:
-            self._call(lambda ns: self._client.delete(ns, keys))
+            self._call(lambda ns: self._daemon.call("Delete", pb.DeleteRequest(namespace=ns, keys=keys)))
         except Exception as error:  # noqa: BLE001
             self._failed("delete", "Delete of corrupt pages", error)
 
@@ -524,15 +502,15 @@ class KvtierHiCacheStorage(HiCacheStorage):
     def _stage_and_commit(self, keys, parents, lengths, writers, retentions) -> list[int]:
         """One Allocate, each writer(view) fills its slot, one Commit (with each page's retention); a
         CommitStatus per key."""
-        arena = self._client.arena()
+        arena = self._daemon.arena()
         if max(lengths) > arena.slot_bytes:
             self.stats["save_errors"] += len(keys)
             self._log.warning("slot", "a page of %d bytes does not fit the daemon's %d-byte arena slots: "
                               "raise cpu.slot_bytes", max(lengths), arena.slot_bytes)
             return [0] * len(keys)
-        allocation = self._client.allocate(len(keys), wait_ms=self.allocate_wait_ms)
+        allocation = self._daemon.call("Allocate", pb.AllocateRequest(count=len(keys), wait_ms=self.allocate_wait_ms))
         try:
-            arena = self._client.arena()
+            arena = self._daemon.arena(allocation.generation)
             entries = []
             for key, parent, length, write, slot in zip(keys, parents, lengths, writers, allocation.slots):
                 view = arena.view(slot)[:length]
@@ -540,10 +518,10 @@ class KvtierHiCacheStorage(HiCacheStorage):
                 if written != length:
                     raise ValueError(f"page copy wrote {written} of {length} bytes")
                 entries.append((key, parent, slot, length, block_checksum(view)))
-            statuses = self._call(lambda ns: self._commit(allocation.id, ns, entries, retentions))
+            statuses = self._call(lambda ns: self._commit(allocation.allocation_id, ns, entries, retentions))
         except BaseException:
             try:  # a refused commit aborts its allocation; one that failed otherwise may not have: abort, ignore "not open"
-                self._client.abort(allocation.id)
+                self._daemon.call("Abort", pb.AbortRequest(allocation_id=allocation.allocation_id))
             except grpc.RpcError:
                 pass
             raise
@@ -576,14 +554,13 @@ class KvtierHiCacheStorage(HiCacheStorage):
             for start in range(0, len(kv_keys), step):
                 chunk = kv_keys[start:start + step]
                 bad: list[bytes] = []
-                lease = self._call(lambda ns, chunk=chunk: self._client.acquire(ns, chunk))
+                lease, arena = self._acquire(chunk)
                 try:
-                    arena = self._client.arena()
                     for i, block in enumerate(lease.blocks):
                         if block.found:
                             out[start + i] = self._read_block(arena, block, targets[start + i], chunk[i], bad)
                 finally:
-                    self._release(lease)
+                    self._release(lease.lease_id)
                 self._drop_corrupt(bad)
         except Exception as error:  # noqa: BLE001
             self._failed("get", "batch_get", error)
@@ -670,8 +647,9 @@ class KvtierHiCacheStorage(HiCacheStorage):
         deleted = 0
         try:
             while True:
-                deleted += self._call(lambda ns: self._client.clear(ns))
-                left = self._call(lambda ns: self._client.inventory(ns, page_size=1)).blocks
+                deleted += self._call(lambda ns: self._daemon.call("Clear", pb.ClearRequest(namespace=ns))).deleted
+                left = self._call(lambda ns: self._daemon.call("Inventory", pb.InventoryRequest(
+                    namespace=ns, page_size=1))).blocks
                 if not left:
                     logger.info("kvtier: cleared %d blocks of %s", deleted, self.namespace)
                     return True
@@ -707,7 +685,8 @@ class KvtierHiCacheStorage(HiCacheStorage):
         return metrics
 
     def close(self) -> None:
+        logger.info("kvtier: SGLang storage backend stats %s", self.stats)
         try:
-            self._client.close()
+            self._daemon.close()
         except Exception:  # noqa: BLE001
             pass

@@ -17,7 +17,9 @@ memory before it is copied into the KV cache, then one ``Release``; saves are on
 into the arena, one ``Commit``. Loads are synchronous (done in ``start_load_kv`` before the forward).
 Every daemon failure degrades to a cache miss: a failed load is reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes those tokens (set
-``kv_load_failure_policy="recompute"``); a failed save is dropped.
+``kv_load_failure_policy="recompute"``); a failed save is dropped. Daemon access (deadlines: a short
+one for the scheduler, ``scheduler_timeout_s``; namespaces; a circuit breaker that makes a hung or
+dead daemon cost one deadline per breaker period instead of one per step) is ``_daemon.DaemonSession``.
 
 Agent hints (``_hints``): a request's ``kv_transfer_params["kvtier"]`` (the OpenAI request's
 ``kv_transfer_params``, or ``SamplingParams.extra_args["kv_transfer_params"]`` offline) over the
@@ -34,7 +36,6 @@ import json
 import logging
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvtier.client.client import DEFAULT_SOCKET, Client, block_checksum
+from kvtier.client.client import DEFAULT_SOCKET, block_checksum
+from kvtier.connectors._daemon import (DEFAULT_BREAKER_PERIOD_S, DEFAULT_MAX_KEYS_PER_CALL, BreakerOpen,
+                                       DaemonSession, RateLimitedLog)
+from kvtier.connectors._daemon import error_text as _error_text
 from kvtier.connectors._hints import HINTS_KEY, NO_HINTS, HintError, Hints, parse_hints, to_pb
 from kvtier.connectors._layout import ArenaViews, BlockLayout
 from kvtier.proto.v1 import kvtier_pb2 as pb
@@ -70,7 +74,6 @@ if TYPE_CHECKING:
 # Under "vllm." so that vLLM's log handler prints it.
 logger = logging.getLogger("vllm.kvtier")
 
-DEFAULT_MAX_KEYS_PER_CALL = 4096  # until the daemon's ArenaInfo says (limits.max_keys_per_request)
 MAX_PENDING_PREFETCHES = 64
 
 
@@ -110,6 +113,11 @@ def _clip(value: Any, limit: int = 256) -> str:
     if len(text) <= limit:
         return text
     return text[-(limit - 17):] + "#" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fit(value: Any, limit: int = 255) -> str:
+    """str(value) cut to at most `limit` UTF-8 bytes (the daemon's bound on origin names)."""
+    return str(value).encode()[:limit].decode(errors="ignore")
 
 
 def namespace_attributes(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> dict[str, str]:
@@ -176,6 +184,8 @@ class SaveWork:
     keys: list[bytes]
     parents: list[bytes]
     retentions: list = field(default_factory=list)  # kvtier.tiers.retention.Retention or None, per block
+    token_ids: list = field(default_factory=list)   # the tokens of each block (list of ints), for routers
+    lora_name: str = ""                             # the request's LoRA adapter ("" = the base model)
 
 
 @dataclass
@@ -191,92 +201,11 @@ class _RequestState:
     hints: Hints = NO_HINTS
 
 
-class _RateLimitedLog:
-    def __init__(self, interval_s: float = 30.0):
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self.suppressed: dict[str, int] = {}
-
-    def warning(self, kind: str, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -1e9) >= self.interval_s:
-            skipped = self.suppressed.pop(kind, 0)
-            suffix = f" ({skipped} similar messages suppressed)" if skipped else ""
-            logger.warning("kvtier: " + message + suffix, *args)
-            self._last[kind] = now
-        else:
-            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
-
-
-class _Daemon:
-    """The client plus per-call deadlines and lazy namespace registration."""
-
-    def __init__(self, socket: str, timeout_s: float, namespaces: dict[str, dict[str, str]]):
-        self.client = Client(socket, timeout=timeout_s)
-        self.namespaces = namespaces
-        self._registered: set[str] = set()
-        self._max_keys: int | None = None
-
-    def call(self, name: str, request):
-        """The RPC `name` with the request's namespace qualified by the daemon's prefix for this
-        engine's tenant ("<tenant>/"; "" for an administrator): the connector's own names are the
-        same on every node, the tenant comes from who the engine runs as."""
-        field = "name" if name == "RegisterNamespace" else "namespace"
-        if hasattr(request, field) and getattr(request, field):
-            setattr(request, field, self.client.namespace_prefix + getattr(request, field))
-        return self.client.call(getattr(self.client.stub, name), request)
-
-    def ensure_namespaces(self, force: bool = False) -> None:
-        for name, attributes in self.namespaces.items():
-            if force or name not in self._registered:
-                self.call("RegisterNamespace", pb.RegisterNamespaceRequest(name=name, attributes=attributes))
-                self._registered.add(name)
-
-    def with_namespace(self, fn):
-        """Runs fn(); on NOT_FOUND (the daemon lost the namespace) registers again and retries once."""
-        self.ensure_namespaces()
-        try:
-            return fn()
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            self.ensure_namespaces(force=True)
-            return fn()
-
-    def arena(self, generation: str | None):
-        return self.client.arena(generation)
-
-    def max_keys(self) -> int:
-        """The daemon's limits.max_keys_per_request, from ArenaInfo without mapping the arena (the
-        scheduler never maps it); asked again after `forget_limits` (a failed call: maybe a restart)."""
-        if self._max_keys is None:
-            info = self.call("ArenaInfo", pb.ArenaInfoRequest())
-            self._max_keys = int(info.max_keys_per_request or DEFAULT_MAX_KEYS_PER_CALL)
-        return self._max_keys
-
-    def forget_limits(self) -> None:
-        self._max_keys = None
-
-    def fresh_arena(self):
-        """The mapped arena, checked against the daemon's current generation (one ArenaInfo)."""
-        info = self.call("ArenaInfo", pb.ArenaInfoRequest())
-        return self.client.arena(info.generation)
-
-    def close(self) -> None:
-        self.client.close()
-
-
 def _arena_buffer(arena):
     """The whole mapped arena, for ArenaViews: the client's mmap itself. Not its memoryview: the client
     releases that when it remaps (a daemon restart), which must not fail while our tensors exist; an
     mmap that is still exported just stays mapped until they are dropped."""
     return arena._mmap
-
-
-def _error_text(error: BaseException) -> str:
-    if isinstance(error, grpc.RpcError):
-        return f"{error.code().name}: {error.details()}"
-    return repr(error)
 
 
 class KvtierConnector(KVConnectorBase_V1):
@@ -295,13 +224,23 @@ class KvtierConnector(KVConnectorBase_V1):
         self._allocate_wait_ms = int(extra.get("allocate_wait_ms", 200))
         # On a local miss, let the daemon pull the chain from its peers before answering (docs/peers.md).
         self._consult_peers = bool(extra.get("consult_peers", False))
+        # The scheduler waits for its calls inside vLLM's step: a short deadline there (a peer pull
+        # under consult_peers may take peers.timeout_s: then the long one). Background calls (prefetch)
+        # and the worker's loads and saves take timeout_s.
+        self._scheduler_timeout_s = float(extra.get("scheduler_timeout_s") or
+                                          (self._timeout_s if self._consult_peers else min(1.0, self._timeout_s)))
+        self._breaker_period_s = float(extra.get("breaker_period_s", DEFAULT_BREAKER_PERIOD_S))
         self._block_size = vllm_config.cache_config.block_size
         hash_block_size = getattr(kv_cache_config, "hash_block_size", None) or self._block_size
         if self._block_size % hash_block_size:
             raise ValueError(f"kvtier: block_size {self._block_size} is not a multiple of the hash block size "
                              f"{hash_block_size}")
         self._hashes_per_block = self._block_size // hash_block_size
-        self._log = _RateLimitedLog(float(extra.get("warning_interval_s", 30.0)))
+        # Who stores the blocks, sent with every commit and announced with them to KV-aware routers.
+        engine_id = extra.get("engine_id") or getattr(self._kv_transfer_config, "engine_id", None) or ""
+        model_name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
+        self._origin = pb.BlockOrigin(engine=_fit(engine_id), model=_fit(model_name), block_size=self._block_size)
+        self._log = RateLimitedLog(logger, float(extra.get("warning_interval_s", 30.0)))
         try:
             self._default_hints, unknown = parse_hints(extra.get("default_hints"))
         except HintError as error:
@@ -324,7 +263,16 @@ class KvtierConnector(KVConnectorBase_V1):
             shards = [(get_tp_group().rank_in_group, get_pp_group().rank_in_group)]
         namespaces = dict(namespace_for(base, tp, pp) for tp, pp in shards)
         self._namespaces = list(namespaces)
-        self._daemon = _Daemon(self._socket, self._timeout_s, namespaces)
+        self.stats = {"lookups": 0, "lookup_errors": 0, "hit_blocks": 0, "loaded_blocks": 0, "load_errors": 0,
+                      "saved_blocks": 0, "duplicate_blocks": 0, "save_errors": 0, "retained_blocks": 0,
+                      "hinted_requests": 0, "bad_hints": 0, "prefetches": 0, "prefetched_blocks": 0,
+                      "prefetch_errors": 0}
+        # Deadlines, namespaces and the circuit breaker (connectors/_daemon.py); its counters
+        # (short_circuited, breaker_opened, ...) go into self.stats.
+        self._daemon = DaemonSession(
+            self._socket, self._scheduler_timeout_s if role == KVConnectorRole.SCHEDULER else self._timeout_s,
+            namespaces, breaker_period_s=self._breaker_period_s,
+            probe_timeout_s=min(1.0, self._breaker_period_s), stats=self.stats, logger=logger)
         logger.info("kvtier: %s connector on %s, namespaces %s (%s)", role.name.lower(), self._socket,
                     self._namespaces, base)
 
@@ -343,10 +291,6 @@ class KvtierConnector(KVConnectorBase_V1):
         self._stale_arena = False
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
-        self.stats = {"lookups": 0, "hit_blocks": 0, "loaded_blocks": 0, "load_errors": 0,
-                      "saved_blocks": 0, "duplicate_blocks": 0, "save_errors": 0, "retained_blocks": 0,
-                      "hinted_requests": 0, "bad_hints": 0, "prefetches": 0, "prefetched_blocks": 0,
-                      "prefetch_errors": 0}
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -407,8 +351,9 @@ class KvtierConnector(KVConnectorBase_V1):
             for namespace in self._namespaces:
                 for start in range(0, len(keys), limit):  # the chain's stored prefix: it ends at a gap
                     chunk = keys[start:start + limit]
-                    reply = self._daemon.with_namespace(lambda: self._daemon.call(
-                        "Prefetch", pb.PrefetchRequest(namespace=namespace, keys=chunk)))
+                    reply = self._daemon.with_namespace(lambda: self._daemon.call(  # in the background:
+                        "Prefetch", pb.PrefetchRequest(namespace=namespace, keys=chunk),  # the long deadline
+                        timeout=self._timeout_s))
                     self.stats["prefetched_blocks"] += reply.warmed
                     if reply.matched < len(chunk):
                         break
@@ -416,7 +361,8 @@ class KvtierConnector(KVConnectorBase_V1):
         except Exception as error:  # noqa: BLE001 - a prefetch is only an optimisation
             self.stats["prefetch_errors"] += 1
             self._daemon.forget_limits()
-            self._log.warning("prefetch", "prefetch failed (%s)", _error_text(error))
+            if not isinstance(error, BreakerOpen):  # the breaker logged that the daemon is not answering
+                self._log.warning("prefetch", "prefetch failed (%s)", _error_text(error))
         finally:
             with self._prefetch_lock:
                 self._prefetch_pending -= 1
@@ -473,8 +419,11 @@ class KvtierConnector(KVConnectorBase_V1):
             else:
                 hit = 0
         except Exception as error:  # noqa: BLE001 - the daemon never fails a request: serve without it
+            self.stats["lookup_errors"] += 1
             self._daemon.forget_limits()
-            self._log.warning("lookup", "lookup failed, serving from the engine alone (%s)", _error_text(error))
+            if not isinstance(error, BreakerOpen):  # the breaker logged that the daemon is not answering
+                self._log.warning("lookup", "lookup failed, serving from the engine alone (%s)",
+                                  _error_text(error))
             return 0, False
         self.stats["lookups"] += 1
         self._lookups[request.request_id] = (start, hit, stored)
@@ -521,7 +470,9 @@ class KvtierConnector(KVConnectorBase_V1):
             first = state.saved_upto
             keys = self._keys(state.request, max(first - 1, 0), min(done, len(block_ids)))
             offset = first - max(first - 1, 0)  # keys[offset + j] is block first + j; keys[offset-1] its parent
-            work = SaveWork(req_id, [], [], [], [])
+            lora = getattr(state.request, "lora_request", None)
+            work = SaveWork(req_id, [], [], [], [], [], _fit(lora.lora_name) if lora is not None else "")
+            tokens = state.request.all_token_ids
             hints = state.hints
             prompt_tokens = getattr(state.request, "num_prompt_tokens", None)
             for j, i in enumerate(range(first, min(done, len(block_ids)))):
@@ -534,6 +485,7 @@ class KvtierConnector(KVConnectorBase_V1):
                 work.parents.append(keys[offset + j - 1] if i else b"")
                 work.retentions.append(hints.retention_of_block(i, self._block_size, prompt_tokens)
                                        if hints.sets_retention else None)
+                work.token_ids.append(list(tokens[i * self._block_size:(i + 1) * self._block_size]))
             state.saved_upto = done
             if work.keys:
                 meta.saves.append(work)
@@ -557,7 +509,7 @@ class KvtierConnector(KVConnectorBase_V1):
                     self._layout.block_bytes, self._layout.describe())
         try:  # map the arena now, not inside the first request (mapping pre-faults the whole arena)
             info = self._daemon.arena(None)
-        except grpc.RpcError as error:
+        except (grpc.RpcError, OSError) as error:
             self._log.warning("arena", "daemon unreachable at start (%s); will retry", _error_text(error))
             return
         if self._layout.block_bytes > info.slot_bytes:
@@ -685,8 +637,9 @@ class KvtierConnector(KVConnectorBase_V1):
         failed_reqs, self._failed_reqs = self._failed_reqs, set()
         # A request whose load failed this step computed its later tokens against a missing block: its KV
         # from this step is not stored (vLLM recomputes it, and the scheduler schedules the save again).
-        work = [(b, k, p, r) for w in meta.saves if w.req_id not in failed_reqs
-                for b, k, p, r in zip(w.block_ids, w.keys, w.parents, w.retentions or [None] * len(w.keys))]
+        work = [(b, k, p, r, t, w.lora_name) for w in meta.saves if w.req_id not in failed_reqs
+                for b, k, p, r, t in zip(w.block_ids, w.keys, w.parents, w.retentions or [None] * len(w.keys),
+                                         w.token_ids or [[]] * len(w.keys))]
         if not work or self._layout is None:
             return
         try:
@@ -700,7 +653,7 @@ class KvtierConnector(KVConnectorBase_V1):
         for start in range(0, len(work), limit):
             self._save(work[start:start + limit])
 
-    def _save(self, work: list[tuple[int, bytes, bytes, Any]]) -> None:
+    def _save(self, work: list[tuple[int, bytes, bytes, Any, list[int], str]]) -> None:
         layout = self._layout
         namespace = self._namespaces[0]
         try:
@@ -717,20 +670,22 @@ class KvtierConnector(KVConnectorBase_V1):
             if layout.block_bytes > arena.slot_bytes:
                 raise ValueError(f"block of {layout.block_bytes} bytes exceeds the slot size {arena.slot_bytes}")
             slots = list(reply.slots)[:len(work)]
-            self._arena_views(arena).pack([b for b, _, _, _ in work], slots)
+            self._arena_views(arena).pack([b for b, *_ in work], slots)
             entries = []
-            for slot, (_, key, parent, retention) in zip(slots, work):
+            for slot, (_, key, parent, retention, token_ids, lora_name) in zip(slots, work):
                 entry = pb.CommitEntry(key=key, parent=parent, slot=slot, length=layout.block_bytes,
-                                       checksum=block_checksum(arena.view(slot)[:layout.block_bytes]))
+                                       checksum=block_checksum(arena.view(slot)[:layout.block_bytes]),
+                                       token_ids=token_ids, lora_name=lora_name)
                 if retention is not None:
                     entry.retention.CopyFrom(to_pb(retention))
                 entries.append(entry)
             statuses = self._daemon.with_namespace(lambda: self._daemon.call("Commit", pb.CommitRequest(
-                allocation_id=reply.allocation_id, namespace=namespace, entries=entries)).status)
+                allocation_id=reply.allocation_id, namespace=namespace, entries=entries,
+                origin=self._origin)).status)
             stored = sum(1 for s in statuses if s == pb.STORED)
             self.stats["saved_blocks"] += stored
             self.stats["duplicate_blocks"] += len(statuses) - stored
-            self.stats["retained_blocks"] += sum(1 for s, (_, _, _, r) in zip(statuses, work)
+            self.stats["retained_blocks"] += sum(1 for s, (_, _, _, r, *_) in zip(statuses, work)
                                                  if s == pb.STORED and r is not None)
         except Exception as error:  # noqa: BLE001 - a dropped save is only a future miss
             self._stale_arena = True

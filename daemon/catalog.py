@@ -12,10 +12,12 @@ import json
 import logging
 import os
 import time
+import weakref
 
 from sortedcontainers import SortedDict
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.tiers.block import BlockOrigin, unpack_token_ids
 from kvtier.tiers.retention import Retention
 
 from .errors import exhausted, not_found, precondition
@@ -42,6 +44,10 @@ class Block:
     tiers: int = 0
     retention: object = None  # kvtier.tiers.retention.Retention, re-applied whenever a tier installs it
     retained_ms: int = 0      # when the retention was last set: with a hit, it restarts the TTL pin
+    # For KV-aware routers (docs/kv-events.md): the tokens the block holds, packed u32 little-endian
+    # (tiers.block.pack_token_ids; b"" = unknown), and who stored it (shared: see `interned`).
+    token_ids: bytes = b""
+    origin: BlockOrigin | None = None
 
     def pinned_until_ms(self) -> int:
         """When the TTL pin expires (a hit or a new retention restarts it); 0 when there is none."""
@@ -60,7 +66,40 @@ class Block:
                             checksum=self.checksum, tiers=self.tiers, created_unix_ms=self.created_ms,
                             last_access_unix_ms=self.last_access_ms, hits=self.hits, readers=readers,
                             write_pending=write_pending, retention=retention_message(self.retention),
-                            pinned_until_unix_ms=self.pinned_until_ms())
+                            pinned_until_unix_ms=self.pinned_until_ms(),
+                            token_ids=unpack_token_ids(self.token_ids) if self.token_ids else None,
+                            origin=origin_message(self.origin))
+
+
+_ORIGINS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def interned(origin: BlockOrigin | None) -> BlockOrigin | None:
+    """One shared instance per distinct origin (event loop only): every block of an engine points at
+    the same object, so keeping who stored a block costs one pointer per block. Entries go away with
+    the last block that uses them."""
+    if origin is None:
+        return None
+    return _ORIGINS.setdefault(origin, origin)
+
+
+def origin_of(message: pb.BlockOrigin | None, lora_name: str = "") -> BlockOrigin | None:
+    """The BlockOrigin of a wire message (None: unset or all empty); `lora_name` overrides its own.
+    ValueError naming the field when a bound is exceeded."""
+    if message is None:
+        message = pb.BlockOrigin()
+    origin = BlockOrigin(message.engine, message.model, message.block_size, lora_name or message.lora_name)
+    problem = origin.problem()
+    if problem:
+        raise ValueError(problem)
+    return None if origin == BlockOrigin() else interned(origin)
+
+
+def origin_message(origin: BlockOrigin | None) -> pb.BlockOrigin | None:
+    if origin is None:
+        return None
+    return pb.BlockOrigin(engine=origin.engine, model=origin.model, block_size=origin.block_size,
+                          lora_name=origin.lora_name)
 
 
 def retention_message(retention: Retention | None) -> pb.Retention | None:

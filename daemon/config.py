@@ -124,13 +124,67 @@ class EventsConfig:
     # on an address other than loopback needs allow_remote = true.
     zmq_endpoint: str = ""      # e.g. "ipc://kvtier-data/kv-events.sock"
     zmq_replay_endpoint: str = ""  # ROUTER socket replaying batches from a sequence number (same rules)
-    zmq_topic: str = "kvtier"   # each batch goes out as "<topic>/<namespace>"
-    zmq_block_size: int = 0     # BlockStored.block_size (tokens per block), when one value holds
+    # Indexers that bind and wait for publishers to connect (llm-d's): the PUB socket also connects to
+    # these, e.g. ["tcp://kv-indexer.llm-d.svc:5557"] (beyond loopback only with allow_remote = true).
+    zmq_connect: list = dataclasses.field(default_factory=list)
+    # The topic frame: a template of {worker}, {model}, {namespace}, {lora}. Without any placeholder it
+    # is the earlier form "<zmq_topic>/<namespace>" (e.g. "kvtier").
+    zmq_topic: str = "kv@{worker}@{model}"   # llm-d's kv@<pod>@<model>; Dynamo ignores the topic
+    zmq_worker: str = ""        # {worker}: this node as routers name it (e.g. the pod name); "" = host name
+    zmq_model: str = ""         # {model} for blocks whose engine named none ("": the namespace's "model")
+    zmq_block_hashes: str = "int"  # "int": vLLM's 64-bit integers (routers); "bytes": the raw keys
+    zmq_block_size: int = 0     # BlockStored.block_size for blocks whose engine named none
+    # BlockStored/BlockRemoved.medium per tier: the routers' words (Dynamo: CPU_TIER1/CPU_PINNED = host).
+    zmq_medium_gpu: str = "GPU"
+    zmq_medium_cpu: str = "CPU_TIER1"
+    zmq_medium_disk: str = "DISK"
+    zmq_medium_s3: str = "EXTERNAL"
     ipc_mode: int = 0o600       # the ipc:// socket files' mode: who may connect and read every block hash
     allow_remote: bool = False  # true: a tcp:// endpoint may listen beyond loopback
 
+    TOPIC_FIELDS = ("worker", "model", "namespace", "lora")
+
     def endpoint_problem(self) -> str | None:
-        """Why zmq_endpoint / zmq_replay_endpoint are refused, or None."""
+        """Why zmq_endpoint / zmq_replay_endpoint (or the other zmq_ keys) are refused, or None."""
+        problem = self._endpoints_problem() or self._connect_problem()
+        return problem or self._format_problem()
+
+    def _connect_problem(self) -> str | None:
+        for endpoint in self.zmq_connect:
+            scheme, sep, rest = endpoint.partition("://")
+            if scheme == "ipc" and sep and rest and not rest.startswith("@") and "\0" not in rest:
+                continue
+            host, colon, port = rest.rpartition(":")
+            if scheme != "tcp" or not sep or not colon or not host or not port.isdigit() or int(port) > 65535:
+                return f"events.zmq_connect: {endpoint!r} must be \"tcp://<host>:<port>\" or \"ipc://<path>\""
+            if not self.allow_remote and not MetricsConfig.loopback(host):
+                return (f"events.zmq_connect: {endpoint!r} is beyond loopback: every namespace name and block hash "
+                        "on this node goes there. Set events.allow_remote = true to accept that")
+        return None
+
+    def _format_problem(self) -> str | None:
+        import string  # noqa: PLC0415 - only here
+        try:
+            fields = [name for _, name, spec, conv in string.Formatter().parse(self.zmq_topic)
+                      if name is not None and not spec and not conv]
+            if len(fields) != sum(1 for _, name, _, _ in string.Formatter().parse(self.zmq_topic) if name is not None):
+                raise ValueError("format specs and conversions are not allowed")
+        except ValueError as exc:
+            return f"events.zmq_topic {self.zmq_topic!r} is not a valid template: {exc}"
+        unknown = [name for name in fields if name not in self.TOPIC_FIELDS]
+        if unknown:
+            return (f"events.zmq_topic {self.zmq_topic!r}: unknown placeholder {{{unknown[0]}}}; known: "
+                    + ", ".join("{%s}" % name for name in self.TOPIC_FIELDS))
+        if self.zmq_block_hashes not in ("int", "bytes"):
+            return "events.zmq_block_hashes must be \"int\" or \"bytes\""
+        if not 0 <= self.zmq_block_size <= 4096:
+            return "events.zmq_block_size must be 0..4096"
+        for key in ("zmq_medium_gpu", "zmq_medium_cpu", "zmq_medium_disk", "zmq_medium_s3"):
+            if not 0 < len(getattr(self, key)) <= 64:
+                return f"events.{key} must be 1..64 characters"
+        return None
+
+    def _endpoints_problem(self) -> str | None:
         for key in ("zmq_endpoint", "zmq_replay_endpoint"):
             endpoint = getattr(self, key)
             if not endpoint:

@@ -170,22 +170,15 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return principal
 
 
-class SessionAuth(grpc.aio.ServerInterceptor):
+class SessionAuth:
     """Authentication for the Unix-socket listener: every kvtier.v1 call needs an open local session
-    (metadata x-kvtier-session, daemon/sessions.py), which names the caller by its uid. Health and
-    reflection answer anyone who can open the socket: they say nothing about any tenant's blocks."""
+    (metadata x-kvtier-session, daemon/sessions.py), which names the caller by its uid. The service
+    calls `identify` before every method (service._unary), so no interceptor runs per call: a
+    Python interceptor cost about 7% of the shared-memory put+get path. Health and reflection answer
+    anyone who can open the socket: they say nothing about any tenant's blocks."""
 
     def __init__(self, sessions: Sessions):
         self.sessions = sessions
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
-            return handler
-        supplied = dict(details.invocation_metadata or ()).get(METADATA_KEY, "")
-        if self.sessions.principal(supplied) is not None:
-            return handler
-        return _denying(handler, NO_SESSION)
 
     def identify(self, context) -> Principal:
         principal = self.sessions.principal(dict(context.invocation_metadata() or ()).get(METADATA_KEY, ""))
@@ -199,12 +192,12 @@ NO_SESSION = ("no open local session: a Unix-socket client opens one on <socket>
               "(kvtier.client.Client does)")
 
 
-def _denying(handler, why: str = NO_TOKEN):
+def _denying(handler):
     async def deny_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, NO_TOKEN)
 
     async def deny_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, NO_TOKEN)
         yield  # pragma: no cover - makes this an async generator
 
     kinds = {(False, False): (grpc.unary_unary_rpc_method_handler, deny_unary),
@@ -265,7 +258,8 @@ def _start_peers(cfg, store):
     if transport is None:
         log.warning("peers: NIXL not in use (%s): blocks move over streamed gRPC", why)
     else:
-        log.info("peers: NIXL agent on the CPU arena (%d MiB)", store.arena.size_bytes >> 20)
+        log.info("peers: NIXL in use: pulls READ into the CPU arena (%d MiB); peers READ only the export "
+                 "window", store.arena.size_bytes >> 20)
     fetcher = peers_mod.PeerFetcher(cfg, store, transport, why) if cfg.peers.addresses else None
     store.peers = fetcher
     return transport, fetcher
@@ -339,21 +333,29 @@ async def _report_health(store: BlockStore, health_servicer, stop: asyncio.Event
 
 async def _start_kv_events(cfg: config_mod.Config, store: BlockStore):
     """Block events in vLLM's KV-event wire format over ZMQ (docs/kv-events.md), when configured."""
-    if not cfg.events.zmq_endpoint:
+    if not cfg.events.zmq_endpoint and not cfg.events.zmq_connect:
         return None
     import zmq  # noqa: PLC0415 - pyzmq only when the feature is on
 
     from .kv_events import EndpointError, ZmqKvEventPublisher  # noqa: PLC0415
-    publisher = ZmqKvEventPublisher(store.events, cfg.events.zmq_endpoint, cfg.events.zmq_replay_endpoint or None,
-                                    topic=cfg.events.zmq_topic, block_size=cfg.events.zmq_block_size,
-                                    namespaces=lambda: store.catalog.namespaces, ipc_mode=cfg.events.ipc_mode)
+    events = cfg.events
+    mediums = {pb.TIER_GPU: events.zmq_medium_gpu, pb.TIER_CPU: events.zmq_medium_cpu,
+               pb.TIER_DISK: events.zmq_medium_disk, pb.TIER_S3: events.zmq_medium_s3}
+    # Started after recovery and before serving: it announces every re-adopted block (AllBlocksCleared,
+    # then BlockStored per block and tier), consistent with the event stream that follows.
+    publisher = ZmqKvEventPublisher(store.events, events.zmq_endpoint, events.zmq_replay_endpoint or None,
+                                    topic=events.zmq_topic, worker=events.zmq_worker, model=events.zmq_model,
+                                    hash_format=events.zmq_block_hashes, block_size=events.zmq_block_size,
+                                    mediums=mediums, catalog=store.catalog, ipc_mode=events.ipc_mode,
+                                    connect=events.zmq_connect)
     try:  # an ipc:// socket file has its mode (events.ipc_mode) before it appears at its path
         await publisher.start()
     except (EndpointError, zmq.ZMQError, OSError) as exc:
         raise StartupError(f"KV events: {exc}") from exc
     ipc = f" (socket files mode {cfg.events.ipc_mode:04o})" if cfg.events.zmq_endpoint.startswith("ipc://") else ""
-    log.info("KV events (vLLM format) on %s%s%s", publisher.endpoint,
-             f", replay on {publisher.replay_endpoint}" if publisher.replay_endpoint else "", ipc)
+    log.info("KV events (vLLM format) on %s%s%s%s", publisher.endpoint or "no endpoint of its own",
+             f", replay on {publisher.replay_endpoint}" if publisher.replay_endpoint else "", ipc,
+             f"; connecting to {', '.join(publisher.connect)}" if publisher.connect else "")
     return publisher
 
 
@@ -369,7 +371,7 @@ async def _listen(cfg: config_mod.Config, store: BlockStore, transport, peers):
     session_server = await sessions.serve(session_path(cfg.server.socket), cfg.server.socket_mode)
     auth = SessionAuth(sessions)
     servers = [_server(cfg, KvTierService(store, cfg.limits, identify=auth.identify, peers=peers, tenants=cfg.tenant),
-                       health_servicer, interceptors=[auth])]
+                       health_servicer)]
     prepare_socket_path(cfg.server.socket)
     servers[0].add_insecure_port(f"unix:{os.path.abspath(cfg.server.socket)}")
     if cfg.server.tcp:

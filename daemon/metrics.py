@@ -45,6 +45,10 @@ class StoreCollector:
                   "write_backlog": store.backlog, "active_leases": len(store.leases),
                   "active_allocations": len(store.allocations), "event_seq": store.events.seq,
                   "watchers": store.events.watchers, "healthy": int(store.problem() is None)}
+        if store.sessions is not None:  # local sessions (engine processes) and refusals (unknown uids, full)
+            gauges["local_sessions"] = len(store.sessions)
+            yield CounterMetricFamily("kvtier_local_sessions_refused", "kvtier local sessions refused",
+                                      value=store.sessions.refused)
         if store.s3sync is not None:  # the outage signal: obligations waiting, and whether S3 answers
             gauges["upload_backlog"] = store.s3sync.backlog
             gauges["s3_reachable"] = int(store.s3sync.reachable)

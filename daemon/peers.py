@@ -1,9 +1,17 @@
 """Peers: other nodes' kvtierd serve blocks we miss, so N nodes needing one prefix do one prefill.
 
 Owner side (`PeerService`, the kvtier.v1.KvTierPeer API on peers.listen, mutual TLS only):
-Hello tells a requester where this node's arena lives and hands out NIXL agent metadata; Pin
-promotes the blocks into the arena and holds a read lease while the requester READs them; Fetch
-streams the same blocks when NIXL is not available.
+Hello tells a requester where this node's export window lives and hands out the NIXL metadata of
+the agent registered over that window (never over the arena); Pin promotes the blocks into the
+arena, holds a read lease on them, copies each served block into a free window slot and answers
+window slots, which stay the peer's until the lease is released or expires; Fetch streams the same
+blocks when NIXL is not available.
+
+NIXL (`NixlPeers`, see tiers/nixl.py): two agents. The reader is registered over this node's arena,
+READs peers' windows into local arena slots, and its metadata never leaves the process. The
+exporter is registered over the export window only: a peer that loads its metadata can READ and
+WRITE the window (NIXL has no read-only registration), so all it can touch are copies being served,
+which every requester verifies (checksum, and MAC) before it commits them.
 
 Requester side (`PeerFetcher.fetch`): for the missing suffix of a key chain, asks at most
 peers.max_fanout peers which of the keys they hold, picks the longest run, reserves local arena
@@ -25,7 +33,10 @@ at a time) count per peer identity (its certificate's common name) against
 PINS_PER_FETCH * peers.max_blocks_per_fetch, and all peers' pins in one arena part against
 1/PEER_PIN_SHARE of that part's slots, so a peer that pins all it can leaves local Allocate most of
 the arena. Pins last at most peers.lease_ms. A Pin over a bound is cut short (the requester pulls a
-shorter prefix); with nothing left it fails RESOURCE_EXHAUSTED.
+shorter prefix); with nothing left it fails RESOURCE_EXHAUSTED. The export window has as many slots
+as all peers may hold pinned at once (window_slots(): the sum of the parts' shares), and a Pin's
+window slots go back exactly when PeerPins stops counting its lease, so the window never runs out
+before the pin bounds do.
 
 Event loop only, except the NIXL READs, the checksums and the MACs, which run in worker threads: a
 NIXL pull READs in pieces of about VERIFY_PIECE_BYTES, and each piece is verified (xxh3 and HMAC
@@ -57,7 +68,7 @@ from kvtier.tiers.retention import CLASS_RANK, DEFAULT_RETENTION, Retention
 from . import mac as macs
 from .catalog import retention_message, retention_of
 from .config import Config
-from .errors import ApiError, exhausted, grpc_code, invalid
+from .errors import ApiError, exhausted, grpc_code, invalid, precondition
 from .store import BlockStore, Staged
 
 log = logging.getLogger("kvtier.peers")
@@ -90,7 +101,8 @@ def server_credentials(cfg: Config) -> grpc.ServerCredentials:
 
 
 def open_transport(cfg: Config, store: BlockStore):
-    """The NIXL transport over this node's arena, or (None, why) for the gRPC fallback."""
+    """This node's NIXL (a NixlPeers: the reader over the arena with peers.addresses, the export
+    window and its agent with peers.listen), or (None, why) for the gRPC fallback."""
     if cfg.peers.transport == "grpc":
         return None, "peers.transport = \"grpc\""
     module, reason = nixl.load_nixl()
@@ -98,9 +110,84 @@ def open_transport(cfg: Config, store: BlockStore):
         if cfg.peers.transport == "nixl":
             raise RuntimeError(f"peers.transport = \"nixl\" but NIXL cannot be loaded: {reason}")
         return None, reason
-    arena = store.arena
-    name = f"kvtierd-{node_id(cfg)}-{arena.generation}"
-    return nixl.NixlTransport(name, [(arena.address, arena.size_bytes)]), ""
+    try:
+        return NixlPeers(f"kvtierd-{node_id(cfg)}-{store.arena.generation}", store.arena,
+                         reader=bool(cfg.peers.addresses), export=bool(cfg.peers.listen)), ""
+    except OSError as exc:  # the window's memory: a start-up error in one line, like the arena's
+        raise RuntimeError(f"peers: cannot allocate the NIXL export window: {exc}") from exc
+
+
+def window_slots(arena) -> int:
+    """Slots of the export window: the most blocks all peers may hold pinned at once, the sum over
+    arena parts of each part's share (PeerPins.part_cap). One peer's own bound
+    (PINS_PER_FETCH * peers.max_blocks_per_fetch) does not lower it: any number of peer identities
+    may pin."""
+    return sum(part_share(count) for count in arena.part_counts)
+
+
+def part_share(part_slots: int, share: int = PEER_PIN_SHARE) -> int:
+    """How many blocks of an arena part of `part_slots` slots all peers together may pin."""
+    return max(1, part_slots // share)
+
+
+class NixlPeers:
+    """This node's NIXL endpoints, one agent per direction (what main.py and PeerFetcher call "the
+    transport"):
+
+    - reader (with peers.addresses): registered over the whole arena, which pulls READ into. Its
+      metadata is never sent anywhere: an owner needs none to be READ from, and whoever held it
+      could READ and WRITE the arena.
+    - exporter (with peers.listen): registered over the export window only; `export_metadata()` is
+      what Hello hands out. The arena is not registered with it.
+
+    read/add_peer/remove_peer go to the reader. close() closes both agents (the reader waits for
+    its READs), then unmaps the window (after any copy into it ended)."""
+
+    kind = "nixl"
+
+    def __init__(self, name: str, arena, reader: bool = True, export: bool = True):
+        self.reader = self.exporter = self.window = None
+        try:
+            if reader:
+                self.reader = nixl.NixlTransport(f"{name}-reader", [(arena.address, arena.size_bytes)])
+            if export:
+                self.window = nixl.ExportWindow(name, window_slots(arena), arena.slot_bytes)
+                self.exporter = nixl.NixlTransport(name, [(self.window.address, self.window.size_bytes)])
+        except BaseException:
+            self.close()
+            raise
+        if self.window is not None:
+            log.info("peers: NIXL export window of %d slots of %d KiB (%d MiB, %.0f%% of the %d MiB arena: as many "
+                     "blocks as peers may hold pinned at once) is the only memory peers can reach over NIXL; the "
+                     "arena is not registered for them", self.window.slot_count, arena.slot_bytes >> 10,
+                     self.window.size_bytes >> 20, 100 * self.window.size_bytes / arena.size_bytes,
+                     arena.size_bytes >> 20)
+
+    def export_metadata(self) -> bytes:
+        return self.exporter.local_metadata() if self.exporter is not None else b""
+
+    def add_peer(self, metadata: bytes) -> str:
+        return self._reader().add_peer(metadata)
+
+    def remove_peer(self, agent_name: str) -> None:
+        if self.reader is not None:
+            self.reader.remove_peer(agent_name)
+
+    def read(self, agent_name: str, pairs, timeout_s: float) -> None:
+        self._reader().read(agent_name, pairs, timeout_s)
+
+    def _reader(self) -> nixl.NixlTransport:
+        if self.reader is None:
+            raise nixl.TransferFailed("this node does not pull from peers (no peers.addresses)")
+        return self.reader
+
+    def close(self) -> None:
+        """Idempotent."""
+        for agent in (self.reader, self.exporter):
+            if agent is not None:
+                agent.close()
+        if self.window is not None:
+            self.window.close()  # after the exporter: nothing serves it any more
 
 
 def node_id(cfg: Config) -> str:
@@ -155,33 +242,60 @@ def peer_identity(context) -> str:
     return "addr:" + printable(context.peer(), 128)
 
 
+@dataclasses.dataclass(eq=False)
+class _Pin:
+    identity: str
+    part: int
+    lease: object                 # the store's read lease (store.leases)
+    window: list[int]             # export window slots holding copies of the lease's blocks
+    copying: bool = False         # Pin is still copying into `window`: counted, and kept, until done()
+
+
 class PeerPins:
     """The blocks peers hold pinned on this node, by peer identity and arena part, counted from the
     leases themselves (store.leases): a lease that was released or expired stops counting without
     anyone telling this table. Event loop only.
 
     grant() before pinning reserves room for up to `want` blocks (so concurrent pins cannot both
-    pass the check), settle() afterwards swaps the reservation for the lease (or drops it)."""
+    pass the check), settle() afterwards swaps the reservation for the lease (or drops it).
 
-    def __init__(self, store: BlockStore, per_peer: int, share: int = PEER_PIN_SHARE):
+    With an export window, a pin's window slots (fill()) go back to the window exactly when its
+    lease stops counting here, so window slots in use never exceed the blocks counted against the
+    bounds, and the window (window_slots(): the sum of the part caps) cannot run out first. A pin
+    still being copied into (settle(copying=True) until done()) keeps counting, and keeps its
+    window slots, even if its lease closed meanwhile: a slot is never handed to another pin while a
+    copy may still write it. check() asserts that bookkeeping."""
+
+    def __init__(self, store: BlockStore, per_peer: int, share: int = PEER_PIN_SHARE, window=None):
         self.store = store
         self.per_peer = per_peer
         self.share = share
-        self._leases: dict[int, tuple[str, int, object]] = {}   # lease id -> (identity, part, lease)
+        self.window = window          # tiers.nixl.ExportWindow, or None (no NIXL export)
+        self._leases: dict[int, _Pin] = {}   # lease id -> pin
         self._granted: collections.Counter[tuple[str, int]] = collections.Counter()  # being pinned
 
     def part_cap(self, part: int) -> int:
-        return max(1, self.store.arena.part_counts[part] // self.share)
+        return part_share(self.store.arena.part_counts[part], self.share)
+
+    def _open(self, pin: _Pin) -> bool:
+        return self.store.leases.get(pin.lease.id) is pin.lease
 
     def _live(self) -> list[tuple[str, int, int]]:
-        """(identity, part, blocks) of every open peer lease; forgets the closed ones."""
+        """(identity, part, blocks) of every open peer lease (and of every pin still copying);
+        forgets the others and frees their window slots."""
         out = []
-        for lease_id, (identity, part, lease) in list(self._leases.items()):
-            if self.store.leases.get(lease_id) is not lease:
+        for lease_id, pin in list(self._leases.items()):
+            if not pin.copying and not self._open(pin):
                 del self._leases[lease_id]
+                if pin.window:
+                    self.window.free(pin.window)
                 continue
-            out.append((identity, part, len(lease.items)))
+            out.append((pin.identity, pin.part, len(pin.lease.items)))
         return out
+
+    def sweep(self) -> None:
+        """Frees what released and expired leases held (grant() does it too)."""
+        self._live()
 
     def pinned(self, identity: str | None = None, part: int | None = None) -> int:
         """Blocks pinned (or being pinned) by `identity` (any peer: None), in `part` (any: None)."""
@@ -196,19 +310,52 @@ class PeerPins:
             self._granted[(identity, part)] += granted
         return granted
 
-    def settle(self, identity: str, part: int, granted: int, lease) -> None:
+    def settle(self, identity: str, part: int, granted: int, lease, copying: bool = False) -> _Pin | None:
         if granted:
             self._granted[(identity, part)] -= granted
             if self._granted[(identity, part)] <= 0:
                 del self._granted[(identity, part)]
-        if lease is not None:
-            self._leases[lease.id] = (identity, part, lease)
+        if lease is None:
+            return None
+        pin = self._leases[lease.id] = _Pin(identity, part, lease, [], copying)
+        return pin
+
+    def fill(self, pin: _Pin, count: int) -> list[int]:
+        """`count` window slots for the pin (at most the blocks its lease holds), until its lease ends."""
+        assert pin.copying and not pin.window and count <= len(pin.lease.items)
+        pin.window = self.window.take(count)
+        if len(pin.window) < count:  # cannot happen while window_slots() covers the part caps
+            log.error("export window: %d slots free for a pin of %d blocks; serving fewer", len(pin.window), count)
+        return pin.window
+
+    def trim(self, pin: _Pin, keep: int) -> None:
+        """Gives back the pin's window slots past the first `keep` (blocks not served after all)."""
+        extra, pin.window = pin.window[keep:], pin.window[:keep]
+        if extra:
+            self.window.free(extra)
+
+    def done(self, pin: _Pin | None) -> None:
+        """The copy into the pin's window slots is over: from now on they go when its lease goes."""
+        if pin is not None:
+            pin.copying = False
+            self._live()
 
     def owner_of(self, lease_id: int) -> str | None:
         found = self._leases.get(lease_id)
-        if found is None or self.store.leases.get(lease_id) is not found[2]:
+        if found is None or not self._open(found):
             return None
-        return found[0]
+        return found.identity
+
+    def check(self) -> None:
+        """Asserts that the window's slots in use are exactly those the pins in this table hold
+        (none leaked: a pin leaves the table only through _live(), which frees its slots) and no
+        more than all peers may pin. O(pins): run after every Pin and Release."""
+        if self.window is None:
+            return
+        self.window.check()
+        held = sum(len(pin.window) for pin in self._leases.values())
+        assert held == self.window.in_use, f"export window: {self.window.in_use} slots in use, pins hold {held}"
+        assert held <= self.window.slot_count, "export window: more slots in use than it has"
 
 
 # -- owner side -------------------------------------------------------------------------------
@@ -219,20 +366,28 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         self.transport = transport
         self.check = validator
         self.key = macs.cluster_key(cfg)  # None: blocks are served without a MAC
-        self.pins = PeerPins(store, PINS_PER_FETCH * cfg.peers.max_blocks_per_fetch)
+        # Pin serves from the export window (NixlPeers); without one (the gRPC transport) only Fetch serves.
+        self.window = getattr(transport, "window", None)
+        self.pins = PeerPins(store, PINS_PER_FETCH * cfg.peers.max_blocks_per_fetch, window=self.window)
         self.refused_pins = 0  # Pin and Fetch calls refused because the peer or the part held its share
-        log.info("peer API: served blocks carry %s; each peer pins at most %d blocks, all peers 1/%d of the arena",
+        log.info("peer API: served blocks carry %s; each peer pins at most %d blocks, all peers 1/%d of the arena%s",
                  f"MACs under cluster key {macs.key_id(self.key)}" if self.key else "no MAC (no cluster.key_file)",
-                 self.pins.per_peer, PEER_PIN_SHARE)
+                 self.pins.per_peer, PEER_PIN_SHARE,
+                 f"; Pin copies blocks into the {self.window.slot_count}-slot export window" if self.window
+                 else "; no NIXL export window: Pin is refused, Fetch serves")
 
     async def Hello(self, request, context):
-        arena = self.store.arena
+        """Where this node's export window is (the arena_* fields of the message describe the window,
+        not the arena) and the metadata of the agent registered over it; both empty without one."""
+        window = self.window
         log.info("peer %s (%s) said hello from %s", printable(request.node_id, 64) or "?", peer_identity(context),
                  printable(context.peer()))
+        if window is None:
+            return pb.PeerHelloResponse(node_id=node_id(self.cfg), generation=self.store.arena.generation,
+                                        slot_bytes=self.store.arena.slot_bytes)
         return pb.PeerHelloResponse(
-            node_id=node_id(self.cfg), generation=arena.generation, arena_size=arena.size_bytes,
-            slot_bytes=arena.slot_bytes, arena_address=arena.address if self.transport else 0,
-            nixl_metadata=self.transport.local_metadata() if self.transport else b"")
+            node_id=node_id(self.cfg), generation=self.store.arena.generation, arena_address=window.address,
+            arena_size=window.size_bytes, slot_bytes=window.slot_bytes, nixl_metadata=self.transport.export_metadata())
 
     async def Has(self, request, context):
         return await self._guard(context, self._has, request)
@@ -256,22 +411,45 @@ class PeerService(pb_grpc.KvTierPeerServicer):
                            f"at most peers.max_blocks_per_fetch={self.cfg.peers.max_blocks_per_fetch} keys")
         lease_ms = min(request.lease_ms or self.cfg.peers.lease_ms, self.cfg.peers.lease_ms)
         self.store.catalog.namespace(namespace)  # NOT_FOUND before any bound is charged
+        if self.window is None:
+            raise precondition("this node has no NIXL export window (peers.transport is grpc, or NIXL is "
+                               "missing): use Fetch")
         if not keys:
             return pb.PeerPinResponse(generation=self.store.arena.generation)
         part = self.store.part_of(namespace)
         granted = self._grant(identity, part, len(keys))
-        held = None
+        held = pin = None
+        sealed: list[bytes] = []
         try:
             held, found = await self.store.acquire(namespace, keys[:granted], lease_ms)
             if held is not None:
                 held.owner = PEER_OWNER
         finally:
-            self.pins.settle(identity, part, granted, held)
-        blocks = _found_prefix_of(found)
-        sealed = await self._seal(namespace, blocks)
-        answer = [self._peer_block(block, mac) for block, mac in zip(blocks, sealed)]
-        return pb.PeerPinResponse(lease_id=held.id if held else 0, generation=self.store.arena.generation,
-                                  blocks=answer)
+            pin = self.pins.settle(identity, part, granted, held, copying=True)
+        try:
+            blocks = _found_prefix_of(found) if pin is not None else []
+            slots = self.pins.fill(pin, len(blocks)) if blocks else []
+            blocks = blocks[:len(slots)]
+            sealed = await self._export(namespace, blocks, slots)
+            if held is not None and self.store.leases.get(held.id) is not held:
+                # Expired while copying (a peer asked for a lease shorter than the copy): the arena
+                # slots may have been reused under the copy, so nothing of it is served.
+                log.warning("peer %s: a pin of %d blocks expired before they were copied; nothing served",
+                            identity, len(blocks))
+                sealed = []
+        except BaseException:  # cancelled (the peer's deadline) or failed: nothing is served
+            sealed = []
+            raise
+        finally:
+            if pin is not None:
+                self.pins.trim(pin, len(sealed))
+            if held is not None and not sealed and self.store.leases.get(held.id) is held:
+                self.store.release(held.id)  # nothing served: nothing for the peer to release
+            self.pins.done(pin)
+            self.pins.check()
+        answer = [self._peer_block(block, mac, slot) for block, mac, slot in zip(blocks, sealed, slots)]
+        return pb.PeerPinResponse(lease_id=held.id if held is not None and sealed else 0,
+                                  generation=self.store.arena.generation, blocks=answer)
 
     def _grant(self, identity: str, part: int, want: int) -> int:
         granted = self.pins.grant(identity, part, want)
@@ -306,12 +484,44 @@ class PeerService(pb_grpc.KvTierPeerServicer):
                 return sealed[:index]
         return sealed
 
-    def _peer_block(self, block, mac: bytes | None = b"") -> pb.PeerBlock:
+    async def _export(self, namespace: str, blocks: list, slots: list[int]) -> list[bytes]:
+        """Copies each block from the arena into its window slot, after (with a cluster key) its
+        arena bytes matched its checksum and were MACed: the MAC is over the arena's bytes, which
+        no peer can write, never over the window's, which any peer can. Returns the MACs (b""
+        without a key) of the blocks served, from the first, up to the first whose bytes do not
+        match (that one and the rest are not copied). Large batches run on worker threads;
+        returns only once no thread copies any more, even when the call is cancelled."""
+        arena, window = self.store.arena, self.window
+        items = [(block.key, self.store.cpu.view(block)[:block.length],
+                  arena.address + self.store.cpu.slot_of(block) * arena.slot_bytes, slot, block.length,
+                  block.checksum) for block, slot in zip(blocks, slots)]
+        if sum(block.length for block in blocks) <= macs.OFF_LOOP_BYTES:
+            sealed = _export_blocks(self.key, namespace, window, items)
+        else:
+            groups = [items[i::VERIFY_THREADS] for i in range(VERIFY_THREADS)]
+            work = asyncio.ensure_future(asyncio.gather(
+                *(asyncio.to_thread(_export_blocks, self.key, namespace, window, g) for g in groups)))
+            try:
+                done = await asyncio.shield(work)
+            finally:
+                if not work.done():  # cancelled: the threads still write the window slots
+                    await asyncio.wait([work])
+            sealed = [None] * len(items)
+            for i, group in enumerate(done):
+                sealed[i::VERIFY_THREADS] = group
+        for index, mac in enumerate(sealed):
+            if mac is None:
+                log.error("block %s/%s in this node's arena does not match its checksum: not served to peers",
+                          printable(namespace), blocks[index].key.hex())
+                return sealed[:index]
+        return sealed
+
+    def _peer_block(self, block, mac: bytes | None = b"", slot: int = 0) -> pb.PeerBlock:
+        """`slot`: the block's export window slot (Pin); 0 for Fetch, which sends the bytes."""
         if block is None or mac is None:
             return pb.PeerBlock()
-        return pb.PeerBlock(found=True, slot=self.store.cpu.slot_of(block), length=block.length,
-                            checksum=block.checksum, parent=block.parent,
-                            retention=retention_message(block.retention), mac=mac)
+        return pb.PeerBlock(found=True, slot=slot, length=block.length, checksum=block.checksum,
+                            parent=block.parent, retention=retention_message(block.retention), mac=mac)
 
     async def Release(self, request, context):
         return await self._guard(context, self._release, request, peer_identity(context))
@@ -321,6 +531,8 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         # Only the peer that pinned it: another peer's id (or a local client's lease) reads as not held.
         if held is not None and held.owner == PEER_OWNER and self.pins.owner_of(request.lease_id) == identity:
             self.store.release(request.lease_id)
+            self.pins.sweep()  # its window slots go back now
+            self.pins.check()
         return pb.ReleaseResponse()
 
     async def Fetch(self, request, context):
@@ -361,12 +573,16 @@ class PeerService(pb_grpc.KvTierPeerServicer):
                 if self.store.leases.get(held.id) is held:  # not expired under a slow reader
                     self.store.release(held.id)
 
-    @staticmethod
-    async def _guard(context, fn, request, *args):
+    async def _guard(self, context, fn, request, *args):
+        """ApiError becomes its status; a broken invariant (AssertionError, e.g. PeerPins.check)
+        stops the daemon through store.fatal, as on the client API."""
         try:
             return await fn(request, *args)
         except ApiError as exc:
             await context.abort(grpc_code(exc), exc.message)
+        except AssertionError as exc:
+            self.store.fatal(f"peer {fn.__name__.lstrip('_')}: invariant broken: {exc!r}", exc)
+            raise
 
 
 # -- requester side ---------------------------------------------------------------------------
@@ -491,11 +707,11 @@ class PeerFetcher:
             return None
 
     async def _ensure_hello(self, link: PeerLink) -> bool:
-        """Exchanges NIXL metadata once per peer (again after the peer restarted)."""
+        """Loads the peer's export window metadata once per peer (again after the peer restarted)."""
         if link.hello is not None:
             return True
-        # Our NIXL metadata stays here: the owner needs none to be READ from, and it would let the
-        # owner READ and WRITE our whole arena (NIXL registers memory for both; docs/peers.md).
+        # Our NIXL metadata stays here: the owner needs none to be READ from, and our reader agent's
+        # would let the owner READ and WRITE our whole arena (NIXL registers memory for both; docs/peers.md).
         hello = await link.stub.Hello(pb.PeerHelloRequest(node_id=node_id(self.cfg)),
                                       timeout=self.cfg.peers.timeout_s)
         link.hello, link.agent = hello, ""
@@ -556,14 +772,16 @@ class PeerFetcher:
 
     async def _nixl_read(self, link: PeerLink, held, blocks: list[pb.PeerBlock], namespace: str,
                          want: list[bytes]) -> tuple[int, str | None]:
-        """READs the blocks into the allocation's slots, verifying them as they land; returns how
-        many blocks, from the first, landed with their checksum (and MAC), and why the next failed."""
+        """READs the blocks from the owner's export window slots (Hello's arena_address,
+        arena_size and slot_bytes describe the window) into the allocation's slots, verifying them
+        as they land; returns how many blocks, from the first, landed with their checksum (and
+        MAC), and why the next failed."""
         local, remote = self.store.arena, link.hello
         pairs = []
         for slot, block in zip(held.items, blocks):
             if block.length > local.slot_bytes or block.length > remote.slot_bytes \
                     or (block.slot + 1) * remote.slot_bytes > remote.arena_size:
-                raise OSError(f"peer {link.address} described a block outside its arena")
+                raise OSError(f"peer {link.address} described a block outside its export window")
             pairs.append((local.address + slot * local.slot_bytes,
                           remote.arena_address + block.slot * remote.slot_bytes, block.length))
         checks = _checks(held.items, blocks, want)
@@ -743,6 +961,28 @@ def _pieces(pairs: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
 def _checks(slots: list[int], blocks: list[pb.PeerBlock], want: list[bytes]) -> list[tuple]:
     """What _verify checks per block: (local slot, length, checksum, MAC, key)."""
     return [(slot, block.length, block.checksum, block.mac, key) for slot, block, key in zip(slots, blocks, want)]
+
+
+def _export_blocks(key: bytes | None, namespace: str, window, items: list[tuple]) -> list[bytes | None]:
+    """Owner, any thread: for each (block key, arena bytes, arena address, window slot, length,
+    checksum), with a cluster key, the MAC of the arena bytes if they match the checksum (None for
+    the first that does not and every one after it: not copied); without a key, b"". Then copies
+    the block into its window slot."""
+    out: list[bytes | None] = []
+    with window.copying():
+        for block_key, data, source, slot, length, expected in items:
+            if out and out[-1] is None:
+                out.append(None)
+                continue
+            mac = b""
+            if key is not None:
+                mac = macs.block_mac(key, namespace, block_key, data) if checksum(data) == expected else None
+                if mac is None:
+                    out.append(None)
+                    continue
+            window.copy(slot, source, length)
+            out.append(mac)
+    return out
 
 
 def _seal_blocks(key: bytes, namespace: str, items: list[tuple]) -> list[bytes | None]:

@@ -44,10 +44,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.tiers.block import BlockHeader, align_up
-from kvtier.tiers.s3 import METADATA_HEADER_MAC, METADATA_MAC, S3Config, S3Misconfigured, S3Tier, S3Unavailable
+from kvtier.tiers.s3 import (METADATA_HEADER_MAC, METADATA_MAC, S3Config, S3Misconfigured, S3Tier, S3Unavailable,
+                             header_fits_metadata)
 
 from . import mac as macs
-from .catalog import Block
+from .catalog import Block, interned
 from .config import S3TierConfig, check_secret_stat
 from .peers import printable
 from .store import wait_event
@@ -254,7 +255,11 @@ class S3Sync:
 
     async def _upload_one(self, block: Block) -> str | None:
         header = BlockHeader(block.namespace, block.key, block.parent, block.length, block.checksum,
-                             block.created_ms)
+                             block.created_ms, block.token_ids, block.origin)
+        if not header_fits_metadata(header):  # S3's 2 KB of user metadata: the object goes without token ids
+            log.debug("S3 copy of %s/%s without its %d token ids: its header would not fit in S3 metadata",
+                      printable(block.namespace), block.key.hex(), len(block.token_ids) // 4)
+            header = dataclasses.replace(header, token_ids=b"")
         self._uploading.add(block)  # Delete answers busy meanwhile
         try:
             if block in self.store.cpu:
@@ -442,7 +447,8 @@ class S3Sync:
         # No retention: the policy's default, as for any block committed here without one (an S3
         # object carries no retention, and nothing from the bucket may pin this node's memory).
         block = Block(entry.namespace, entry.key, entry.parent, entry.length, entry.checksum,
-                      entry.created_unix_ms, entry.created_unix_ms, tiers=S3)
+                      entry.created_unix_ms, entry.created_unix_ms, tiers=S3, token_ids=entry.token_ids,
+                      origin=interned(entry.origin))
         self.store.catalog.add(block)
         self.blocks += 1
         self.counters.adopted += 1

@@ -121,9 +121,12 @@ async def _status_on_error(context, name: str, store=None):
 
 
 def _unary(method):
+    """Every call is authenticated first (`identify` raises UNAUTHENTICATED), whatever the method
+    does next: no method can forget it."""
     @functools.wraps(method)
     async def wrapper(self, request, context):
         async with _status_on_error(context, method.__name__, self.store):
+            self.identify(context)
             return await method(self, request, context)
     return wrapper
 
@@ -132,6 +135,7 @@ def _streaming(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
         async with _status_on_error(context, method.__name__, self.store):
+            self.identify(context)
             async for item in method(self, request, context):
                 yield item
     return wrapper
@@ -155,7 +159,6 @@ class KvTierService(pb_grpc.KvTierServicer):
         self.tenants = {t.name: t for t in tenants}
         self._watchers: collections.Counter[str] = collections.Counter()  # per tenant
         self._pulls: collections.Counter[str] = collections.Counter()     # per tenant, in flight
-        self.pulls_refused: collections.Counter[str] = collections.Counter()
 
     def _local(self, context, what: str) -> Principal:
         """The caller, if it came through a local session (the arena is only for local engines)."""
@@ -221,7 +224,9 @@ class KvTierService(pb_grpc.KvTierServicer):
         """Blocks pulled from peers, within the tenant's max_pulls in flight (0 past it)."""
         tenant = self.tenants.get(who.tenant or "")
         if tenant is not None and self._pulls[tenant.name] >= tenant.max_pulls:
-            self.pulls_refused[tenant.name] += 1
+            self.store.counters.tenant_pulls_refused += 1  # kvtier_tenant_pulls_refused_total
+            log.debug("tenant %s has %d peer pulls in flight: answered from local blocks", tenant.name,
+                      tenant.max_pulls)
             return 0
         key = tenant.name if tenant is not None else ""
         self._pulls[key] += 1
@@ -307,7 +312,8 @@ class KvTierService(pb_grpc.KvTierServicer):
             self.store.abort(request.allocation_id)
             raise
         statuses = await self.store.commit(request.allocation_id, namespace, staged, request.wait_durable,
-                                           principal=self.identify(context).name)
+                                           principal=self.identify(context).name,
+                                           origin=request.origin if request.HasField("origin") else None)
         return pb.CommitResponse(status=statuses)
 
     def _staged(self, request) -> list[Staged]:
@@ -317,7 +323,8 @@ class KvTierService(pb_grpc.KvTierServicer):
         default = self.check.retention(request, "request")
         return [Staged(self.check.key(e.key, f"entries[{i}].key"),
                        self.check.key(e.parent, f"entries[{i}].parent", optional=True),
-                       e.slot, e.length, e.checksum, self.check.retention(e, f"entries[{i}]", default))
+                       e.slot, e.length, e.checksum, self.check.retention(e, f"entries[{i}]", default),
+                       token_ids=e.token_ids, lora_name=e.lora_name)
                 for i, e in enumerate(request.entries)]
 
     @_unary

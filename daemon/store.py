@@ -54,14 +54,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.tiers.arena import SharedArena
-from kvtier.tiers.block import BlockHeader, CorruptBlock, checksum
+from kvtier.tiers.block import MAX_TOKEN_IDS, BlockHeader, CorruptBlock, checksum, pack_token_ids
 from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import BatchFailed, DiskEntry, DiskTier
 from kvtier.tiers.eviction import POLICIES as BASIC_POLICIES
 from kvtier.tiers.gpu import GpuTier
 from kvtier.tiers.retention import DEFAULT_RETENTION, RETENTION_POLICIES
 
-from .catalog import TIER_NAMES, Block, Catalog, now_ms
+from .catalog import TIER_NAMES, Block, Catalog, interned, now_ms, origin_of
 from .config import Config
 from .errors import ApiError, exhausted, invalid, precondition, unavailable
 from .events import EventLog
@@ -101,6 +101,7 @@ class Counters:
     disk_write_errors: int = 0
     durable_timeouts: int = 0
     leases_expired: int = 0
+    tenant_pulls_refused: int = 0  # peer pulls not made: the tenant had its max_pulls in flight
     allocations_expired: int = 0
 
 
@@ -113,6 +114,8 @@ class Staged:
     length: int
     checksum: int
     retention: object = None  # kvtier.tiers.retention.Retention or None (the policy's default)
+    token_ids: object = ()    # the block's token ids (a sequence of ints; empty: unknown), for routers
+    lora_name: str = ""       # overrides the commit origin's lora_name
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -233,7 +236,8 @@ class BlockStore:
     def _adopt(self, entry: DiskEntry) -> None:
         self.catalog.adopt_namespace(entry.namespace)
         block = Block(entry.namespace, entry.key, entry.parent, entry.length, entry.checksum,
-                      entry.created_unix_ms, entry.created_unix_ms, tiers=DISK)
+                      entry.created_unix_ms, entry.created_unix_ms, tiers=DISK, token_ids=entry.token_ids,
+                      origin=interned(entry.origin))
         self.catalog.add(block)
         self.disk_blocks += 1
 
@@ -361,11 +365,12 @@ class BlockStore:
         self._signal_space()
 
     async def commit(self, allocation_id: int, namespace: str, staged: list[Staged], wait_durable: bool,
-                     verified: bool = False, principal: str = "daemon"):
+                     verified: bool = False, principal: str = "daemon", origin=None):
         """Commits staged blocks of one allocation; returns a CommitStatus per entry. `verified`: the
         caller (the peer fetcher) has just checked every checksum against the bytes in the slots.
         A refused commit (INVALID) commits nothing and aborts the whole allocation; `principal`
-        names the caller in the log and in `verification_failures`."""
+        names the caller in the log and in `verification_failures`. `origin` (pb.BlockOrigin or None):
+        who stored the blocks, kept with them for routers like each entry's token ids."""
         held = self.allocations.get(allocation_id)
         if held is None:
             raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
@@ -375,6 +380,7 @@ class BlockStore:
                                f"{allocation_id}: its tenant's engines write it (or use Put)")
         try:
             self._check_staged(held.items, staged)
+            routing = _routing(staged, origin, self.cfg.events.zmq_block_size)
         except ApiError:
             self._drop_allocation(held)
             raise
@@ -382,7 +388,7 @@ class BlockStore:
             await self._check_checksums(held, staged, principal)
         if self.allocations.take(allocation_id) is not held:  # aborted or expired while hashing
             raise precondition(f"allocation {allocation_id} is not open (committed, aborted or expired)")
-        statuses, stored, duplicates = self._install(namespace, staged)
+        statuses, stored, duplicates = self._install(namespace, staged, routing)
         leftover = set(held.items) - {s.slot for s, st in zip(staged, statuses) if st == pb.STORED}
         self._unreserve(sorted(leftover))
         if wait_durable:
@@ -431,10 +437,10 @@ class BlockStore:
                 return index
         return None
 
-    def _install(self, namespace: str, staged: list[Staged]):
+    def _install(self, namespace: str, staged: list[Staged], routing):
         statuses, stored, duplicates = [], [], []
         created = now_ms()
-        for entry in staged:
+        for entry, (token_ids, origin) in zip(staged, routing, strict=True):
             existing = self.catalog.get(namespace, entry.key)
             if existing is not None:
                 statuses.append(pb.DUPLICATE)
@@ -444,7 +450,8 @@ class BlockStore:
                     self._strengthen(existing, entry.retention)
                 continue
             block = Block(namespace, entry.key, entry.parent, entry.length, entry.checksum, created, created,
-                          tiers=CPU, retention=entry.retention, retained_ms=created)
+                          tiers=CPU, retention=entry.retention, retained_ms=created, token_ids=token_ids,
+                          origin=origin)
             self.catalog.add(block)
             _install_in(self.cpu, block, entry.slot)
             self.events.emit(pb.BLOCK_STORED, namespace, block.key, CPU, length=block.length, parent=block.parent)
@@ -1019,7 +1026,28 @@ async def stop_tasks(tasks, patience_s: float = 10.0) -> None:
 
 
 def _header(block: Block) -> BlockHeader:
-    return BlockHeader(block.namespace, block.key, block.parent, block.length, block.checksum, block.created_ms)
+    return BlockHeader(block.namespace, block.key, block.parent, block.length, block.checksum, block.created_ms,
+                       block.token_ids, block.origin)
+
+
+def _routing(staged: list[Staged], origin, default_block_size: int) -> list[tuple[bytes, object]]:
+    """Each entry's packed token ids and BlockOrigin, validated (INVALID_ARGUMENT naming the entry):
+    at most block_size token ids (the origin's, else events.zmq_block_size, else MAX_TOKEN_IDS)."""
+    routing, origins = [], {}
+    for index, entry in enumerate(staged):
+        try:
+            block_origin = origins.get(entry.lora_name, False)
+            if block_origin is False:
+                block_origin = origins[entry.lora_name] = origin_of(origin, entry.lora_name)
+            token_ids = pack_token_ids(entry.token_ids) if len(entry.token_ids) else b""
+        except ValueError as exc:
+            raise invalid(f"entry {index}: {exc}") from None
+        bound = min((block_origin.block_size if block_origin is not None else 0) or default_block_size
+                    or MAX_TOKEN_IDS, MAX_TOKEN_IDS)
+        if len(token_ids) > 4 * bound:
+            raise invalid(f"entry {index}: {len(token_ids) // 4} token ids, more than the block size {bound}")
+        routing.append((token_ids, block_origin))
+    return routing
 
 
 def _arena_prefix(cfg: Config) -> str:

@@ -74,7 +74,7 @@ class SharedArena(FreeList):
             self._close_fds()
             raise
         self._view = memoryview((ctypes.c_char * self.size_bytes).from_address(self._base)).cast("B")
-        self.pinned = _try_cuda_host_register(self._base, self.size_bytes)
+        self.pinned = cuda_host_register(self._base, self.size_bytes)
 
     def part_named(self, tenant: str) -> int:
         """The index of tenant's part (0, the administrators', for "" or an unknown name)."""
@@ -97,7 +97,7 @@ class SharedArena(FreeList):
         if not self._base:
             return
         if self.pinned:
-            _cuda_host_unregister(self._base)
+            cuda_host_unregister(self._base)
             self.pinned = False
         self._view.release()
         if _libc.munmap(self._base, self.size_bytes) != 0:
@@ -158,21 +158,30 @@ def reserve_space(fd: int, size: int, where: str) -> None:
         raise error from exc
 
 
+def buffer_address(buffer) -> int:
+    """The address of a writable buffer's first byte (an mmap); the ctypes export taken to read it
+    is released before returning, so the mmap can still be closed."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
 def map_fd(fd: int, size: int) -> mmap.mmap:
     """Maps an arena part handed over by the daemon, read/write (the client side). MAP_POPULATE
     faults every page in up front: first-touch faults otherwise cost ~10x a memcpy on the hot path."""
     return mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-def _cuda_host_unregister(address: int) -> None:
+def cuda_host_unregister(address: int) -> None:
     import torch  # noqa: PLC0415 - only reached when registration succeeded
     result = torch.cuda.cudart().cudaHostUnregister(address)
     if result != 0:
         log.warning("cudaHostUnregister failed (%s)", result)
 
 
-def _try_cuda_host_register(address: int, size: int) -> bool:
-    """Pins the arena for fast DMA when CUDA is present; a no-op elsewhere."""
+def cuda_host_register(address: int, size: int) -> bool:
+    """Pins `size` bytes at `address` (an arena mapping) for fast, asynchronous DMA when CUDA is
+    present; a no-op returning False elsewhere. A registration covers one process's mapping only:
+    the daemon and every engine register their own (an engine's copies from an unregistered mapping
+    are pageable and synchronous)."""
     if not os.path.exists("/dev/nvidiactl"):
         return False  # no NVIDIA driver: skip importing torch (seconds of start-up for nothing)
     try:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import logging
 import mmap
 import os
@@ -57,8 +58,9 @@ import lmdb
 import numpy as np
 import xxhash
 
-from .block import (FIXED_HEADER_BYTES, MAX_HEADER_BYTES, BlockHeader, CorruptBlock, align_up, checksum,
-                    decode_header)
+from .block import (FIXED_HEADER_BYTES, MAX_BASE_HEADER_BYTES, MAX_HEADER_BYTES, BlockHeader, BlockOrigin,
+                    CorruptBlock, align_up, checksum, decode_extension, decode_header, encode_extension,
+                    header_len_of)
 from .fs import FileSystem
 
 log = logging.getLogger("kvtier.disk")
@@ -70,7 +72,8 @@ SEGMENT_VERSION = 1
 _SEGMENT_FIELDS = struct.Struct("<4sHQQ")
 _SEGMENT_HEADER = struct.Struct("<4sHQQQ")
 _SEGMENT_NAME = re.compile(r"^seg-([0-9a-f]{16})\.kvseg$")
-# blocks value: segment, offset, payload_len, payload_checksum, created_ms, parent_len; then parent.
+# blocks value: segment, offset, payload_len, payload_checksum, created_ms, parent_len; then parent; then,
+# for a block with token ids or an origin, the same extension as its version 2 header (block.py).
 _VALUE = struct.Struct("<QQQQQB")
 _U64 = struct.Struct("<Q")
 # Segment ids and sequence numbers as LMDB keys are big-endian so that key order is numeric order.
@@ -128,6 +131,13 @@ class DiskEntry:
     created_unix_ms: int
     segment: int
     offset: int  # offset of the record's header area in the segment file
+    token_ids: bytes = b""               # as in the record's header (block.pack_token_ids)
+    origin: BlockOrigin | None = None
+
+    def header(self) -> BlockHeader:
+        """The header the record of this entry must carry."""
+        return BlockHeader(self.namespace, self.key, self.parent, self.length, self.checksum,
+                           self.created_unix_ms, self.token_ids, self.origin)
 
 
 class BatchFailed(OSError):
@@ -214,7 +224,10 @@ class DiskTier:
         than what the capacity may need raises ValueError. track_uploads: see recover()."""
         if align < 512 or align > _MAX_ALIGN or align & (align - 1):
             raise ValueError(f"align must be a power of two in [512, {_MAX_ALIGN}], got {align}")
-        header_area = align_up(MAX_HEADER_BYTES, align)
+        # The header area of a record is its header rounded up to `align`: one `align` for every
+        # header of format version 1 (at most MAX_BASE_HEADER_BYTES < 512), more only for a version 2
+        # header whose token ids do not fit in it.
+        header_area = align_up(MAX_BASE_HEADER_BYTES, align)
         smallest_segment = align + header_area + align  # segment header + one 1-byte record
         if segment_bytes < smallest_segment:
             raise ValueError(f"segment_bytes must be >= {smallest_segment}, got {segment_bytes}")
@@ -228,7 +241,8 @@ class DiskTier:
         self._capacity = capacity_bytes
         self._segment_bytes = segment_bytes
         self._align = align
-        self._header_area = header_area
+        self._header_area = header_area            # the smallest header area (every version 1 header's)
+        self._max_header_area = align_up(MAX_HEADER_BYTES, align)
         self._map_bytes = _map_bytes(capacity_bytes, header_area, lmdb_map_bytes)
         self._track_uploads = track_uploads
         self._o_direct = o_direct
@@ -376,7 +390,7 @@ class DiskTier:
             _check_payload(blocks[i][0], views[i])
         evicted: list[DiskEntry] = []
         while fresh:
-            sizes = [self._record_bytes(blocks[i][0].payload_len) for i in fresh]
+            sizes = [self._record_bytes(blocks[i][0].payload_len, blocks[i][0].encoded_len) for i in fresh]
             placements, evict_ids = self._plan(sizes)
             # An existing copy that this very batch evicts must be written again, or the caller would
             # be told a block is on disk that is not.
@@ -523,8 +537,12 @@ class DiskTier:
 
     # ------------------------------------------------------------------ write path
 
-    def _record_bytes(self, payload_len: int) -> int:
-        size = self._header_area + align_up(payload_len, self._align)
+    def _area(self, header_len: int) -> int:
+        """The header area of a record whose header is header_len bytes."""
+        return max(self._header_area, align_up(header_len, self._align))
+
+    def _record_bytes(self, payload_len: int, header_len: int = 0) -> int:
+        size = self._area(header_len) + align_up(payload_len, self._align)
         if self._align + size > self._segment_bytes:
             raise ValueError(f"record of {size} bytes does not fit in a {self._segment_bytes}-byte segment")
         return size
@@ -586,7 +604,9 @@ class DiskTier:
         if placements[0][0] >= 0:
             self._active = None  # sealed: the batch starts a new segment
         created: list[_Segment] = []
-        arena = mmap.mmap(-1, len(records) * (self._header_area + self._align))  # headers + O_DIRECT tails
+        bases = list(itertools.accumulate((self._area(header.encoded_len) + self._align for header, _, _ in records),
+                                          initial=0))
+        arena = mmap.mmap(-1, bases[-1])  # header areas + O_DIRECT tails
         try:
             runs: dict[int, tuple[_Segment, int, list]] = {}  # ordinal -> (segment, start, iovecs)
             entries = []
@@ -597,11 +617,12 @@ class DiskTier:
                     assert segment is not None and segment.size == offset
                     runs[ordinal] = (segment, offset, [])
                 segment, _, iovecs = runs[ordinal]
-                iovecs.extend(self._record_iovecs(header, view, flags, arena, n))
-                segment.size = offset + self._record_bytes(header.payload_len)
+                iovecs.extend(self._record_iovecs(header, view, flags, arena, bases[n]))
+                segment.size = offset + self._record_bytes(header.payload_len, header.encoded_len)
                 entries.append(DiskEntry(header.namespace, bytes(header.key), bytes(header.parent),
                                          header.payload_len, header.payload_checksum,
-                                         header.created_unix_ms, segment.id, offset))
+                                         header.created_unix_ms, segment.id, offset, header.token_ids,
+                                         header.origin))
             for segment, start, iovecs in runs.values():
                 self._assert_writable(segment, start, iovecs)
                 self._pwritev_all(segment.fd, iovecs, start)
@@ -647,11 +668,12 @@ class DiskTier:
         return entries
 
     def _record_iovecs(self, header: BlockHeader, view: memoryview, flags: int, arena: mmap.mmap,
-                       n: int) -> list:
-        """Header area + payload padded with zeros to align, zero-copy where the alignment allows."""
+                       base: int) -> list:
+        """Header area + payload padded with zeros to align, zero-copy where the alignment allows.
+        arena[base:] has room for the header area and one `align` of tail."""
         align = self._align
-        base = n * (self._header_area + align)
-        head = memoryview(arena)[base:base + self._header_area]
+        area = self._area(header.encoded_len)
+        head = memoryview(arena)[base:base + area]
         encoded = _encode_header(header, flags)
         head[:len(encoded)] = encoded
         # Exactly what goes to disk decodes to the caller's header and kind.
@@ -668,12 +690,12 @@ class DiskTier:
             if body:
                 iovecs.append(view[:body])
             if tail and self._o_direct:
-                pad = memoryview(arena)[base + self._header_area:base + self._header_area + align]
+                pad = memoryview(arena)[base + area:base + area + align]
                 pad[:tail] = view[body:length]
                 iovecs.append(pad)
             elif tail:
                 iovecs += [view[body:length], self._zeros[:align - tail]]
-        assert sum(len(iov) for iov in iovecs) == self._record_bytes(length)
+        assert sum(len(iov) for iov in iovecs) == self._record_bytes(length, header.encoded_len)
         return iovecs
 
     def _assert_writable(self, segment: _Segment, start: int, iovecs: list) -> None:
@@ -870,7 +892,10 @@ class DiskTier:
         """One preadv of header area + payload; returns why the record is bad, or None."""
         length = entry.length
         padded = align_up(length, self._align)
+        expected = entry.header()
+        area = self._area(expected.encoded_len)
         head, scratch = self._thread_buffers()
+        head = head[:area]
         bounce = None
         if padded == 0:
             iovecs = [head]
@@ -887,17 +912,15 @@ class DiskTier:
             if exc.errno not in _READ_ERRNOS:
                 raise
             return f"read error: {exc}"
-        if got < self._header_area + padded:
-            return f"short read: {got} of {self._header_area + padded} bytes"
+        if got < area + padded:
+            return f"short read: {got} of {area + padded} bytes"
         try:
             header = decode_header(head)
         except CorruptBlock as exc:
             return f"header: {exc}"
         if _header_flags(head) != 0:
             return f"not a block record (flags {_header_flags(head):#x})"
-        if (header.namespace, header.key, header.parent, header.payload_len, header.payload_checksum,
-                header.created_unix_ms) != (entry.namespace, entry.key, entry.parent, entry.length,
-                                            entry.checksum, entry.created_unix_ms):
+        if header != expected:
             return "header does not match the index entry"
         if bounce is not None:
             dest[:length] = memoryview(bounce)[:length]
@@ -908,7 +931,7 @@ class DiskTier:
     def _thread_buffers(self) -> tuple[memoryview, memoryview]:
         buffers = getattr(self._tls, "buffers", None)
         if buffers is None:
-            buffers = (memoryview(mmap.mmap(-1, self._header_area)), memoryview(bytearray(self._align)))
+            buffers = (memoryview(mmap.mmap(-1, self._max_header_area)), memoryview(bytearray(self._align)))
             self._tls.buffers = buffers
         return buffers
 
@@ -998,7 +1021,7 @@ class DiskTier:
                 self._next_seq = _last_seq(txn, self._db_uploads) + 1
                 bad_headers = self._open_segments(files, committed, segments, report)
                 fit_end = self._check_index(txn, segments, report)
-                scan_buffer = memoryview(mmap.mmap(-1, max(_SCAN_CHUNK, self._header_area)))
+                scan_buffer = memoryview(mmap.mmap(-1, max(_SCAN_CHUNK, self._max_header_area)))
                 for segment in sorted(segments.values(), key=lambda s: s.id):
                     self._recover_segment(txn, segment, committed.get(segment.id),
                                           fit_end.get(segment.id, self._align), segment.id in bad_headers,
@@ -1090,7 +1113,7 @@ class DiskTier:
                 drops.append(dbkey)
                 continue
             segment = segments.get(entry.segment)
-            end = entry.offset + self._header_area + align_up(entry.length, self._align)
+            end = entry.offset + self._area(entry.header().encoded_len) + align_up(entry.length, self._align)
             if segment is None or end > segment.size or entry.offset < self._align or \
                     entry.offset % self._align:
                 drops.append(dbkey)
@@ -1177,7 +1200,8 @@ class DiskTier:
         value = txn.get(dbkey, db=self._db_blocks)
         if value is None:
             entry = DiskEntry(header.namespace, header.key, header.parent, header.payload_len,
-                              header.payload_checksum, header.created_unix_ms, sid, position)
+                              header.payload_checksum, header.created_unix_ms, sid, position, header.token_ids,
+                              header.origin)
             txn.put(dbkey, _encode_value(entry), db=self._db_blocks)
             txn.put(_SEG_KEY.pack(sid) + dbkey, b"", db=self._db_by_segment)
             report.adopted += 1
@@ -1254,11 +1278,20 @@ class DiskTier:
         """What lies at position: None if no record header verifies there or the record would not fit
         in the file; else (header, flags, record bytes, payload verified). Reads at most one chunk at a
         time; a media error counts as no record."""
-        head = scan_buffer[:self._header_area]
+        area = self._header_area
+        head = scan_buffer[:area]
         try:
-            if position + self._header_area > segment.size or \
-                    self._preadv_all(segment.fd, [head], position) < self._header_area:
+            if position + area > segment.size or self._preadv_all(segment.fd, [head], position) < area:
                 return None
+            header_len = header_len_of(head)
+            if header_len > area:  # a version 2 header longer than one `align`: read the rest of its area
+                if header_len > MAX_HEADER_BYTES or position + self._area(header_len) > segment.size:
+                    return None
+                more = scan_buffer[area:self._area(header_len)]
+                if self._preadv_all(segment.fd, [more], position + area) < len(more):
+                    return None
+                area = self._area(header_len)
+                head = scan_buffer[:area]
             header = decode_header(head)
         except CorruptBlock:
             return None
@@ -1268,15 +1301,14 @@ class DiskTier:
             return None
         if "\0" in header.namespace:
             return None
-        size = self._header_area + align_up(header.payload_len, self._align)
+        size = area + align_up(header.payload_len, self._align)
         if position + size > segment.size:
             return None
-        return header, _header_flags(head), size, self._payload_ok(segment, position, header, scan_buffer)
+        return header, _header_flags(head), size, self._payload_ok(segment, position + area, header, scan_buffer)
 
-    def _payload_ok(self, segment: _Segment, position: int, header: BlockHeader,
-                    scan_buffer: memoryview) -> bool:
+    def _payload_ok(self, segment: _Segment, at: int, header: BlockHeader, scan_buffer: memoryview) -> bool:
+        """Whether the payload that starts at offset `at` matches the header's checksum."""
         hasher = xxhash.xxh3_64()
-        at = position + self._header_area
         remaining = header.payload_len
         while remaining > 0:
             want = min(len(scan_buffer), align_up(remaining, self._align))
@@ -1387,7 +1419,7 @@ def _db_key(namespace: str, key: bytes) -> bytes:
 
 def _encode_value(entry: DiskEntry) -> bytes:
     return _VALUE.pack(entry.segment, entry.offset, entry.length, entry.checksum, entry.created_unix_ms,
-                       len(entry.parent)) + entry.parent
+                       len(entry.parent)) + entry.parent + encode_extension(entry.token_ids, entry.origin)
 
 
 def _decode_entry(dbkey: bytes, value: bytes) -> DiskEntry:
@@ -1396,10 +1428,16 @@ def _decode_entry(dbkey: bytes, value: bytes) -> DiskEntry:
     if not sep or not key or len(value) < _VALUE.size:
         raise ValueError(f"malformed index entry {bytes(dbkey)!r}")
     segment, offset, length, payload_sum, created, parent_len = _VALUE.unpack_from(value)
-    if len(value) != _VALUE.size + parent_len:
+    if len(value) < _VALUE.size + parent_len:
         raise ValueError(f"malformed index value for {bytes(dbkey)!r}")
-    return DiskEntry(namespace.decode(), key, bytes(value[_VALUE.size:]), length, payload_sum, created,
-                     segment, offset)
+    token_ids, origin = b"", None
+    if len(value) > _VALUE.size + parent_len:  # the extension of a block with token ids or an origin
+        try:
+            token_ids, origin = decode_extension(memoryview(value)[_VALUE.size + parent_len:])
+        except ValueError as exc:
+            raise ValueError(f"malformed index value for {bytes(dbkey)!r}: {exc}") from exc
+    return DiskEntry(namespace.decode(), key, bytes(value[_VALUE.size:_VALUE.size + parent_len]), length,
+                     payload_sum, created, segment, offset, token_ids, origin)
 
 
 def _owed_block(seq: bytes, dbkey: bytes) -> tuple[str, bytes] | None:

@@ -5,6 +5,19 @@ validates, posts and waits. It does not checksum: the daemon verifies every fetc
 optional dependency (requirements/peers.txt); load_nixl() says why it cannot be used so the daemon can
 fall back to its gRPC fetch and report the reason.
 
+What registered memory exposes: whoever loads an agent's metadata can READ *and* WRITE every region
+that agent registered (NIXL has no read-only registration). A daemon therefore runs two agents: one
+registered over its own arena, which it READs into and whose metadata never leaves the process, and
+one registered over an ExportWindow only, whose metadata it hands to peers. The owner copies blocks
+it serves into window slots; nothing else of its memory is registered with that agent.
+
+How far registration confines a peer (measured, tests/tiers/test_nixl.py): NIXL as shipped refuses
+(NIXL_ERR_NOT_FOUND, at createXferReq) any remote range outside the regions in the metadata it
+loaded. That check runs in the *initiator's* process: a peer that edits the 16 bytes of a region's
+address and length in the metadata before loading it READs and WRITEs any address of the owner's
+process over UCX's cma and TCP transports, which carry no memory keys. Only RDMA (a NIC checking the
+rkey of the registered region) enforces registration at the target; it is not tested here.
+
 Safety contract of a failed read() (see TransferFailed and TransferAbandoned):
   - read() returned          -> every byte landed.
   - TransferFailed (any subclass but TransferAbandoned): NIXL reported the transfer finished, failed
@@ -19,12 +32,15 @@ Safety contract of a failed read() (see TransferFailed and TransferAbandoned):
 from __future__ import annotations
 
 import bisect
+import ctypes
 import dataclasses
 import functools
 import gc
 import importlib
 import logging
 import math
+import mmap
+import os
 import struct
 import threading
 import time
@@ -510,3 +526,118 @@ class NixlTransport:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ExportWindow:
+    """The only memory an owner registers with the agent whose metadata it hands to peers:
+    `slot_count` slots of `slot_bytes` in a sealed memfd, allocated in full now
+    (tiers.arena.create_sealed_memory: a node short of memory fails its start, never a later copy
+    with SIGBUS) and mapped MAP_SHARED | MAP_POPULATE. Slot s lies at `address + s * slot_bytes`.
+
+    A peer holding the metadata can READ and WRITE all of it at any time: put nothing here that
+    every peer may not read, and trust nothing read back from it (the owner hashes and MACs the
+    arena's bytes before it copies them here, and the requester verifies what it READ).
+
+    take()/free() are the owner's slot bookkeeping (its event loop only); copy() may run on any
+    thread inside `with window.copying():`. close() waits for copies still running (a worker
+    thread of a cancelled call), then unmaps; close the agent registered over the window first.
+    """
+
+    CLOSE_WAIT_S = 60.0
+
+    def __init__(self, name: str, slot_count: int, slot_bytes: int):
+        from .arena import create_sealed_memory  # noqa: PLC0415 - nixl is imported by the daemon only
+        if not (slot_count > 0 and slot_bytes > 0 and slot_bytes % mmap.PAGESIZE == 0):
+            raise ValueError(f"bad export window: {slot_count} slots of {slot_bytes} bytes")
+        self.slot_count, self.slot_bytes = slot_count, slot_bytes
+        self.size_bytes = slot_count * slot_bytes
+        fd = create_sealed_memory(f"kvtier-{name}-export", self.size_bytes)
+        try:
+            self._map = mmap.mmap(fd, self.size_bytes, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)  # the mapping keeps the memory; nobody else ever gets the descriptor
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))  # the export ends here
+        self._free = list(range(slot_count - 1, -1, -1))  # a stack: the lowest free slot comes first
+        self._used: set[int] = set()
+        self._copies = 0
+        self._idle = threading.Condition()
+
+    @property
+    def in_use(self) -> int:
+        return len(self._used)
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    def take(self, count: int) -> list[int]:
+        """Up to `count` free slots (fewer only if fewer are free), now in use."""
+        slots = [self._free.pop() for _ in range(min(count, len(self._free)))]
+        self._used.update(slots)
+        return slots
+
+    def free(self, slots: list[int]) -> None:
+        for slot in slots:
+            if slot not in self._used:
+                raise AssertionError(f"export window slot {slot} freed but not in use")
+            self._used.remove(slot)
+            self._free.append(slot)
+
+    def slot_address(self, slot: int) -> int:
+        if not 0 <= slot < self.slot_count:
+            raise ValueError(f"export window slot {slot} out of range (0..{self.slot_count - 1})")
+        return self.address + slot * self.slot_bytes
+
+    def copy(self, slot: int, source_address: int, length: int) -> None:
+        """Copies `length` bytes from `source_address` into `slot` (any thread; ctypes.memmove
+        releases the GIL)."""
+        if not 0 < length <= self.slot_bytes:
+            raise ValueError(f"{length} bytes do not fit an export window slot of {self.slot_bytes}")
+        ctypes.memmove(self.slot_address(slot), source_address, length)
+
+    def bytes_at(self, slot: int, length: int) -> bytes:
+        return ctypes.string_at(self.slot_address(slot), length)
+
+    def copying(self):
+        """Context manager around copy() calls: close() waits until every one has left."""
+        return _Copying(self)
+
+    def check(self, full: bool = False) -> None:
+        """Asserts the bookkeeping: every slot free or in use (O(1)); with `full`, exactly once
+        (O(slots): take() and free() keep it so, free() refusing a slot not in use)."""
+        assert len(self._free) + len(self._used) == self.slot_count, "export window slots leaked"
+        if full:
+            assert self._used.isdisjoint(self._free) and len(set(self._free)) == len(self._free), \
+                "an export window slot is both free and in use"
+
+    def close(self) -> None:
+        """Idempotent. Unmaps once no copy is running (waits at most CLOSE_WAIT_S, else leaks the
+        mapping rather than pull it from under a copying thread)."""
+        with self._idle:
+            if self._map is None:
+                return
+            if not self._idle.wait_for(lambda: self._copies == 0, timeout=self.CLOSE_WAIT_S):
+                log.error("export window: %d copies still running after %.0f s; leaking its %d bytes",
+                          self._copies, self.CLOSE_WAIT_S, self.size_bytes)
+                return
+            self._map.close()
+            self._map = None
+            self.address = 0
+
+
+class _Copying:
+    def __init__(self, window: ExportWindow):
+        self.window = window
+
+    def __enter__(self):
+        with self.window._idle:
+            if self.window._map is None:
+                raise TransferFailed("export window closed")
+            self.window._copies += 1
+        return self.window
+
+    def __exit__(self, *exc) -> None:
+        with self.window._idle:
+            self.window._copies -= 1
+            self.window._idle.notify_all()

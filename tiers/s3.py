@@ -85,7 +85,8 @@ from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError,
                                  HTTPClientError, IncompleteReadError)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from .block import FIXED_HEADER_BYTES, MAX_HEADER_BYTES, BlockHeader, CorruptBlock, checksum, decode_header
+from .block import (FIXED_HEADER_BYTES, MAX_HEADER_BYTES, BlockHeader, BlockOrigin, CorruptBlock, checksum,
+                    decode_header)
 
 log = logging.getLogger("kvtier.s3")
 
@@ -96,6 +97,11 @@ METADATA_HEADER = "kvtier-header"   # x-amz-meta-kvtier-header: base64(BlockHead
 METADATA_MAC = "kvtier-mac"
 METADATA_HEADER_MAC = "kvtier-header-mac"
 NS_DIGEST_HEX = 32                  # 128 bits of sha256(namespace)
+# AWS S3 refuses (400 MetadataTooLarge) user metadata over 2 KB: the UTF-8 bytes of every key and value
+# (counted here with their "x-amz-meta-" prefix, to be safe). A version 2 header's token ids make it
+# long: header_fits_metadata says whether one still fits with both MACs beside it.
+METADATA_LIMIT_BYTES = 2048
+_MAC_METADATA_BYTES = sum(len("x-amz-meta-" + name) + 64 for name in (METADATA_MAC, METADATA_HEADER_MAC))
 _HEADER_LEN = struct.Struct("<H")   # header_len at offset 6 of a BlockHeader
 _HEADER_LEN_OFFSET = 6
 _LIST_PAGE = 1000                   # S3's maximum keys per ListObjectsV2 page
@@ -179,6 +185,16 @@ class S3Entry:
     # without x-amz-meta-): what a caller authenticates the entry with. Not part of equality.
     header: bytes = dataclasses.field(default=b"", compare=False, repr=False)
     metadata: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # Router metadata from the header (format version 2; docs/block-format.md): packed token ids, origin.
+    token_ids: bytes = dataclasses.field(default=b"", repr=False)
+    origin: BlockOrigin | None = None
+
+
+def header_fits_metadata(header: BlockHeader) -> bool:
+    """Whether x-amz-meta-kvtier-header (base64 of header.encode()), with room for both MACs, stays
+    within METADATA_LIMIT_BYTES. Every header without token ids fits (at most 1,012 bytes)."""
+    encoded = 4 * -(-header.encoded_len // 3)
+    return len("x-amz-meta-" + METADATA_HEADER) + encoded + _MAC_METADATA_BYTES <= METADATA_LIMIT_BYTES
 
 
 class S3Tier:
@@ -262,6 +278,9 @@ class S3Tier:
         length = header.payload_len
         if len(view) < length:
             raise ValueError(f"payload view has {len(view)} bytes, header says {length}")
+        if not header_fits_metadata(header):
+            raise ValueError(f"a header of {header.encoded_len} bytes does not fit in S3's user metadata "
+                             "(drop its token ids: header_fits_metadata)")
         encoded = header.encode()  # asserts decode_header(encoded) == header
         # bytearray, not bytes: botocore sends it as is (bytes get wrapped in a file object, which adds an
         # `Expect: 100-continue` round trip per PUT). Grown by += rather than preallocated: a zeroed
@@ -712,7 +731,8 @@ class S3Tier:
             return None
         header, encoded = found
         return S3Entry(header.namespace, header.key, header.parent, header.payload_len,
-                       header.payload_checksum, header.created_unix_ms, okey, encoded, _user_metadata(reply))
+                       header.payload_checksum, header.created_unix_ms, okey, encoded, _user_metadata(reply),
+                       header.token_ids, header.origin)
 
 
 class _BrokenTransfer(Exception):

@@ -6,17 +6,39 @@ SPEC: {"model": dir, "socket": kvtierd socket or null (no connector), "hash_algo
        "max_tokens": 8, "max_num_batched_tokens": 1024 (smaller: chunked prefill),
        "extra_config": optional, merged into kv_connector_extra_config,
        "prompts": [{"tokens": [...], "salt": optional str, "max_tokens": optional,
-                    "kv_transfer_params": optional (SamplingParams.extra_args, as the OpenAI server passes it)}]}
+                    "kv_transfer_params": optional (SamplingParams.extra_args, as the OpenAI server passes it),
+                    "sigstop": optional pid, SIGSTOPped (a hung kvtierd) before this prompt runs}]}
 OUT:  {"results": [{"tokens": [...], "num_cached_tokens": n, "keys": [hex, ...] of every full block of
-       prompt + output}, ...], "stats": connector worker stats}
+       prompt + output, "seconds": the prompt's wall time}, ...], "stats": connector worker stats,
+       "scheduler_stats": the scheduler connector's stats (in-process engine core), "startup_s", "run_s"}
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import signal
 import sys
 import time
+
+
+def sigstop(pid: int) -> None:
+    """SIGSTOP, returning once every thread of the process is stopped (as tests/conftest.py's sigstop)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = []
+        for stat in glob.glob(f"/proc/{pid}/task/*/stat"):
+            try:
+                with open(stat) as file:
+                    states.append(file.read().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                continue
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.001)
+    raise RuntimeError(f"process {pid} did not stop")
 
 
 def block_keys(spec: dict, tokens: list[int], block_size: int = 32) -> list[str]:
@@ -54,6 +76,9 @@ def main(spec_path: str, out_path: str) -> None:
     ready = time.monotonic()
     results = []
     for prompt in spec["prompts"]:
+        if prompt.get("sigstop"):
+            sigstop(prompt["sigstop"])
+        prompt_started = time.monotonic()
         extra_args = ({"kv_transfer_params": prompt["kv_transfer_params"]} if "kv_transfer_params" in prompt
                       else None)
         params = SamplingParams(temperature=0.0, max_tokens=prompt.get("max_tokens", spec.get("max_tokens", 8)),
@@ -63,18 +88,24 @@ def main(spec_path: str, out_path: str) -> None:
             request["cache_salt"] = prompt["salt"]
         (output,) = llm.generate([request], params, use_tqdm=False)
         tokens = list(output.outputs[0].token_ids)
+        seconds = time.monotonic() - prompt_started
         results.append({"tokens": tokens, "num_cached_tokens": output.num_cached_tokens or 0,
                         "keys": None if prompt.get("salt") or not spec.get("keys", True)
-                        else block_keys(spec, prompt["tokens"] + tokens)})
-    stats = None
+                        else block_keys(spec, prompt["tokens"] + tokens), "seconds": seconds})
+    stats = scheduler_stats = None
     try:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
         if has_kv_transfer_group():
-            stats = get_kv_transfer_group().stats
+            stats = dict(get_kv_transfer_group().stats)
+    except Exception:  # noqa: BLE001 - stats are informational
+        pass
+    try:  # the in-process engine core's scheduler and its connector
+        connector = llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector()
+        scheduler_stats = dict(connector.stats) if connector is not None else None
     except Exception:  # noqa: BLE001 - stats are informational
         pass
     with open(out_path, "w") as out:
-        json.dump({"results": results, "stats": stats, "startup_s": ready - started,
+        json.dump({"results": results, "stats": stats, "scheduler_stats": scheduler_stats, "startup_s": ready - started,
                    "run_s": time.monotonic() - ready}, out)
 
 

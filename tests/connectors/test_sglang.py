@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -149,18 +150,29 @@ def tokens(n_pages: int, seed: int = 0) -> list[int]:
 
 
 class RpcCounter:
-    """Counts the client calls a backend makes."""
+    """Counts the data-path RPCs a backend sends (lookup, acquire, release, allocate, commit, abort; every
+    RPC with `every`), at its client's stub: what really reaches the daemon."""
 
-    def __init__(self, backend):
+    COUNTED = ("Lookup", "Acquire", "Release", "Allocate", "Commit", "Abort")
+
+    def __init__(self, backend, every: bool = False):
         self.counts: dict[str, int] = {}
-        client = backend._client
-        for name in ("lookup", "acquire", "release", "allocate", "commit", "abort"):
-            original = getattr(client, name)
+        counter = self
 
-            def counted(*args, _name=name, _original=original, **kwargs):
-                self.counts[_name] = self.counts.get(_name, 0) + 1
-                return _original(*args, **kwargs)
-            setattr(client, name, counted)
+        class Stub:
+            def __init__(self, stub):
+                self._stub = stub
+
+            def __getattr__(self, name):
+                method = getattr(self._stub, name)
+                if name not in RpcCounter.COUNTED and not every:
+                    return method
+
+                def counted(*args, **kwargs):
+                    counter.counts[name.lower()] = counter.counts.get(name.lower(), 0) + 1
+                    return method(*args, **kwargs)
+                return counted
+        backend._client.stub = Stub(backend._client.stub)
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +359,7 @@ def test_daemon_down_degrades_to_misses(sgl, make_daemon, tmp_path):
     assert nowhere.batch_set_v1(keys, idx) == [False] * 4
 
     daemon = make_daemon()
-    backend = make_backend(sgl, daemon.socket, pool)
+    backend = make_backend(sgl, daemon.socket, pool, breaker_period_s=0.2)
     assert backend.batch_set_v1(keys, idx) == [True] * 4
     daemon.kill()
     assert backend.batch_exists(keys) == 0
@@ -359,14 +371,58 @@ def test_daemon_down_degrades_to_misses(sgl, make_daemon, tmp_path):
     assert backend.batch_get(keys, None) == [None] * 4
     assert backend.clear() is False
     assert backend.stats["rpc_errors"] >= 8
+    # A refused connection opened the circuit breaker: everything after it failed without a call.
+    assert backend.stats["breaker_opened"] == 1 and backend.stats["short_circuited"] >= 7
 
+    from conftest import wait_for  # noqa: PLC0415 - not at import: _sglang_tenant.py imports this module
     daemon.start()  # the same backend recovers (new arena generation, namespace re-registered if lost)
-    for _ in range(100):
-        if backend.batch_set_v1(keys, idx) == [True] * 4:
-            break
-        time.sleep(0.1)
+    wait_for(lambda: not backend._daemon.breaker_open, what="the health probe to close the breaker")
+    wait_for(lambda: backend.batch_set_v1(keys, idx) == [True] * 4, what="a backup to succeed")
     assert backend.batch_exists(keys) == 4
     assert backend.batch_get_v1(keys, idx) == [True] * 4
+
+
+def test_a_hung_daemon_costs_one_deadline_then_every_batch_fails_fast(sgl, make_daemon, caplog):
+    """kvtierd SIGSTOPped: the first batch waits out one deadline, the circuit breaker opens, and every
+    batch after it is a miss / False at once, with no RPC sent; SIGCONT, a health probe closes the breaker
+    and the same backend serves again."""
+    from conftest import sigstop, wait_for  # noqa: PLC0415 - see test_daemon_down_degrades_to_misses
+    daemon = make_daemon()
+    pool = host_pool(sgl, seed=51)
+    # Deadline max(timeout_s, allocate_wait_ms + 1 s) = 1.2 s; probes only when this test asks.
+    backend = make_backend(sgl, daemon.socket, pool, timeout_s=1, breaker_period_s=3600)
+    keys = chain(sgl, tokens(4, seed=52))
+    idx, dst = pool.alloc(4 * PAGE), pool.alloc(4 * PAGE)
+    assert backend.batch_set_v1(keys, idx) == [True] * 4
+    rpcs = RpcCounter(backend, every=True)
+    sigstop(daemon.pid)
+    try:
+        started = time.monotonic()
+        assert backend.batch_exists(keys) == 0
+        assert 1.2 * 0.9 <= time.monotonic() - started < 1.2 + 1.5   # one deadline
+        assert backend._daemon.breaker_open and backend.stats["daemon_timeouts"] == 1
+        sent = dict(rpcs.counts)
+        started = time.monotonic()
+        for _ in range(20):
+            assert backend.batch_exists(keys) == 0
+            assert backend.batch_get_v1(keys, dst) == [False] * 4
+            assert backend.batch_set_v1(keys, idx) == [False] * 4
+            assert backend.batch_get(keys, None) == [None] * 4
+            assert backend.set(keys[0], torch.zeros(8)) is False
+        assert time.monotonic() - started < 1.0                        # 100 batches in less than a deadline
+        assert rpcs.counts == sent                                     # none reached the daemon
+        assert backend.stats["short_circuited"] == 100 and backend.stats["daemon_timeouts"] == 1
+        assert backend.stats["breaker_opened"] == 1 and backend.stats["breaker_open"] == 1
+        assert backend.stats["load_misses"] == 20 * 8 and backend.stats["rpc_errors"] == 101
+        assert not backend._daemon.probe()                            # a stopped daemon fails its health check
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    wait_for(backend._daemon.probe, what="a health check answered SERVING")
+    assert backend.stats["breaker_open"] == 0 and backend.stats["breaker_closed"] == 1
+    assert backend.batch_exists(keys) == 4
+    assert backend.batch_get_v1(keys, dst) == [True] * 4
+    assert [page_bytes(pool, dst, p) for p in range(4)] == [page_bytes(pool, idx, p) for p in range(4)]
+    assert "circuit breaker OPEN" in caplog.text and "circuit breaker CLOSED" in caplog.text
 
 
 def test_page_larger_than_an_arena_slot_fails_gracefully(sgl, srv):

@@ -14,13 +14,14 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 
 import pytest
 
-from conftest import tenant_env
+from conftest import tenant_env, wait_for
 from s3server import free_port
 from certs import Authority, peer_overrides
 from kvtier.client import block_checksum
@@ -45,7 +46,8 @@ A = _tokens(1)
 B = A[:2 * BLOCK] + _tokens(2, 36)  # shares A's first two blocks only
 S = _tokens(3)
 C, E, F, G = _tokens(4), _tokens(5), _tokens(6), _tokens(7)
-ALL = {"A": A, "B": B, "S": S, "C": C, "E": E, "F": F, "G": G}
+T, L = _tokens(8, 40), _tokens(9, 900)  # the issue's short and long requests (1 and 28 full blocks)
+ALL = {"A": A, "B": B, "S": S, "C": C, "E": E, "F": F, "G": G, "T": T, "L": L}
 
 
 def _engine_env(hash_seed: str | None = "0") -> dict:
@@ -231,6 +233,39 @@ def test_restart_corruption_and_outage_never_change_tokens(make_daemon, models, 
     assert [r["tokens"] for r in third] == [reference["F"], reference["C"]]
     assert stats3["loaded_blocks"] == 0 and stats3["save_errors"] > 0
     assert "kvtier: lookup failed" in log3
+
+
+def test_a_hung_daemon_costs_one_deadline_per_connector_not_one_per_step(make_daemon, models, reference, tmp_path):
+    """kvtierd SIGSTOPped (hung: its sockets accept, nothing answers) between two prompts of a running
+    engine. Each connector (scheduler, worker) pays one deadline, its circuit breaker opens, and every
+    later call fails fast: lookups miss, saves are dropped, the tokens are the reference's."""
+    daemon = make_daemon(DAEMON)
+    prompts = ["A", {"name": "A", "sigstop": daemon.pid}, "T", "L", "C", "E"]
+    try:
+        results, worker, log = run_engine(tmp_path, models[0], prompts, daemon.socket, "hung",
+                                          extra_config={"breaker_period_s": 1.0})
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    out = json.loads((tmp_path / "hung.out.json").read_text())
+    scheduler, seconds = out["scheduler_stats"], [r["seconds"] for r in results]
+    assert [r["tokens"] for r in results] == [reference[p] for p in ("A", "A", "T", "L", "C", "E")]
+    assert results[0]["num_cached_tokens"] == 0 and worker["saved_blocks"] == 3  # stored before the hang
+    # A again: from vLLM's own prefix cache; the rest computed (their lookups missed: the daemon is hung).
+    assert [r["num_cached_tokens"] for r in results[1:]] == [3 * BLOCK, 0, 0, 0, 0]
+    # One deadline per connector (scheduler: its short Lookup deadline; worker: one Allocate), then the
+    # breaker is open for the rest of the run: the probes (every second) never get an answer.
+    assert scheduler["daemon_timeouts"] == 1 and worker["daemon_timeouts"] == 1, (scheduler, worker)
+    assert scheduler["breaker_opened"] == worker["breaker_opened"] == 1
+    assert scheduler["breaker_open"] == worker["breaker_open"] == 1
+    assert scheduler["short_circuited"] >= 4 and scheduler["lookup_errors"] == 5
+    assert worker["short_circuited"] >= 4 and worker["save_errors"] > 0  # a save per step of T, L, C, E
+    assert scheduler["health_probes"] >= 1 or worker["health_probes"] >= 1
+    # Wall time: at most the two deadlines (1 s + 5 s) beyond the computation, not one per step
+    # (before the breaker: 5 s per lookup and per saving step, about 100 s for these prompts).
+    assert sum(seconds[1:]) < 1.0 + 5.0 + 15.0, seconds
+    assert log.count("circuit breaker OPEN") == 2, log[-4000:]
+    with daemon.client() as c:  # the daemon itself is fine once continued
+        wait_for(lambda: c.stats() is not None, what="the daemon to answer")
 
 
 # -- agent hints ------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def test_nobody_subscriber_receives_no_block_events(make_daemon, shared_dir):
     daemon's user receives every batch published meanwhile."""
     import zmq
     require_nobody()
-    daemon, pub, _ = ipc_daemon(make_daemon, shared_dir)
+    daemon, pub, _ = ipc_daemon(make_daemon, shared_dir, **{"events.zmq_topic": "kvtier"})  # "kvtier/<namespace>"
     nobody = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", SUBSCRIBER, pub], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     context = zmq.Context()

@@ -13,6 +13,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import Daemon
+from kvtier.client import retention
 
 
 def cli(daemon, *args, check=True):
@@ -44,6 +45,29 @@ def test_cli_put_get_stat_inventory_stats_watch(daemon, tmp_path):
     assert "namespace" in cli(daemon, "stat", "-n", "nope", key_hex, check=False).stderr
 
 
+def test_cli_inventory_and_stat_show_and_filter_retention(daemon):
+    pinned, plain = b"p" * 32, b"q" * 32
+    with daemon.client() as c:
+        c.register_namespace("agent")
+        c.put_blocks("agent", [(pinned, b"", b"system prompt")], retention=retention("system", 90, 3600))
+        c.put_blocks("agent", [(plain, b"", b"a turn")])
+    rows = cli(daemon, "inventory", "-n", "agent").stdout.splitlines()
+    assert "class" in rows[0] and "prio" in rows[0] and "pinned until" in rows[0]
+    system = next(r for r in rows if pinned.hex() in r)
+    assert " system " in system and " 90 " in system and "Z" in system.split()[-1]  # an ISO time, UTC
+    turn = next(r for r in rows if plain.hex() in r)
+    assert " conversation " in turn and turn.rstrip().endswith("-")  # the daemon's default, not pinned
+    only_pinned = cli(daemon, "inventory", "--pinned").stdout
+    assert pinned.hex() in only_pinned and plain.hex() not in only_pinned and "(1 blocks)" in only_pinned
+    unpinned = cli(daemon, "inventory", "--unpinned", "--class", "conversation").stdout
+    assert plain.hex() in unpinned and pinned.hex() not in unpinned
+    assert "(0 blocks)" in cli(daemon, "inventory", "--class", "decode").stdout
+    stat = cli(daemon, "stat", "-n", "agent", pinned.hex()).stdout
+    assert "class         system" in stat and "priority      90" in stat and "pinned until  20" in stat
+    refused = cli(daemon, "inventory", "--class", "forever", check=False)
+    assert refused.returncode == 2 and "invalid choice" in refused.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,7 +82,9 @@ def test_metrics_endpoint(make_daemon):
         c.register_namespace("team-a/secret-model")
         c.put_blocks("team-a/secret-model", [(key, b"", b"x" * 100)], wait_durable=True)
         c.lookup("team-a/secret-model", [key, b"j" * 32])
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "kvtier_local_sessions 1.0" in text  # this client's session, open while it is
+    assert "kvtier_local_sessions_refused_total 0.0" in text and "kvtier_tenant_pulls_refused_total 0.0" in text
     assert "kvtier_blocks 1.0" in text
     assert "kvtier_lookup_hit_keys_total 1.0" in text
     assert 'kvtier_tier_blocks{tier="disk"} 1.0' in text

@@ -3,11 +3,14 @@ stream as the fallback), verify them on arrival, and survive dead, hung and lyin
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import random
 import signal
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
@@ -17,6 +20,7 @@ from certs import Authority, peer_overrides
 from conftest import scrape_metrics, sigstop, wait_for
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
+from kvtier.tiers.nixl import NixlTransport, decode_metadata
 
 TRANSPORTS = ["nixl", "grpc"]
 ATTRS = {"model": "tiny", "block_tokens": "16"}
@@ -37,7 +41,8 @@ def chain(n: int, seed: int = 1, size: int = 50_000) -> list[tuple[bytes, bytes,
 def cluster(make_daemon, tmp_path):
     """cluster(n, transport, overrides, each) -> n daemons, each listing the others as peers, each
     connected to all of them (a Has to every peer answered) before the test starts. `overrides` go
-    to every node, each[i] (optional) to node i only."""
+    to every node, each[i] (optional) to node i only. cluster.ca is the peers' CA; a daemon's
+    peer_port is its peers.listen port."""
     ca = Authority(tmp_path / "pki")
 
     def make(n: int, transport: str, overrides: dict | None = None, each: list[dict] | None = None):
@@ -49,10 +54,11 @@ def cluster(make_daemon, tmp_path):
                                         **peer_overrides(ca, ports, i, transport),
                                         "peers.timeout_s": PEER_TIMEOUT_S, **(overrides or {}),
                                         **(each[i] if each else {})}, name=f"node{i}"))
-            daemons[-1].metrics_port = metrics_port
+            daemons[-1].metrics_port, daemons[-1].peer_port = metrics_port, ports[i]
         for daemon in daemons:
             _connect(daemon, n - 1)
         return daemons
+    make.ca = ca
     return make
 
 
@@ -270,35 +276,45 @@ def test_a_peer_serving_blocks_without_a_valid_mac_is_refused_and_counted(cluste
     assert "has a missing or wrong MAC (1 such pulls from it)" in log and "skipping it for" in log
 
 
-def test_a_peer_pinning_all_it_can_leaves_local_allocate_working(make_daemon, tmp_path):
+def test_a_peer_pinning_all_it_can_leaves_local_allocate_and_the_window_to_others(make_daemon, tmp_path):
     """A peer (a real mutual-TLS client of the real peer API, with its own certificate) pins as many
     blocks as it may and never releases them: each peer identity gets at most 2 x
     peers.max_blocks_per_fetch, all of them together a quarter of the arena, and local Allocate
-    still gets the rest."""
+    still gets the rest. The export window has exactly that quarter's slots: peers pinning all they
+    may get distinct window slots and leave the rest of the window to other peers, and every slot
+    comes back when the pins are released or expire."""
     ca = Authority(tmp_path / "pki")
     port, metrics_port = free_port(), free_port()
     slots, per_fetch = 64, 4  # 4 MiB of 64 KiB slots; each peer may pin 8, all peers 16
-    owner = make_daemon({**peer_overrides(ca, [port], 0, "grpc"), "cpu.capacity": f"{slots * 64}KiB",
+    owner = make_daemon({**peer_overrides(ca, [port], 0, "nixl"), "cpu.capacity": f"{slots * 64}KiB",
                          "peers.max_blocks_per_fetch": per_fetch, "peers.lease_ms": 60_000,
                          "metrics.listen": f"127.0.0.1:{metrics_port}"}, name="owner")
     blocks = chain(slots, seed=9, size=60_000)
     keys = [k for k, _, _ in blocks]
+    data = {k: d for k, _, d in blocks}
     c = register(owner)
     for start in range(0, slots, 16):
         c.put_blocks("m", blocks[start:start + 16], wait_durable=True)
-    stubs = {name: _peer_stub(ca, name, port) for name in ("evil1", "evil2", "evil3")}
+    stubs = {name: _peer_stub(ca, name, port) for name in ("evil1", "evil2", "evil3", "evil4")}
+    hello = stubs["evil1"].Hello(pb.PeerHelloRequest(node_id="evil1"), timeout=30)
+    window = hello.arena_size // hello.slot_bytes
+    assert window == slots // 4 and hello.slot_bytes == 64 << 10  # the window: the most all peers may pin
+    served: dict[int, bytes] = {}  # window slot -> key of the block Pin put there
 
-    def pin_all(name: str) -> list[int]:
-        """Pins chunk after chunk until refused; the lease ids it got."""
+    def pin_all(name: str, lease_ms: int = 60_000) -> list[tuple[int, int]]:
+        """Pins chunk after chunk until refused; (lease id, blocks) of each pin it got."""
         leases, offset = [], 0
         while True:
+            chunk = keys[offset:offset + per_fetch]
             try:
-                answer = stubs[name].Pin(pb.PeerPinRequest(namespace="m", keys=keys[offset:offset + per_fetch],
-                                                           lease_ms=60_000), timeout=30)
+                answer = stubs[name].Pin(pb.PeerPinRequest(namespace="m", keys=chunk, lease_ms=lease_ms), timeout=30)
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
                 return leases
             assert answer.lease_id and all(b.found for b in answer.blocks)
+            for key, block in zip(chunk, answer.blocks):
+                assert 0 <= block.slot < window and block.length == len(data[key])
+                served[block.slot] = key
             leases.append((answer.lease_id, len(answer.blocks)))
             offset += len(answer.blocks)
             assert len(leases) <= slots, "pins never refused"
@@ -306,6 +322,7 @@ def test_a_peer_pinning_all_it_can_leaves_local_allocate_working(make_daemon, tm
     first, second, third = pin_all("evil1"), pin_all("evil2"), pin_all("evil3")
     assert sum(n for _, n in first) == 2 * per_fetch  # the per-peer bound
     assert sum(n for _, n in second) == 2 * per_fetch and third == []  # together: a quarter of the arena
+    assert sorted(served) == list(range(window))  # evil1 left evil2 its share of the window: all distinct
     # The streamed path counts against the same bounds.
     with pytest.raises(grpc.RpcError) as err:
         list(stubs["evil3"].Fetch(pb.PeerFetchRequest(namespace="m", keys=keys[:1]), timeout=30))
@@ -319,7 +336,18 @@ def test_a_peer_pinning_all_it_can_leaves_local_allocate_working(make_daemon, tm
     assert pin_all("evil3") == []
     for lease_id, _ in first:
         stubs["evil1"].Release(pb.ReleaseRequest(lease_id=lease_id), timeout=30)
-    assert sum(n for _, n in pin_all("evil3")) == 2 * per_fetch
+    served.clear()
+    expired = owner.log().count("expired unreleased")
+    short = pin_all("evil3", lease_ms=1000)
+    assert sum(n for _, n in short) == 2 * per_fetch and len(served) == 2 * per_fetch  # evil1's slots came back
+    # Expiry frees window slots too: evil3 never releases; its 1 s leases expire on the owner.
+    wait_for(lambda: owner.log().count("expired unreleased") >= expired + len(short), what="evil3's leases to expire")
+    for lease_id, _ in second:
+        stubs["evil2"].Release(pb.ReleaseRequest(lease_id=lease_id), timeout=30)
+    # The whole window is free again: two peers pin all they may and get every window slot.
+    served.clear()
+    assert sum(n for _, n in pin_all("evil4") + pin_all("evil1")) == 4 * per_fetch
+    assert sorted(served) == list(range(window))
     assert "pin refused" in owner.log() and "cn:evil3" in owner.log()
 
 
@@ -328,3 +356,153 @@ def _peer_stub(ca: Authority, name: str, port: int) -> pb_grpc.KvTierPeerStub:
     with open(ca.ca_path, "rb") as root, open(key, "rb") as k, open(cert, "rb") as c:
         credentials = grpc.ssl_channel_credentials(root.read(), k.read(), c.read())
     return pb_grpc.KvTierPeerStub(grpc.secure_channel(f"127.0.0.1:{port}", credentials))
+
+
+def _memfd_mappings(pid: int) -> list[tuple[str, int, int]]:
+    """(name, start, length) of every memfd mapping of process `pid` (its arena parts and its export
+    window), from /proc/PID/maps."""
+    out = []
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/memfd:kvtier-"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                out.append((fields[5], start, end - start))
+    return out
+
+
+class Intruder:
+    """The test process as a peer that said Hello and loaded the owner's NIXL metadata: a
+    NixlTransport over `size` bytes of its own memory. raw() transfers straight through NIXL's agent,
+    past NixlTransport's own bounds checks, as a hostile peer would."""
+
+    def __init__(self, metadata: bytes, size: int):
+        self.memory = mmap.mmap(-1, size)
+        self.address, self.size = ctypes.addressof(ctypes.c_char.from_buffer(self.memory)), size
+        self.transport = NixlTransport(f"intruder-{uuid.uuid4().hex[:8]}", [(self.address, size)])
+        self.owner = self.transport.add_peer(metadata)
+        self.errors = self.transport._b
+
+    def raw(self, op: str, remote: int, length: int, offset: int = 0):
+        """One READ or WRITE of `length` bytes between our memory at `offset` and the owner's
+        address `remote`; NIXL's final state, or NIXL's exception when it refuses the request."""
+        b, agent = self.transport._b, self.transport._agent
+        mine = b.nixlXferDList(b.DRAM_SEG, [(self.address + offset, length, 0)])
+        theirs = b.nixlXferDList(b.DRAM_SEG, [(remote, length, 0)])
+        handle = agent.createXferReq(getattr(b, f"NIXL_{op}"), mine, theirs, self.owner, "", [])
+        try:
+            state, deadline = agent.postXferReq(handle, ""), time.monotonic() + 10
+            while state == b.NIXL_IN_PROG and time.monotonic() < deadline:  # NIXL's status, polled
+                time.sleep(0.001)
+                state = agent.getXferStatus(handle)
+        finally:
+            agent.releaseXferReq(handle)
+        assert state == b.NIXL_SUCCESS, state
+        return state
+
+    def bytes_at(self, offset: int, length: int) -> bytes:
+        return ctypes.string_at(self.address + offset, length)
+
+    def close(self) -> None:
+        self.transport.close()
+        self.memory.close()
+
+
+def test_the_owners_nixl_metadata_reaches_its_export_window_only(cluster):
+    """Hello hands out the metadata of an agent registered over the owner's export window alone. A
+    peer that loads it (here the test process, with a certificate of its own) cannot READ or WRITE
+    the owner's arena: NIXL refuses the range. What it can WRITE is the window: that changes no
+    block stored on the owner, and a requester pulling meanwhile gets verified blocks or a miss,
+    never the written bytes."""
+    a, b = cluster(2, "nixl", each=[{}, {"disk.enabled": False}])
+    blocks = chain(8, seed=10)
+    keys, datas = [k for k, _, _ in blocks], [d for _, _, d in blocks]
+    owner = register(a)
+    owner.put_blocks("m", blocks, wait_durable=True)
+    stub = _peer_stub(cluster.ca, "intruder", a.peer_port)
+    hello = stub.Hello(pb.PeerHelloRequest(node_id="intruder"), timeout=30)
+    window = (hello.arena_address, hello.arena_size)  # Hello's arena_* fields describe the window
+    mappings = _memfd_mappings(a.pid)
+    assert [(start, length) for name, start, length in mappings if "-export" in name] == [window]
+    arena = [(start, length) for name, start, length in mappings if "-export" not in name]
+    assert arena and all(start + length <= window[0] or window[0] + window[1] <= start for start, length in arena)
+    assert decode_metadata(hello.nixl_metadata)[1] == (window,)  # the only region the metadata names
+    intruder = Intruder(hello.nixl_metadata, window[1])
+    try:
+        for start, length in arena:
+            for remote in (start, start + length // 2, start + length - 4096):
+                with pytest.raises(ValueError):  # kvtier's own bounds check, first
+                    intruder.transport.read(intruder.owner, [(intruder.address, remote, 4096)], 5.0)
+                for op in ("READ", "WRITE"):  # and NIXL itself, with that check bypassed
+                    with pytest.raises(intruder.errors.nixlNotFoundError):
+                        intruder.raw(op, remote, 4096)
+        with pytest.raises(intruder.errors.nixlNotFoundError):  # nor across the window's end
+            intruder.raw("READ", window[0] + window[1] - 2048, 4096)
+
+        # Pin copies the blocks into window slots; they READ back byte-exact.
+        pin = stub.Pin(pb.PeerPinRequest(namespace="m", keys=keys, lease_ms=60_000), timeout=30)
+        assert len(pin.blocks) == len(keys)
+        for block, data in zip(pin.blocks, datas):
+            intruder.raw("READ", window[0] + block.slot * hello.slot_bytes, block.length)
+            assert intruder.bytes_at(0, block.length) == data
+        # A WRITE over the whole window lands there, and only there.
+        ctypes.memset(intruder.address, 0xEE, window[1])
+        intruder.raw("WRITE", window[0], window[1])
+        ctypes.memset(intruder.address, 0, window[1])
+        intruder.raw("READ", window[0] + pin.blocks[0].slot * hello.slot_bytes, 4096)
+        assert intruder.bytes_at(0, 4096) == b"\xee" * 4096
+        stub.Release(pb.ReleaseRequest(lease_id=pin.lease_id), timeout=30)
+        assert owner.get_blocks("m", keys) == datas  # what the owner stores is untouched
+
+        # A requester pulls while the intruder keeps overwriting the whole window.
+        ctypes.memset(intruder.address, 0xEE, window[1])
+        stop, writes = threading.Event(), []
+
+        def overwrite():
+            while not stop.is_set():
+                writes.append(intruder.raw("WRITE", window[0], window[1]))
+        cb = register(b)
+        pulls = []
+
+        def a_pull_met_an_overwritten_copy() -> bool:
+            found = cb.lookup("m", keys, consult_peers=True)
+            pulls.append(found.matched)
+            if found.matched:  # whatever was committed is the owner's bytes
+                assert cb.get_blocks("m", keys[:found.matched]) == datas[:found.matched]
+                cb.clear("m")
+            return _metrics(b)["kvtier_peer_corrupt_blocks_total"] > 0
+        writer = threading.Thread(target=overwrite)
+        writer.start()
+        try:
+            wait_for(a_pull_met_an_overwritten_copy, timeout=120, what="a pull to READ an overwritten copy")
+        finally:
+            stop.set()
+            writer.join()
+        print(f"{len(writes)} WRITEs over the window during {len(pulls)} pulls; blocks committed per pull: {pulls}")
+        assert writes and owner.get_blocks("m", keys) == datas
+        found = cb.lookup("m", keys, consult_peers=True)  # and once the writes stop, pulls work again
+        assert cb.get_blocks("m", keys[:found.matched]) == datas[:found.matched] and found.matched == len(keys)
+    finally:
+        intruder.close()
+
+
+def test_without_nixl_an_owner_exposes_no_memory_and_serves_by_fetch(make_daemon, tmp_path):
+    """peers.transport = "grpc": Hello hands out no metadata and no address, Pin is refused (there
+    is no window to copy into), and Fetch streams the blocks."""
+    ca = Authority(tmp_path / "pki")
+    port = free_port()
+    owner = make_daemon(peer_overrides(ca, [port], 0, "grpc"), name="owner")
+    blocks = chain(2, seed=11)
+    register(owner).put_blocks("m", blocks)
+    stub = _peer_stub(ca, "node1", port)
+    hello = stub.Hello(pb.PeerHelloRequest(node_id="node1"), timeout=30)
+    assert (hello.nixl_metadata, hello.arena_address, hello.arena_size) == (b"", 0, 0) and hello.generation
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Pin(pb.PeerPinRequest(namespace="m", keys=[k for k, _, _ in blocks]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    chunks = list(stub.Fetch(pb.PeerFetchRequest(namespace="m", keys=[k for k, _, _ in blocks]), timeout=30))
+    got: dict[int, bytes] = {}
+    for chunk in chunks:
+        got[chunk.index] = got.get(chunk.index, b"") + chunk.data
+    assert [got[i] for i in range(2)] == [d for _, _, d in blocks]
+    assert all(chunk.block.slot == 0 for chunk in chunks)  # no slot numbers of its arena either

@@ -1,10 +1,12 @@
 """The other process of tests/tiers/test_nixl.py: a real NixlTransport serving a SharedArena.
 
-    python _nixl_peer.py NAME SHM_DIR SIZE SEED INFO_FD
+    python _nixl_peer.py NAME SHM_DIR SIZE SEED INFO_FD [WINDOW_OFFSET WINDOW_SIZE]
 
-Fills the arena with pattern(SEED), registers it, writes one JSON line {"metadata": base64,
-"address", "size", "pid"} to INFO_FD (its own pipe: NIXL and UCX log to stdout/stderr), then serves
-until stdin closes. The test SIGKILLs or SIGSTOPs it to play a dead or hung peer.
+Fills the arena with pattern(SEED), registers it (or only the window [WINDOW_OFFSET, +WINDOW_SIZE)
+of it, as a kvtierd registers only its export window), writes one JSON line {"metadata": base64,
+"address", "size", "window": [address, size], "pid"} to INFO_FD (its own pipe: NIXL and UCX log to
+stdout/stderr), then serves until stdin closes. The test SIGKILLs or SIGSTOPs it to play a dead or
+hung peer.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ def main(argv: list[str]) -> None:
     name, shm_dir, size, seed, info_fd = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
     arena = SharedArena(f"peer-{name}", [("", size)], SLOT)
     fill(arena, seed)
-    transport = NixlTransport(name, [(arena.address, arena.size_bytes)])
+    offset, length = (int(argv[5]), int(argv[6])) if len(argv) > 6 else (0, arena.size_bytes)
+    window = (arena.address + offset, length)
+    transport = NixlTransport(name, [window])
     with os.fdopen(info_fd, "w") as info:
         info.write(json.dumps({"metadata": base64.b64encode(transport.local_metadata()).decode(),
-                               "address": arena.address, "size": arena.size_bytes,
+                               "address": arena.address, "size": arena.size_bytes, "window": window,
                                "pid": os.getpid()}) + "\n")
     sys.stdin.read()  # serve until the test closes stdin
     transport.close()

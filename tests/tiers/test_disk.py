@@ -789,3 +789,128 @@ def test_eviction_skips_segments_with_pending_uploads(tmp_path):
     assert tier.contains("ns", b"a" * 32) and tier.used_bytes() <= 6 * 65536
     assert tier.pending_uploads() == ([("ns", b"a" * 32)], None)
     tier.close()
+
+
+# ---------------------------------------------------------------------- format version 2: router metadata
+
+from kvtier.tiers.block import (MAX_TOKEN_IDS, BlockOrigin, encode_extension, pack_token_ids,  # noqa: E402
+                                unpack_token_ids)
+from kvtier.tiers.disk import _VALUE  # noqa: E402
+
+ORIGIN = BlockOrigin(engine="engine-1", model="org/model", block_size=16, lora_name="")
+
+
+def routed_header(namespace: str, key: bytes, payload: bytes, token_ids, origin=ORIGIN, parent: bytes = b""):
+    return BlockHeader(namespace, key, parent, len(payload), checksum(payload), 1_700_000_000_000,
+                       pack_token_ids(token_ids), origin)
+
+
+def v1_bytes(namespace: str, key: bytes, parent: bytes, length: int, payload_sum: int, created: int) -> bytes:
+    """A format version 1 header packed by hand from docs/block-format.md (what releases before
+    version 2 wrote): readers must keep taking it."""
+    import struct
+    ns = namespace.encode()
+    header_len = 46 + len(ns) + len(key) + len(parent)
+    fields = (b"KVTB", 1, header_len, len(ns), len(key), len(parent), 0, length, payload_sum, created)
+    unsealed = struct.pack("<4sHHHBBHQQQQ", *fields, 0) + ns + key + parent
+    return struct.pack("<4sHHHBBHQQQQ", *fields, checksum(unsealed)) + ns + key + parent
+
+
+names = st.text(min_size=0, max_size=20)
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=300), names, names, st.integers(0, MAX_TOKEN_IDS), names,
+       st.binary(max_size=32))
+def test_version_2_header_round_trip(token_ids, engine, model, block_size, lora, parent):
+    origin = BlockOrigin(engine, model, block_size, lora)
+    header = BlockHeader("ns", b"k" * 32, parent, 10, 99, 1, pack_token_ids(token_ids), origin)
+    encoded = header.encode()
+    assert decode_header(encoded) == header and len(encoded) == header.encoded_len
+    assert unpack_token_ids(decode_header(encoded).token_ids) == token_ids
+    routed = bool(token_ids) or origin != BlockOrigin()
+    assert encoded[4:6] == (b"\x02\x00" if routed else b"\x01\x00")  # no router metadata: still version 1
+    if not routed:
+        assert header.origin is None and encoded == v1_bytes("ns", b"k" * 32, parent, 10, 99, 1)
+
+
+def test_version_2_extension_is_covered_by_the_header_checksum():
+    encoded = routed_header("ns", b"k", b"p", [5, 6, 7]).encode()
+    for at in range(46 + 2 + 1, len(encoded)):  # every byte after namespace and key: parent, extension
+        damaged = bytearray(encoded)
+        damaged[at] ^= 0x10
+        with pytest.raises(CorruptBlock):
+            decode_header(damaged)
+
+
+def test_version_1_header_and_index_value_decode_as_before():
+    assert decode_header(v1_bytes("ns", b"key", b"par", 5, 77, 123)) == BlockHeader("ns", b"key", b"par", 5, 77, 123)
+    old = _VALUE.pack(3, 8192, 5, 77, 123, 3) + b"par"  # an index value written before version 2
+    from kvtier.tiers.disk import _decode_entry
+    entry = _decode_entry(_db_key("ns", b"key"), old)
+    assert (entry.token_ids, entry.origin, entry.parent, entry.segment, entry.offset) == (b"", None, b"par", 3, 8192)
+    routed = _VALUE.pack(3, 8192, 5, 77, 123, 3) + b"par" + encode_extension(pack_token_ids([1, 2]), ORIGIN)
+    entry = _decode_entry(_db_key("ns", b"key"), routed)
+    assert unpack_token_ids(entry.token_ids) == [1, 2] and entry.origin == ORIGIN
+    with pytest.raises(ValueError):
+        _decode_entry(_db_key("ns", b"key"), routed[:-1])
+
+
+@pytest.mark.parametrize("align", [512, 4096])
+def test_token_ids_and_origin_are_kept_on_disk_and_read_back_after_a_restart(tiers, tmp_path, align):
+    """Blocks with token ids in version 2 records, beside version 1 records; a header longer than
+    one `align` (1100 token ids: 4.4 KB) gets a header area of whole `align`s. Everything survives a
+    reopen and an index rebuilt from the segment files alone."""
+    tier, _ = tiers(align=align, segment_bytes=1 << 20)
+    cases = [("ns", b"plain", []), ("ns", b"short", list(range(16))), ("ns", b"long", list(range(1100))),
+             ("ns", b"lora", [7, 8])]
+    blocks = []
+    for namespace, key, token_ids in cases:
+        payload = payload_for(namespace, key, 3000)
+        origin = None if not token_ids else (BlockOrigin("e", "m", 16, "adapter") if key == b"lora" else ORIGIN)
+        blocks.append((routed_header(namespace, key, payload, token_ids, origin), memoryview(payload)))
+    entries, _ = tier.write_batch(blocks)
+    by_key = {e.key: e for e in entries}
+    for (header, view), entry in zip(blocks, entries, strict=True):
+        assert (entry.token_ids, entry.origin) == (header.token_ids, header.origin)
+        assert entry.header() == header and tier.get_entry("ns", header.key) == entry
+        assert read_ok(tier, entry, bytes(view))
+    # On disk: each record is its header rounded up to `align`, then the payload.
+    path = segment_files(tmp_path / "disk")[0]
+    with open(path, "rb") as f:
+        for header, view in blocks:
+            entry = by_key[header.key]
+            area = max(align, align_up(header.encoded_len, align))
+            f.seek(entry.offset)
+            record = f.read(area + align_up(3000, align))
+            assert decode_header(record[:area]) == header and record[area:area + 3000] == bytes(view)
+            assert record[4:6] == (b"\x01\x00" if header.key == b"plain" else b"\x02\x00")
+    assert max(align, align_up(blocks[2][0].encoded_len, align)) > align  # the long one spans several
+    tier.close()
+
+    for lose_index in (False, True):
+        if lose_index:
+            shutil.rmtree(tmp_path / "disk" / "index.lmdb")
+        tier, report = tiers(align=align, segment_bytes=1 << 20)
+        assert (report.indexed, report.adopted) == ((0, 4) if lose_index else (4, 0))
+        assert report.torn == 0 and report.bad_regions == 0
+        assert index_key_map(tier) == {("ns", e.key): e for e in entries}
+        for header, view in blocks:
+            assert read_ok(tier, tier.get_entry("ns", header.key), bytes(view))
+        tier.close()
+
+
+def test_an_index_entry_whose_token_ids_disagree_with_the_record_is_quarantined(tiers, tmp_path):
+    tier, _ = tiers()
+    payload = payload_for("ns", b"k", 100)
+    (entry,), _ = tier.write_batch([(routed_header("ns", b"k", payload, [1, 2, 3]), memoryview(payload))])
+    lying = dataclasses.replace(entry, token_ids=pack_token_ids([1, 2, 4]))
+    tier.close()
+    env, dbs = open_index(tmp_path / "disk")
+    from kvtier.tiers.disk import _encode_value
+    with env.begin(write=True) as txn:
+        txn.put(_db_key("ns", b"k"), _encode_value(lying), db=dbs[b"blocks"])
+    env.close()
+    tier, _ = tiers()
+    assert tier.get_entry("ns", b"k") == lying
+    assert not read_ok(tier, lying, payload) and tier.get_entry("ns", b"k") is None
+    assert tier.quarantined_count() == 1

@@ -386,3 +386,57 @@ def test_full_map_fails_the_batch_with_enospc(tiers):
     tier._env.set_mapsize(16 << 20)
     tier.write_batch(make_blocks("ns", [b"second"], 100))
     assert tier.contains("ns", b"second")
+
+
+# ---------------------------------------------------------------------- format version 2 records
+
+from kvtier.tiers.block import BlockHeader, BlockOrigin, checksum, pack_token_ids  # noqa: E402
+
+
+def routed_blocks(count: int, token_count: int, align: int):
+    """Blocks of 3000 bytes whose version 2 headers carry `token_count` token ids (the header area
+    of each spans several `align`s when they are many)."""
+    blocks = []
+    for i in range(count):
+        key = b"r%02d" % i
+        payload = payload_for("ns", key, 3000)
+        tokens = pack_token_ids([i * 10_000 + j for j in range(token_count)])
+        header = BlockHeader("ns", key, b"r%02d" % (i - 1) if i else b"", 3000, checksum(payload), 1, tokens,
+                             BlockOrigin("engine", "model", token_count, ""))
+        blocks.append((header, memoryview(payload)))
+    return blocks
+
+
+@pytest.mark.parametrize("damage", ["long header", "payload"])
+def test_salvage_walks_version_2_records_with_long_headers_past_damage_and_cuts_a_torn_one(tiers, tmp_path, damage):
+    """Recovery from the segment files alone, with records whose header area is 3 `align`s (512-byte
+    alignment, 256 token ids) beside version 1 records: a damaged record costs only itself, and a
+    record cut inside its long header is a torn tail."""
+    align = 512
+    tier, _ = tiers(align=align, segment_bytes=1 << 20)
+    old = make_blocks("ns", keys(2, b"v1-"), 3000)
+    routed = routed_blocks(6, 256, align)
+    area = align_up(routed[0][0].encoded_len, align)
+    assert area == 3 * align
+    entries, _ = tier.write_batch(old[:1] + routed + old[1:])
+    tier.close()
+    shutil.rmtree(tmp_path / "disk" / "index.lmdb")
+    (path,) = segment_files(tmp_path / "disk")
+    victim = entries[3]  # routed[2]
+    # The header's second `align` (token ids), or the payload after the long header area.
+    flip_byte(path, victim.offset + (align + 100 if damage == "long header" else area + 100))
+    last = entries[-1]  # the last record (version 1) becomes a version 2 record cut in its long header
+    with open(path, "r+b") as f:
+        f.seek(last.offset)
+        f.write(routed[0][0].encode()[:align + 7].ljust(2 * align, b"\0"))
+        f.truncate(last.offset + 2 * align)
+    tier, report = tiers(align=align, segment_bytes=1 << 20)
+    kept = [e for i, e in enumerate(entries[:-1]) if i != 3]
+    assert (report.adopted, report.bad_regions, report.torn) == (len(kept), 1, 1)
+    assert report.skipped_bytes == area + align_up(3000, align)
+    assert os.path.getsize(path) == last.offset  # the torn tail is cut
+    assert index_key_map(tier) == {("ns", e.key): e for e in kept}
+    assert all(e.token_ids and e.origin == BlockOrigin("engine", "model", 256, "") for e in kept if e.key[:1] == b"r")
+    assert_all_read(tier, [b for b in old[:1] + routed + old[1:] if b[0].key not in (victim.key, last.key)])
+    again = tier.recover()
+    assert (again.indexed, again.adopted, again.bad_regions, again.torn) == (len(kept), 0, 0, 0)

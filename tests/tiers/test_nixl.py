@@ -16,6 +16,7 @@ import os
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,8 +29,8 @@ import pytest
 
 from _nixl_peer import pattern
 from kvtier.tiers.arena import SharedArena
-from kvtier.tiers.nixl import (MAX_BYTES_PER_READ, MAX_PAIRS_PER_READ, MAX_TIMEOUT_S, NixlTransport,
-                               TransferAbandoned, TransferFailed, UnknownPeer, load_nixl)
+from kvtier.tiers.nixl import (MAX_BYTES_PER_READ, MAX_PAIRS_PER_READ, MAX_TIMEOUT_S, ExportWindow, NixlTransport,
+                               TransferAbandoned, TransferFailed, UnknownPeer, decode_metadata, load_nixl)
 
 PEER_SCRIPT = os.path.join(os.path.dirname(__file__), "_nixl_peer.py")
 MiB = 1 << 20
@@ -40,12 +41,15 @@ SENTINEL = 0xA5
 class Peer:
     """A _nixl_peer.py process: its NixlTransport metadata, arena address and pattern seed."""
 
-    def __init__(self, shm_dir: str, name: str, size: int, seed: int, env: dict | None = None):
+    def __init__(self, shm_dir: str, name: str, size: int, seed: int, env: dict | None = None,
+                 window: tuple[int, int] | None = None):
+        """window = (offset, length): register only that part of the peer's memory with NIXL."""
         self.name, self.size, self.seed = name, size, seed
         read_fd, write_fd = os.pipe()
         self.log = open(os.path.join(shm_dir, f"{name}-{uuid.uuid4().hex[:6]}.log"), "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, PEER_SCRIPT, name, shm_dir, str(size), str(seed), str(write_fd)],
+            [sys.executable, PEER_SCRIPT, name, shm_dir, str(size), str(seed), str(write_fd),
+             *(str(n) for n in window or ())],
             stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
             env={**os.environ, **(env or {})})
         os.close(write_fd)
@@ -61,6 +65,7 @@ class Peer:
         info = json.loads(line)
         self.metadata = base64.b64decode(info["metadata"])
         self.address = info["address"]
+        self.window = tuple(info["window"])  # (address, length) registered with NIXL
 
     def expected(self, offset: int, length: int) -> bytes:
         return pattern(self.seed, offset, length)
@@ -426,33 +431,49 @@ def test_close_settles_abandoned_reads_and_nothing_lands_afterwards(shm_dir, tcp
         peer.stop()
 
 
+def raw_transfer(transport: NixlTransport, peer: str, op: str, pairs: list[tuple[int, int, int]]):
+    """One NIXL transfer straight through the agent, without NixlTransport's bounds checks: `op`
+    "READ" or "WRITE", pairs (local_addr, remote_addr, length). Returns NIXL's final state; raises
+    NIXL's own exception when NIXL refuses to create the request."""
+    b, agent = transport._b, transport._agent
+    mine = b.nixlXferDList(b.DRAM_SEG, [(a, n, 0) for a, _, n in pairs])
+    theirs = b.nixlXferDList(b.DRAM_SEG, [(a, n, 0) for _, a, n in pairs])
+    handle = agent.createXferReq(getattr(b, f"NIXL_{op}"), mine, theirs, peer, "", [])
+    try:
+        state, deadline = agent.postXferReq(handle, ""), time.monotonic() + 10
+        while state == b.NIXL_IN_PROG and time.monotonic() < deadline:  # NIXL's status, polled
+            time.sleep(0.001)
+            state = agent.getXferStatus(handle)
+    finally:
+        agent.releaseXferReq(handle)
+    return state
+
+
+def _over(monkeypatch, over: str) -> dict | None:
+    """UCX over `over` ("cma": UCX's choice on one host, "tcp": forced, the path between hosts) for
+    this process's next agents; the env for a Peer started the same way."""
+    if over == "tcp":
+        monkeypatch.setenv("UCX_TLS", "tcp")
+        return {"UCX_TLS": "tcp"}
+    return None
+
+
 @pytest.mark.parametrize("over", ["cma", "tcp"])
 def test_whoever_holds_an_agents_metadata_can_also_write_its_registered_memory(shm_dir, monkeypatch, over):
     """NIXL registers memory for remote READ and WRITE alike (it has no read-only registration): a
     process that loaded a peer's metadata can overwrite what that peer registered, on one host (cma)
-    as between hosts (tcp). That is why a kvtierd never sends its own metadata to an owner it pulls
-    from, and what docs/peers.md says a peer that said Hello can do to an owner's arena. If this test
-    ever fails, NIXL gained a read-only mode: revisit that text."""
-    env = None
-    if over == "tcp":
-        monkeypatch.setenv("UCX_TLS", "tcp")
-        env = {"UCX_TLS": "tcp"}
+    as between hosts (tcp). That is why a kvtierd never sends its reader agent's metadata, registers
+    only its export window with the agent whose metadata Hello hands out, and why docs/peers.md says
+    a peer can WRITE that window. If this test ever fails, NIXL gained a read-only mode: revisit
+    that text."""
+    env = _over(monkeypatch, over)
     peer = Peer(shm_dir, f"victim-{over}", 4 * MiB, seed=21, env=env)
     local = Local(shm_dir, 4 * MiB)
     try:
         transport, b = local.transport, local.transport._b
         name = transport.add_peer(peer.metadata)
         ctypes.memset(local.address, 0xEE, 4096)
-        mine, theirs = transport._descs(transport._peers[name], [(local.address, peer.address + MiB, 4096)])
-        handle = transport._agent.createXferReq(b.NIXL_WRITE, mine, theirs, name, "", [])
-        try:
-            state, deadline = transport._agent.postXferReq(handle, ""), time.monotonic() + 10
-            while state == b.NIXL_IN_PROG and time.monotonic() < deadline:  # NIXL's status, polled
-                time.sleep(0.001)
-                state = transport._agent.getXferStatus(handle)
-        finally:
-            transport._agent.releaseXferReq(handle)
-        assert state == b.NIXL_SUCCESS
+        assert raw_transfer(transport, name, "WRITE", [(local.address, peer.address + MiB, 4096)]) == b.NIXL_SUCCESS
         local.clear()
         box = guarded(40, transport.read, name, [(local.address + MiB, peer.address + MiB, 4096)], 10)
         assert "error" not in box, box.get("error")
@@ -460,3 +481,100 @@ def test_whoever_holds_an_agents_metadata_can_also_write_its_registered_memory(s
     finally:
         local.close()
         peer.stop()
+
+
+@pytest.mark.parametrize("over", ["cma", "tcp"])
+def test_nixl_refuses_remote_ranges_outside_the_registered_window(shm_dir, monkeypatch, over):
+    """What a kvtierd's export window rests on: the peer registered only a window of its memory, and
+    NIXL refuses (NIXL_ERR_NOT_FOUND when the request is created: nothing moves) to READ or WRITE
+    the peer's memory before it, after it, or across its end. NixlTransport's own bounds check
+    refuses first (ValueError); the refusal below is NIXL's, with that check bypassed. The window
+    itself reads and writes."""
+    env = _over(monkeypatch, over)
+    peer = Peer(shm_dir, f"windowed-{over}", 8 * MiB, seed=31, env=env, window=(2 * MiB, 2 * MiB))
+    local = Local(shm_dir, 8 * MiB)
+    try:
+        transport, b = local.transport, local.transport._b
+        name = transport.add_peer(peer.metadata)
+        start, length = peer.window
+        assert (start, length) == (peer.address + 2 * MiB, 2 * MiB)
+        outside = {"the peer's first byte": peer.address, "just before the window": start - 4096,
+                   "just past it": start + length, "across its end": start + length - 2048}
+        for where, remote in outside.items():
+            with pytest.raises(ValueError):
+                transport.read(name, [(local.address, remote, 4096)], 5.0)
+            for op in ("READ", "WRITE"):
+                with pytest.raises(b.nixlNotFoundError):
+                    raw_transfer(transport, name, op, [(local.address, remote, 4096)])
+        assert local.bytes_at(0, 8 * MiB) == bytes([SENTINEL]) * (8 * MiB), "a refused transfer moved bytes"
+        read_blocks(local, peer, name, [(0, 2 * MiB, 2 * MiB)])  # the whole window, byte-exact
+        ctypes.memset(local.address, 0xEE, 4096)
+        assert raw_transfer(transport, name, "WRITE", [(local.address, start + MiB, 4096)]) == b.NIXL_SUCCESS
+        local.clear()
+        assert raw_transfer(transport, name, "READ", [(local.address, start + MiB, 4096)]) == b.NIXL_SUCCESS
+        assert local.bytes_at(0, 4096) == b"\xee" * 4096  # a WRITE inside the window lands
+    finally:
+        local.close()
+        peer.stop()
+
+
+@pytest.mark.parametrize("over", ["cma", "tcp"])
+def test_a_forged_region_in_the_metadata_reaches_memory_outside_the_window(shm_dir, monkeypatch, over):
+    """The limit of the window, measured: NIXL checks remote ranges in the *initiator's* process,
+    against the metadata it loaded. A peer that rewrites the window's region in that metadata (16
+    bytes: its address and length) before loading it READs and WRITEs the owner's memory outside
+    the window, because UCX's cma and TCP transports carry no memory key that the owner's side
+    checks. (Over RDMA the NIC checks the window's rkey; no RDMA device here.) docs/peers.md and
+    docs/security.md say so; if this test ever fails, UCX began refusing such ranges on these
+    transports: revisit that text."""
+    env = _over(monkeypatch, over)
+    peer = Peer(shm_dir, f"forged-{over}", 8 * MiB, seed=41, env=env, window=(2 * MiB, 2 * MiB))
+    local = Local(shm_dir, 8 * MiB)
+    try:
+        transport, b = local.transport, local.transport._b
+        _, _, nixl_md = decode_metadata(peer.metadata)
+        region = struct.pack("<QQ", *peer.window)
+        assert nixl_md.count(region) == 1, "NIXL's metadata layout changed: revisit this test"
+        forged = nixl_md.replace(region, struct.pack("<QQ", peer.address, peer.size))
+        name = transport._agent.loadRemoteMD(forged)
+        name = name.decode() if isinstance(name, bytes) else name
+        assert raw_transfer(transport, name, "READ", [(local.address, peer.address, 4096)]) == b.NIXL_SUCCESS
+        assert local.bytes_at(0, 4096) == peer.expected(0, 4096)  # read outside the window
+        ctypes.memset(local.address + MiB, 0xEE, 4096)
+        assert raw_transfer(transport, name, "WRITE", [(local.address + MiB, peer.address, 4096)]) == b.NIXL_SUCCESS
+        local.clear()
+        assert raw_transfer(transport, name, "READ", [(local.address, peer.address, 4096)]) == b.NIXL_SUCCESS
+        assert local.bytes_at(0, 4096) == b"\xee" * 4096  # and written there
+    finally:
+        local.close()
+        peer.stop()
+
+
+def test_export_window_memory_and_slot_bookkeeping():
+    window = ExportWindow(f"test-{uuid.uuid4().hex[:6]}", 4, 64 << 10)
+    try:
+        assert window.size_bytes == 4 * (64 << 10) and window.address % mmap.PAGESIZE == 0
+        with open("/proc/self/maps") as maps:  # a sealed memfd of its own, mapped shared
+            assert any(line.startswith(f"{window.address:x}-") and "memfd:kvtier-test-" in line and "-export" in line
+                       for line in maps)
+        assert window.take(3) == [0, 1, 2] and (window.in_use, window.available) == (3, 1)
+        assert window.take(5) == [3]  # no more than are free
+        window.free([1, 2])
+        assert sorted(window.take(2)) == [1, 2]
+        with pytest.raises(AssertionError):
+            window.free([1, 1])  # the second is no longer in use
+        window.check(full=True)  # the first free went through: 1 is free, 0, 2, 3 in use
+        assert window.in_use == 3
+        source = (ctypes.c_char * 100).from_buffer_copy(bytes(range(100)))
+        with window.copying():
+            window.copy(3, ctypes.addressof(source), 100)
+        assert window.bytes_at(3, 100) == bytes(range(100))
+        for slot, length in ((4, 1), (-1, 1), (0, 0), (0, (64 << 10) + 1)):
+            with pytest.raises(ValueError):
+                window.copy(slot, ctypes.addressof(source), length)
+    finally:
+        window.close()
+    assert window.address == 0
+    window.close()  # idempotent
+    with pytest.raises(TransferFailed):
+        window.copying().__enter__()
