@@ -290,9 +290,12 @@ class Client(_Sessioned):
     def list_namespaces(self):
         return list(self.call(self.stub.ListNamespaces, pb.ListNamespacesRequest()).namespaces)
 
-    def lookup(self, namespace: str, keys: Sequence[bytes], consult_peers: bool = False) -> pb.LookupResponse:
+    def lookup(self, namespace: str, keys: Sequence[bytes], consult_peers: bool = False,
+               peer: str = "") -> pb.LookupResponse:
+        """`peer` (with consult_peers): pull only from that peer (an address in the daemon's
+        peers.addresses, or a peer's node id); a name that is no configured peer pulls nothing."""
         return self.call(self.stub.Lookup, pb.LookupRequest(namespace=namespace, keys=keys,
-                                                            consult_peers=consult_peers))
+                                                            consult_peers=consult_peers, peer=peer))
 
     def set_retention(self, namespace: str, keys: Sequence[bytes], retention: pb.Retention) -> int:
         """Re-classifies stored blocks (e.g. demote a finished subagent's); returns how many."""
@@ -300,10 +303,10 @@ class Client(_Sessioned):
             namespace=namespace, keys=keys, retention=retention)).updated
 
     def prefetch(self, namespace: str, keys: Sequence[bytes], gpu: bool = False,
-                 consult_peers: bool = False) -> pb.PrefetchResponse:
-        """Warms the stored prefix of a key chain into the CPU (and GPU) tier now."""
+                 consult_peers: bool = False, peer: str = "") -> pb.PrefetchResponse:
+        """Warms the stored prefix of a key chain into the CPU (and GPU) tier now (`peer`: as lookup's)."""
         return self.call(self.stub.Prefetch, pb.PrefetchRequest(namespace=namespace, keys=keys, gpu=gpu,
-                                                                consult_peers=consult_peers))
+                                                                consult_peers=consult_peers, peer=peer))
 
     def find_matches(self, namespace: str, keys: Sequence[bytes]) -> pb.FindMatchesResponse:
         return self.call(self.stub.FindMatches, pb.LookupRequest(namespace=namespace, keys=keys))

@@ -23,6 +23,18 @@ Connector-wide defaults use the same object (extra config ``default_hints``); a 
 replaces the defaults key by key (a request ``retention`` replaces the default ``retention`` whole).
 Unknown keys are reported and ignored; a bad value makes the whole request object invalid
 (``HintError``): the connector then warns once and uses the defaults.
+
+Router-named source (``parse_kv_hint``): a router (NVIDIA Dynamo) may name the worker to pull the
+prefix from in ``kv_transfer_params["kv_hint"]``, a versioned envelope::
+
+    {"version": 1, "actions": [{"type": "kv.fetch@1.0", "source": "10.0.0.7:9478"}]}
+
+``version`` is 1 (``1``, ``"1"`` or ``"1.0"``; absent reads as 1); the first action of type
+``kv.fetch@1.0`` (any ``kv.fetch@1.x``) names the peer in ``source``: a string, or an object with
+``address`` or ``node_id``, either an address in the daemon's peers.addresses or a peer's node id.
+Other action types and unknown fields are ignored; no ``kv.fetch`` action means no named peer. A
+malformed envelope (not an object, another version, ``actions`` not a list, a fetch action without
+a usable source) is a ``HintError``: the connector counts it as a bad hint and names no peer.
 """
 
 from __future__ import annotations
@@ -35,6 +47,9 @@ from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.tiers.retention import CLASSES, Retention, parse_cache_control
 
 HINTS_KEY = "kvtier"
+KV_HINT_KEY = "kv_hint"          # the router's envelope (parse_kv_hint)
+KV_FETCH_ACTION = "kv.fetch@1."  # prefix of the action types naming the source peer
+MAX_PEER_NAME = 256
 MAX_RANGES = 64
 _RETENTION_KEYS = {"class", "priority", "cache_control"}
 _TOP_KEYS = {"retention", "ranges", "decode", "osl", "prefetch"}
@@ -136,3 +151,30 @@ def to_pb(retention: Retention | None) -> pb.Retention | None:
     if retention is None:
         return None
     return pb.Retention(cls=retention.cls, priority=retention.priority, ttl_s=retention.ttl_s or 0.0)
+
+
+def parse_kv_hint(obj: Any) -> str:
+    """The peer named by a router's ``kv_hint`` envelope (module docstring), "" for none; raises
+    HintError when the envelope is malformed."""
+    if obj is None:
+        return ""
+    if not isinstance(obj, dict):
+        raise HintError(f"kv_hint must be an object, got {type(obj).__name__}")
+    version = obj.get("version", 1)
+    if isinstance(version, bool) or str(version) not in ("1", "1.0"):
+        raise HintError(f"kv_hint.version must be 1, got {version!r}")
+    actions = obj.get("actions") or []
+    if not isinstance(actions, list):
+        raise HintError(f"kv_hint.actions must be a list, got {type(actions).__name__}")
+    for i, action in enumerate(actions):
+        kind = action.get("type") if isinstance(action, dict) else None
+        if not isinstance(kind, str) or not kind.startswith(KV_FETCH_ACTION):
+            continue
+        source = action.get("source")
+        if isinstance(source, dict):
+            source = source.get("address") or source.get("node_id")
+        if not isinstance(source, str) or not source.strip() or len(source) > MAX_PEER_NAME:
+            raise HintError(f"kv_hint.actions[{i}].source must be a peer address or node id (a string of at "
+                            f"most {MAX_PEER_NAME} characters), got {source!r}")
+        return source.strip()
+    return ""

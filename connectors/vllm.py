@@ -26,7 +26,9 @@ Agent hints (``_hints``): a request's ``kv_transfer_params["kvtier"]`` (the Open
 connector-wide ``default_hints`` decide the retention each saved block is committed with (class,
 priority, TTL pin; per token range), and may ask for a prefetch of the request's stored blocks. They
 are read once per request, in ``on_new_request``; a bad hint is a warning and the defaults, never an
-error.
+error. A router may name the peer to pull from (``kv_transfer_params["kv_hint"]``, Dynamo's
+``kv.fetch@1.0`` action; ``_hints.parse_kv_hint``): the request's Lookups (and prefetch) then carry
+that ``peer``, and with ``consult_peers`` the daemon asks only it. A malformed one is a bad hint.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ from kvtier.client.client import DEFAULT_SOCKET, block_checksum
 from kvtier.connectors._daemon import (DEFAULT_BREAKER_PERIOD_S, DEFAULT_MAX_KEYS_PER_CALL, BreakerOpen,
                                        DaemonSession, RateLimitedLog)
 from kvtier.connectors._daemon import error_text as _error_text
-from kvtier.connectors._hints import HINTS_KEY, NO_HINTS, HintError, Hints, parse_hints, to_pb
+from kvtier.connectors._hints import (HINTS_KEY, KV_HINT_KEY, NO_HINTS, HintError, Hints, parse_hints,
+                                      parse_kv_hint, to_pb)
 from kvtier.connectors._layout import ArenaViews, BlockLayout
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
@@ -281,6 +284,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._lookups: dict[str, tuple[int, int, int]] = {}  # req_id -> (start, hit blocks, stored prefix)
         self._pending_loads: dict[str, LoadWork] = {}
         self._hints: dict[str, Hints] = {}
+        self._peers: dict[str, str] = {}  # req_id -> the peer its router named (kv_hint), "" for none
         self._prefetcher: ThreadPoolExecutor | None = None
         self._prefetch_lock = threading.Lock()
         self._prefetch_pending = 0
@@ -305,6 +309,22 @@ class KvtierConnector(KVConnectorBase_V1):
                 self._start_prefetch(request)
         except Exception as error:  # noqa: BLE001 - a hint never fails a request
             self._log.warning("hints", "hints of request %s not applied (%r)", request.request_id, error)
+
+    def _request_peer(self, request: "Request") -> str:
+        """The peer the request's router named (kv_transfer_params["kv_hint"]), "" for none; read once.
+        A malformed envelope names none and counts as a bad hint."""
+        peer = self._peers.get(request.request_id)
+        if peer is None:
+            params = getattr(request, "kv_transfer_params", None)
+            try:
+                peer = parse_kv_hint(params.get(KV_HINT_KEY) if isinstance(params, dict) else None)
+            except Exception as error:  # noqa: BLE001 - HintError, or anything odd: no named peer
+                self.stats["bad_hints"] += 1
+                logger.warning("kvtier: request %s: kv_transfer_params[%r] ignored: %s", request.request_id,
+                               KV_HINT_KEY, error)
+                peer = ""
+            self._peers[request.request_id] = peer
+        return peer
 
     def _request_hints(self, request: "Request") -> Hints:
         hints = self._hints.get(request.request_id)
@@ -343,16 +363,18 @@ class KvtierConnector(KVConnectorBase_V1):
             self._prefetch_pending += 1
             if self._prefetcher is None:
                 self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvtier-prefetch")
-        self._prefetcher.submit(self._prefetch, keys)
+        self._prefetcher.submit(self._prefetch, keys, self._request_peer(request))
 
-    def _prefetch(self, keys: list[bytes]) -> None:
+    def _prefetch(self, keys: list[bytes], peer: str = "") -> None:
         try:
             limit = self._daemon.max_keys()
             for namespace in self._namespaces:
                 for start in range(0, len(keys), limit):  # the chain's stored prefix: it ends at a gap
                     chunk = keys[start:start + limit]
                     reply = self._daemon.with_namespace(lambda: self._daemon.call(  # in the background:
-                        "Prefetch", pb.PrefetchRequest(namespace=namespace, keys=chunk),  # the long deadline
+                        "Prefetch", pb.PrefetchRequest(  # the long deadline; peers only for a named one
+                            namespace=namespace, keys=chunk, consult_peers=self._consult_peers and bool(peer),
+                            peer=peer),
                         timeout=self._timeout_s))
                     self.stats["prefetched_blocks"] += reply.warmed
                     if reply.matched < len(chunk):
@@ -381,7 +403,7 @@ class KvtierConnector(KVConnectorBase_V1):
     def _num_keys(self, request: "Request") -> int:
         return len(request.block_hashes) // self._hashes_per_block
 
-    def _stored_prefix(self, keys: list[bytes]) -> int:
+    def _stored_prefix(self, keys: list[bytes], peer: str = "") -> int:
         """Longest prefix of keys stored in every namespace (one Lookup per namespace and
         max_keys_per_request keys)."""
         matched = len(keys)
@@ -392,7 +414,7 @@ class KvtierConnector(KVConnectorBase_V1):
                 chunk = keys[start:min(start + limit, matched)]
                 got = self._daemon.with_namespace(
                     lambda: self._daemon.call("Lookup", pb.LookupRequest(
-                        namespace=namespace, keys=chunk, consult_peers=self._consult_peers))).matched
+                        namespace=namespace, keys=chunk, consult_peers=self._consult_peers, peer=peer))).matched
                 count += got
                 if got < len(chunk):
                     break
@@ -411,11 +433,12 @@ class KvtierConnector(KVConnectorBase_V1):
         # need no save (a local prefix-cache hit, or the last block of a block-aligned prompt).
         keys = self._keys(request, 0, num_keys)
         try:
-            stored = self._stored_prefix(keys)
+            peer = self._request_peer(request)
+            stored = self._stored_prefix(keys, peer)
             if stored >= start:
                 hit = max(min(stored, usable) - start, 0)
             elif usable > start:  # the daemon lost blocks vLLM still has locally: is what follows there?
-                hit = min(self._stored_prefix(keys[start:usable]), usable - start)
+                hit = min(self._stored_prefix(keys[start:usable], peer), usable - start)
             else:
                 hit = 0
         except Exception as error:  # noqa: BLE001 - the daemon never fails a request: serve without it
@@ -500,6 +523,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._lookups.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
         self._hints.pop(request.request_id, None)
+        self._peers.pop(request.request_id, None)
         return False, None
 
     # ====================================== worker side =======================================

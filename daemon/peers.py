@@ -14,7 +14,8 @@ WRITE the window (NIXL has no read-only registration), so all it can touch are c
 which every requester verifies (checksum, and MAC) before it commits them.
 
 Requester side (`PeerFetcher.fetch`): for the missing suffix of a key chain, asks at most
-peers.max_fanout peers which of the keys they hold, picks the longest run, reserves local arena
+peers.max_fanout peers (or only the one peer a Lookup/Prefetch named: `peer`, an address in
+peers.addresses or a node id from Hello; a name that is neither pulls nothing) which of the keys they hold, picks the longest run, reserves local arena
 slots, pulls the bytes (NIXL READ straight into the slots, else the gRPC stream), verifies each
 block's checksum on arrival, and commits the verified prefix like any commit (so it is written
 through). Every peer call and transfer is bounded by peers.timeout_s; a peer that failed is
@@ -84,6 +85,7 @@ VERIFY_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
 PEER_PIN_SHARE = 4
 PINS_PER_FETCH = 2
 CORRUPT, FORGED = "checksum", "mac"   # why a pulled block failed verification
+MAX_UNKNOWN_LOGGED = 256      # unknown peer names (LookupRequest.peer) each logged once, up to this many
 
 
 def channel_credentials(cfg: Config) -> grpc.ChannelCredentials:
@@ -370,6 +372,7 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         self.window = getattr(transport, "window", None)
         self.pins = PeerPins(store, PINS_PER_FETCH * cfg.peers.max_blocks_per_fetch, window=self.window)
         self.refused_pins = 0  # Pin and Fetch calls refused because the peer or the part held its share
+        self.served: collections.Counter[str] = collections.Counter()  # Has, Pin, Fetch calls answered (debug log)
         log.info("peer API: served blocks carry %s; each peer pins at most %d blocks, all peers 1/%d of the arena%s",
                  f"MACs under cluster key {macs.key_id(self.key)}" if self.key else "no MAC (no cluster.key_file)",
                  self.pins.per_peer, PEER_PIN_SHARE,
@@ -389,7 +392,13 @@ class PeerService(pb_grpc.KvTierPeerServicer):
             node_id=node_id(self.cfg), generation=self.store.arena.generation, arena_address=window.address,
             arena_size=window.size_bytes, slot_bytes=window.slot_bytes, nixl_metadata=self.transport.export_metadata())
 
+    def _served(self, call: str, context) -> None:
+        self.served[call] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("peer API: %s #%d from %s", call, self.served[call], peer_identity(context))
+
     async def Has(self, request, context):
+        self._served("Has", context)
         return await self._guard(context, self._has, request)
 
     async def _has(self, request):
@@ -401,6 +410,7 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         return pb.PeerHasResponse(matched=matched, attributes=found.attributes)
 
     async def Pin(self, request, context):
+        self._served("Pin", context)
         return await self._guard(context, self._pin, request, peer_identity(context))
 
     async def _pin(self, request, identity: str):
@@ -536,6 +546,7 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         return pb.ReleaseResponse()
 
     async def Fetch(self, request, context):
+        self._served("Fetch", context)
         identity = peer_identity(context)
         try:
             namespace = self.check.namespace(request.namespace)
@@ -598,6 +609,7 @@ class PeerCounters:
     mac_rejected: int = 0       # arrived with a missing or wrong MAC (cluster key set); dropped, peer skipped
     refused_namespaces: int = 0  # the peer's namespace has other attributes (another model)
     abandoned_reads: int = 0    # READs still in flight at their deadline (their slots wait until they settle)
+    unknown_peer: int = 0       # pulls that named a peer (LookupRequest.peer) that is no configured peer: none asked
 
 
 @dataclasses.dataclass
@@ -609,6 +621,7 @@ class PeerLink:
     agent: str = ""             # the peer's NIXL agent name in our transport
     down_until: float = 0.0
     mac_rejected: int = 0       # pulls from this peer refused for a missing or wrong MAC
+    node_id: str = ""           # what its Hello said (kept across restarts: names it for a named pull)
 
 
 class PeerFetcher:
@@ -635,6 +648,7 @@ class PeerFetcher:
             channel = grpc.aio.secure_channel(address, credentials, options=options)
             self.links.append(PeerLink(address, pb_grpc.KvTierPeerStub(channel), channel))
         self._next = 0
+        self._unknown_logged: set[str] = set()  # unknown peer names already logged (at most MAX_UNKNOWN_LOGGED)
 
     @property
     def transport_name(self) -> str:
@@ -653,12 +667,21 @@ class PeerFetcher:
             await asyncio.to_thread(self.transport.close)  # waits for in-flight READs (bounded)
         await asyncio.to_thread(self._verifier.shutdown)
 
-    async def fetch(self, namespace: str, keys: list[bytes], start: int) -> int:
-        """Pulls keys[start:] (at most max_blocks_per_fetch) from the peer holding most of it;
-        returns how many landed here, verified and committed (always a prefix of keys[start:])."""
+    async def fetch(self, namespace: str, keys: list[bytes], start: int, peer: str = "") -> int:
+        """Pulls keys[start:] (at most max_blocks_per_fetch) from the peer holding most of it, or
+        with `peer` (an address in peers.addresses or a peer's node id) from that peer only; returns
+        how many landed here, verified and committed (always a prefix of keys[start:]). A `peer` that
+        names no configured peer pulls nothing and asks nobody (counted, logged once per name)."""
         want = keys[start:start + self.cfg.peers.max_blocks_per_fetch]
         attributes = self.store.catalog.namespace(namespace).attributes
-        link, matched = await self._best_peer(namespace, want, attributes)
+        if peer:
+            named = await self._named(peer)
+            if named is None:
+                return 0
+            candidates = [named] if named.down_until <= time.monotonic() else []
+        else:
+            candidates = self._candidates()
+        link, matched = await self._best_peer(namespace, want, attributes, candidates)
         if link is None:
             return 0
         self.counters.fetches += 1
@@ -681,8 +704,40 @@ class PeerFetcher:
         rotated = alive[self._next:] + alive[:self._next]  # spread load across equally good peers
         return rotated[:self.cfg.peers.max_fanout]
 
-    async def _best_peer(self, namespace: str, want: list[bytes], attributes: dict):
-        candidates = self._candidates()
+    async def _named(self, name: str) -> PeerLink | None:
+        """The configured peer `name` names: its address in peers.addresses, else its node id as its
+        Hello said (peers not yet greeted, and not in their backoff, are greeted first: once each).
+        None, counted and logged once per name, when no configured peer has that name."""
+        for link in self.links:
+            if link.address == name:
+                return link
+        now = time.monotonic()
+        unknown = [link for link in self.links if not link.node_id and link.down_until <= now]
+        if unknown and not any(link.node_id == name for link in self.links):
+            await asyncio.gather(*(self._learn_node_id(link) for link in unknown))
+        for link in self.links:
+            if link.node_id == name:
+                return link
+        self.counters.unknown_peer += 1
+        if name[:256] not in self._unknown_logged and len(self._unknown_logged) < MAX_UNKNOWN_LOGGED:
+            self._unknown_logged.add(name[:256])
+            log.warning("a pull named peer %r, which is neither an address in peers.addresses nor a peer's node "
+                        "id: answered from local blocks, no peer asked (logged once per name)",
+                        printable(name, 128))
+        return None
+
+    async def _learn_node_id(self, link: PeerLink) -> None:
+        try:
+            if self.transport is not None:
+                await self._ensure_hello(link)  # also loads its NIXL agent, which a pull needs anyway
+            else:
+                hello = await link.stub.Hello(pb.PeerHelloRequest(node_id=node_id(self.cfg)),
+                                              timeout=self.cfg.peers.timeout_s)
+                link.node_id = hello.node_id
+        except Exception as exc:  # noqa: BLE001 - a peer that does not answer names nobody
+            self._failed(link, "Hello", exc)
+
+    async def _best_peer(self, namespace: str, want: list[bytes], attributes: dict, candidates: list[PeerLink]):
         answers = await asyncio.gather(*(self._has(link, namespace, want) for link in candidates))
         best, best_matched = None, 0
         for link, answer in zip(candidates, answers):
@@ -714,7 +769,7 @@ class PeerFetcher:
         # would let the owner READ and WRITE our whole arena (NIXL registers memory for both; docs/peers.md).
         hello = await link.stub.Hello(pb.PeerHelloRequest(node_id=node_id(self.cfg)),
                                       timeout=self.cfg.peers.timeout_s)
-        link.hello, link.agent = hello, ""
+        link.hello, link.agent, link.node_id = hello, "", hello.node_id
         if hello.nixl_metadata and hello.arena_address:
             link.agent = await asyncio.to_thread(self.transport.add_peer, hello.nixl_metadata)
             log.info("peer %s (%s): NIXL agent %s loaded", link.address, printable(hello.node_id, 64),

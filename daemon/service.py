@@ -220,8 +220,9 @@ class KvTierService(pb_grpc.KvTierServicer):
             raise exhausted(f"tenant {tenant.name} has its max_namespaces ({tenant.max_namespaces}) namespaces; "
                             "an administrator can RemoveNamespace one")
 
-    async def _pull(self, who: Principal, namespace: str, keys, have: int) -> int:
-        """Blocks pulled from peers, within the tenant's max_pulls in flight (0 past it)."""
+    async def _pull(self, who: Principal, namespace: str, keys, have: int, peer: str = "") -> int:
+        """Blocks pulled from peers (only from `peer` when one is named), within the tenant's
+        max_pulls in flight (0 past it)."""
         tenant = self.tenants.get(who.tenant or "")
         if tenant is not None and self._pulls[tenant.name] >= tenant.max_pulls:
             self.store.counters.tenant_pulls_refused += 1  # kvtier_tenant_pulls_refused_total
@@ -231,7 +232,7 @@ class KvTierService(pb_grpc.KvTierServicer):
         key = tenant.name if tenant is not None else ""
         self._pulls[key] += 1
         try:
-            return await self.peers.fetch(namespace, keys, have)
+            return await self.peers.fetch(namespace, keys, have, peer)
         finally:
             self._pulls[key] -= 1
 
@@ -249,7 +250,7 @@ class KvTierService(pb_grpc.KvTierServicer):
         tiers = self.store.lookup(namespace, keys)
         from_peers = 0
         if request.consult_peers and len(tiers) < len(keys) and self.peers is not None:
-            from_peers = await self._pull(self.identify(context), namespace, keys, len(tiers))
+            from_peers = await self._pull(self.identify(context), namespace, keys, len(tiers), request.peer)
             tiers = self.store.catalog.lookup(namespace, keys) if from_peers else tiers
         return pb.LookupResponse(matched=len(tiers), tiers=tiers, from_peers=from_peers)
 
@@ -478,7 +479,7 @@ class KvTierService(pb_grpc.KvTierServicer):
         if request.consult_peers and self.peers is not None:
             local = len(self.store.catalog.lookup(namespace, keys))
             if local < len(keys):
-                from_peers = await self._pull(self.identify(context), namespace, keys, local)
+                from_peers = await self._pull(self.identify(context), namespace, keys, local, request.peer)
         matched, warmed = await self.store.prefetch(namespace, keys, request.gpu)
         return pb.PrefetchResponse(matched=matched, warmed=warmed, from_peers=from_peers)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier.connectors._hints import NO_HINTS, HintError, Hints, parse_hints, to_pb
+from kvtier.connectors._hints import NO_HINTS, HintError, Hints, parse_hints, parse_kv_hint, to_pb
 from kvtier.tiers.retention import Retention, range_retention
 
 SYSTEM_1H = Retention("system", 90, 3600.0)
@@ -87,3 +87,35 @@ def test_unknown_keys_are_reported_at_every_level():
                                   "future_hint": 1})
     assert sorted(unknown) == ["future_hint", "ranges[0].ttl", "retention.clas"]
     assert hints.retention == Retention()  # the misspelt class is not applied
+
+
+@pytest.mark.parametrize("envelope,peer", [
+    (None, ""),
+    ({"version": 1, "actions": [{"type": "kv.fetch@1.0", "source": "10.0.0.7:9478"}]}, "10.0.0.7:9478"),
+    ({"actions": [{"type": "kv.fetch@1.0", "source": " node2 "}]}, "node2"),  # no version: 1
+    ({"version": "1.0", "router": "dynamo", "actions": [  # unknown fields and actions are ignored
+        {"type": "kv.evict@1.0", "source": "x"},
+        {"type": "kv.fetch@1.2", "source": {"node_id": "node2", "worker_id": 7}, "blocks": 12},
+        {"type": "kv.fetch@1.0", "source": "second"}]}, "node2"),
+    ({"version": 1, "actions": [{"type": "kv.fetch@1.0", "source": {"address": "10.0.0.7:9478"}}]},
+     "10.0.0.7:9478"),
+    ({"version": 1, "actions": []}, ""),
+    ({"version": 1, "actions": [{"type": "kv.fetch@2.0", "source": "node2"}, "junk"]}, ""),
+])
+def test_a_routers_kv_fetch_hint_names_the_peer(envelope, peer):
+    assert parse_kv_hint(envelope) == peer
+
+
+@pytest.mark.parametrize("envelope,message", [
+    ("node2", "kv_hint must be an object"),
+    ({"version": 2, "actions": []}, "kv_hint.version must be 1"),
+    ({"version": True}, "kv_hint.version"),
+    ({"actions": {"type": "kv.fetch@1.0"}}, "kv_hint.actions must be a list"),
+    ({"actions": [{"type": "kv.fetch@1.0"}]}, r"kv_hint.actions\[0\].source"),
+    ({"actions": [{"type": "kv.fetch@1.0", "source": 7}]}, r"kv_hint.actions\[0\].source"),
+    ({"actions": [{"type": "kv.fetch@1.0", "source": "  "}]}, "source"),
+    ({"actions": [{"type": "kv.fetch@1.0", "source": "x" * 257}]}, "source"),
+])
+def test_a_malformed_kv_hint_is_refused(envelope, message):
+    with pytest.raises(HintError, match=message):
+        parse_kv_hint(envelope)

@@ -7,6 +7,7 @@ import ctypes
 import mmap
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -506,3 +507,53 @@ def test_without_nixl_an_owner_exposes_no_memory_and_serves_by_fetch(make_daemon
         got[chunk.index] = got.get(chunk.index, b"") + chunk.data
     assert [got[i] for i in range(2)] == [d for _, _, d in blocks]
     assert all(chunk.block.slot == 0 for chunk in chunks)  # no slot numbers of its arena either
+
+
+def _served(daemon) -> dict[str, int]:
+    """The peer API calls `daemon` answered (PeerService's Has, Pin and Fetch counts, from its debug
+    log), and the Hellos it was sent."""
+    log = daemon.log()
+    counts = {call: len(re.findall(rf"peer API: {call} #", log)) for call in ("Has", "Pin", "Fetch")}
+    counts["Hello"] = log.count("said hello")
+    return counts
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_named_peer_is_the_only_one_asked_and_an_unknown_name_asks_nobody(cluster, transport):
+    debug = {"log_level": "debug"}  # b and c log each peer API call they answer
+    a, b, c = cluster(3, transport, each=[{}, debug, debug])
+    by_id, by_address, unknown = chain(5, seed=21), chain(4, seed=22), chain(3, seed=23)
+    for node in (b, c):
+        register(node).put_blocks("m", by_id + by_address + unknown)
+    ca = register(a)
+    served_b, served_c, before = _served(b), _served(c), _metrics(a)
+
+    # By node id (what c's Hello says): only c is asked and pulled from.
+    found = ca.lookup("m", [k for k, _, _ in by_id], consult_peers=True, peer="node2")
+    assert (found.matched, found.from_peers) == (5, 5)
+    assert ca.get_blocks("m", [k for k, _, _ in by_id]) == [d for _, _, d in by_id]
+    now_b, now_c = _served(b), _served(c)
+    assert {k: now_b[k] - served_b[k] for k in ("Has", "Pin", "Fetch")} == {"Has": 0, "Pin": 0, "Fetch": 0}
+    assert now_c["Has"] - served_c["Has"] == 1
+    assert now_c["Pin"] + now_c["Fetch"] > served_c["Pin"] + served_c["Fetch"]
+    after = _metrics(a)
+    assert after["kvtier_peer_asked_total"] - before["kvtier_peer_asked_total"] == 1
+
+    # By address (peers.addresses), through Prefetch: again c only.
+    warmed = ca.prefetch("m", [k for k, _, _ in by_address], consult_peers=True, peer=f"127.0.0.1:{c.peer_port}")
+    assert (warmed.matched, warmed.from_peers) == (4, 4)
+    assert {k: _served(b)[k] - served_b[k] for k in ("Has", "Pin", "Fetch")} == {"Has": 0, "Pin": 0, "Fetch": 0}
+    assert _served(c)["Has"] - served_c["Has"] == 2
+
+    # A name that is no configured peer: local blocks only, nobody asked (not even a Hello), no error.
+    quiet_b, quiet_c, before = _served(b), _served(c), _metrics(a)
+    for _ in range(2):
+        found = ca.lookup("m", [k for k, _, _ in unknown], consult_peers=True, peer="node9")
+        assert (found.matched, found.from_peers) == (0, 0)
+    assert (_served(b), _served(c)) == (quiet_b, quiet_c)
+    after = _metrics(a)
+    assert after["kvtier_peer_asked_total"] == before["kvtier_peer_asked_total"]
+    assert after["kvtier_peer_unknown_peer_total"] - before["kvtier_peer_unknown_peer_total"] == 2
+    assert a.log().count("a pull named peer 'node9'") == 1  # logged once per name
+    # Without a name, behaviour is unchanged: the fan-out finds the blocks.
+    assert ca.lookup("m", [k for k, _, _ in unknown], consult_peers=True).from_peers == 3
