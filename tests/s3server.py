@@ -38,7 +38,6 @@ when node or s3rver is not installed.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import shutil
 import signal
@@ -70,16 +69,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-try:  # resolved up front: the preexec_fn runs between fork and exec and must stay trivial
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-except (OSError, AttributeError):
-    _PRCTL = None
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM the server when the thread that started it exits (Linux only)."""
-    _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+# SIGTERM the server when the thread that started it exits. setpriv sets it between fork and exec,
+# not a preexec_fn: a preexec_fn makes Python fork() instead of vfork(), and gRPC's fork handlers,
+# armed by whatever channels earlier tests left in this process, then abort the child (SIGABRT,
+# "epoll_wait error: Bad file descriptor") before the server ever runs.
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
 
 
 class _ServerProcess:
@@ -112,8 +106,7 @@ class _ServerProcess:
             return self
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if _PRCTL is not None else None)
+                _DIE_WITH_PARENT + self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.paused = False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
