@@ -61,13 +61,13 @@ import grpc
 
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
-from kvtier.tiers.block import checksum
+from kvtier.tiers.block import MAX_TOKEN_IDS, checksum, unpack_token_ids
 from kvtier.tiers import nixl
 from kvtier.tiers.nixl import MAX_BYTES_PER_READ, MAX_PAIRS_PER_READ, TransferAbandoned
 from kvtier.tiers.retention import CLASS_RANK, DEFAULT_RETENTION, Retention
 
 from . import mac as macs
-from .catalog import retention_message, retention_of
+from .catalog import origin_message, retention_message, retention_of
 from .config import Config
 from .errors import ApiError, exhausted, grpc_code, invalid, precondition
 from .store import BlockStore, Staged
@@ -205,6 +205,15 @@ def printable(text, limit: int = 128) -> str:
     shown = "".join(c if " " <= c <= "~" and c != "\\" else c.encode("unicode_escape").decode("ascii")
                     for c in text[:limit])
     return shown + ("..." if len(text) > limit else "")
+
+
+def _peer_token_ids(block: pb.PeerBlock, origin: pb.BlockOrigin | None) -> list[int]:
+    """The token ids a peer sent with a block, kept when the block comes from the pull's `origin` (one
+    per commit) and they fit its block size: routing data a peer gets wrong is dropped, never a
+    reason to refuse its verified bytes."""
+    if origin is None or block.origin != origin or len(block.token_ids) > min(origin.block_size, MAX_TOKEN_IDS):
+        return []
+    return list(block.token_ids)
 
 
 def _peer_retention(block: pb.PeerBlock) -> Retention | None:
@@ -531,7 +540,9 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         if block is None or mac is None:
             return pb.PeerBlock()
         return pb.PeerBlock(found=True, slot=slot, length=block.length, checksum=block.checksum,
-                            parent=block.parent, retention=retention_message(block.retention), mac=mac)
+                            parent=block.parent, retention=retention_message(block.retention), mac=mac,
+                            token_ids=unpack_token_ids(block.token_ids) if block.token_ids else (),
+                            origin=origin_message(block.origin))
 
     async def Release(self, request, context):
         return await self._guard(context, self._release, request, peer_identity(context))
@@ -977,8 +988,10 @@ class PeerFetcher:
         of them, checked by _verify against the bytes in the slots); a block that failed (`why`) is
         dropped with everything after it."""
         staged = []
+        origin = next((b.origin for b in blocks[:verified] if b.origin.block_size), None)
         for key, slot, block in zip(want[:verified], held.items, blocks[:verified]):
-            staged.append(Staged(key, block.parent, slot, block.length, block.checksum, _peer_retention(block)))
+            staged.append(Staged(key, block.parent, slot, block.length, block.checksum, _peer_retention(block),
+                                 token_ids=_peer_token_ids(block, origin)))
         if verified < len(blocks) and why == FORGED:
             self.counters.mac_rejected += 1
             link.mac_rejected += 1
@@ -993,7 +1006,8 @@ class PeerFetcher:
         if not staged:
             self.store.abort(held.id)
             return 0
-        statuses = await self.store.commit(held.id, namespace, staged, wait_durable=False, verified=True)
+        statuses = await self.store.commit(held.id, namespace, staged, wait_durable=False, verified=True,
+                                           origin=origin)
         self.counters.fetched_bytes += sum(s.length for s in staged)
         return sum(1 for status in statuses if status in (pb.STORED, pb.DUPLICATE))
 

@@ -19,6 +19,7 @@ import pytest
 from s3server import free_port
 from certs import Authority, peer_overrides
 from conftest import scrape_metrics, sigstop, wait_for
+from kvtier.client import block_checksum
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 from kvtier.tiers.nixl import NixlTransport, decode_metadata
@@ -123,6 +124,29 @@ def test_partial_chains_pull_only_the_missing_suffix(cluster):
     found = cb.lookup("m", keys, consult_peers=True)
     assert (found.matched, found.from_peers) == (7, 4)
     assert cb.get_blocks("m", keys[:7]) == [d for _, _, d in blocks[:7]]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_pulled_blocks_keep_their_token_ids_and_origin_for_the_routers(cluster, transport):
+    a, b = cluster(2, transport)
+    blocks = chain(3, seed=7)
+    owner = register(a)
+    allocation = owner.allocate(3)
+    arena = owner.arena()
+    entries = []
+    for index, (slot, (key, parent, data)) in enumerate(zip(allocation.slots, blocks)):
+        arena.view(slot)[:len(data)] = data
+        entries.append(pb.CommitEntry(key=key, parent=parent, slot=slot, length=len(data),
+                                      checksum=block_checksum(data), token_ids=[index * 4 + t for t in range(4)]))
+    origin = pb.BlockOrigin(engine="engine-0", model="org/m", block_size=4)
+    owner.call(owner.stub.Commit, pb.CommitRequest(allocation_id=allocation.id, namespace="m", entries=entries,
+                                                   origin=origin))
+    cb = register(b)
+    assert cb.lookup("m", [k for k, _, _ in blocks], consult_peers=True).from_peers == 3
+    for index, (key, _, _) in enumerate(blocks):
+        info = cb.stat("m", key)
+        assert list(info.token_ids) == [index * 4 + t for t in range(4)]
+        assert (info.origin.engine, info.origin.model, info.origin.block_size) == ("engine-0", "org/m", 4)
 
 
 def test_a_peer_with_another_model_under_the_same_name_is_not_used(cluster):
