@@ -207,6 +207,25 @@ def printable(text, limit: int = 128) -> str:
     return shown + ("..." if len(text) > limit else "")
 
 
+def _interleaved(groups: list[list], count: int) -> list:
+    """Undoes the split of `count` items into groups[i] = items[i::len(groups)]."""
+    merged = [None] * count
+    for i, group in enumerate(groups):
+        merged[i::len(groups)] = group
+    return merged
+
+
+def _served_prefix(namespace: str, blocks: list, sealed: list) -> list:
+    """The MACs of the blocks up to the first whose arena bytes did not match its checksum (None),
+    which is logged: that block and the rest are not served."""
+    for index, mac in enumerate(sealed):
+        if mac is None:
+            log.error("block %s/%s in this node's arena does not match its checksum: not served to peers",
+                      printable(namespace), blocks[index].key.hex())
+            return sealed[:index]
+    return sealed
+
+
 def _peer_token_ids(block: pb.PeerBlock, origin: pb.BlockOrigin | None) -> list[int]:
     """The token ids a peer sent with a block, kept when the block comes from the pull's `origin` (one
     per commit) and they fit its block size: routing data a peer gets wrong is dropped, never a
@@ -493,15 +512,8 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         else:
             groups = [items[i::VERIFY_THREADS] for i in range(VERIFY_THREADS)]
             done = await asyncio.gather(*(asyncio.to_thread(_seal_blocks, self.key, namespace, g) for g in groups))
-            sealed = [None] * len(items)
-            for i, group in enumerate(done):
-                sealed[i::VERIFY_THREADS] = group
-        for index, mac in enumerate(sealed):
-            if mac is None:
-                log.error("block %s/%s in this node's arena does not match its checksum: not served to peers",
-                          printable(namespace), blocks[index].key.hex())
-                return sealed[:index]
-        return sealed
+            sealed = _interleaved(done, len(items))
+        return _served_prefix(namespace, blocks, sealed)
 
     async def _export(self, namespace: str, blocks: list, slots: list[int]) -> list[bytes]:
         """Copies each block from the arena into its window slot, after (with a cluster key) its
@@ -525,15 +537,8 @@ class PeerService(pb_grpc.KvTierPeerServicer):
             finally:
                 if not work.done():  # cancelled: the threads still write the window slots
                     await asyncio.wait([work])
-            sealed = [None] * len(items)
-            for i, group in enumerate(done):
-                sealed[i::VERIFY_THREADS] = group
-        for index, mac in enumerate(sealed):
-            if mac is None:
-                log.error("block %s/%s in this node's arena does not match its checksum: not served to peers",
-                          printable(namespace), blocks[index].key.hex())
-                return sealed[:index]
-        return sealed
+            sealed = _interleaved(done, len(items))
+        return _served_prefix(namespace, blocks, sealed)
 
     def _peer_block(self, block, mac: bytes | None = b"", slot: int = 0) -> pb.PeerBlock:
         """`slot`: the block's export window slot (Pin); 0 for Fetch, which sends the bytes."""

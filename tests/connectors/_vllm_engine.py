@@ -15,30 +15,14 @@ OUT:  {"results": [{"tokens": [...], "num_cached_tokens": n, "keys": [hex, ...] 
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import signal
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
 
-def sigstop(pid: int) -> None:
-    """SIGSTOP, returning once every thread of the process is stopped (as tests/conftest.py's sigstop)."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        states = []
-        for stat in glob.glob(f"/proc/{pid}/task/*/stat"):
-            try:
-                with open(stat) as file:
-                    states.append(file.read().rsplit(")", 1)[1].split()[0])
-            except OSError:
-                continue
-        if states and all(state in ("T", "t") for state in states):
-            return
-        time.sleep(0.001)
-    raise RuntimeError(f"process {pid} did not stop")
+from conftest import sigstop  # noqa: E402 - after the path it lives on
 
 
 def block_keys(spec: dict, tokens: list[int], block_size: int = 32) -> list[str]:

@@ -22,6 +22,7 @@ from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 from certs import Authority
 from s3server import free_port
+from test_security import peer_daemon  # noqa: F401 - a fixture
 
 KEY = b"k" * 32
 
@@ -90,17 +91,6 @@ def test_printable_escapes_everything_that_could_forge_or_disguise_a_log_line():
     assert printable("x" * 10, 4) == "xxxx..."
     assert printable(ValueError("bad\nclass")) == "bad\\nclass"
     assert "\n" not in printable("".join(map(chr, range(0x3000))))
-
-
-@pytest.fixture
-def peer_daemon(make_daemon, tmp_path):
-    ca = Authority(tmp_path / "pki")
-    cert, key = ca.issue("node1")
-    port = free_port()
-    daemon = make_daemon({"peers.listen": f"127.0.0.1:{port}", "peers.tls_cert": cert, "peers.tls_key": key,
-                          "peers.tls_ca": ca.ca_path, "peers.transport": "grpc"})
-    daemon.peer_address, daemon.ca = f"127.0.0.1:{port}", ca
-    return daemon
 
 
 def test_a_peer_cannot_forge_log_lines_through_its_node_id(peer_daemon):

@@ -16,6 +16,7 @@ import uuid
 import grpc
 import pytest
 
+from nixl_raw import raw_transfer
 from s3server import free_port
 from certs import Authority, peer_overrides
 from conftest import scrape_metrics, sigstop, wait_for
@@ -411,18 +412,8 @@ class Intruder:
     def raw(self, op: str, remote: int, length: int, offset: int = 0):
         """One READ or WRITE of `length` bytes between our memory at `offset` and the owner's
         address `remote`; NIXL's final state, or NIXL's exception when it refuses the request."""
-        b, agent = self.transport._b, self.transport._agent
-        mine = b.nixlXferDList(b.DRAM_SEG, [(self.address + offset, length, 0)])
-        theirs = b.nixlXferDList(b.DRAM_SEG, [(remote, length, 0)])
-        handle = agent.createXferReq(getattr(b, f"NIXL_{op}"), mine, theirs, self.owner, "", [])
-        try:
-            state, deadline = agent.postXferReq(handle, ""), time.monotonic() + 10
-            while state == b.NIXL_IN_PROG and time.monotonic() < deadline:  # NIXL's status, polled
-                time.sleep(0.001)
-                state = agent.getXferStatus(handle)
-        finally:
-            agent.releaseXferReq(handle)
-        assert state == b.NIXL_SUCCESS, state
+        state = raw_transfer(self.transport, self.owner, op, [(self.address + offset, remote, length)])
+        assert state == self.transport._b.NIXL_SUCCESS, state
         return state
 
     def bytes_at(self, offset: int, length: int) -> bytes:

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from _nixl_peer import pattern
+from nixl_raw import raw_transfer
 from kvtier.tiers.arena import SharedArena
 from kvtier.tiers.nixl import (MAX_BYTES_PER_READ, MAX_PAIRS_PER_READ, MAX_TIMEOUT_S, ExportWindow, NixlTransport,
                                TransferAbandoned, TransferFailed, UnknownPeer, decode_metadata, load_nixl)
@@ -429,24 +430,6 @@ def test_close_settles_abandoned_reads_and_nothing_lands_afterwards(shm_dir, tcp
     finally:
         local.close()
         peer.stop()
-
-
-def raw_transfer(transport: NixlTransport, peer: str, op: str, pairs: list[tuple[int, int, int]]):
-    """One NIXL transfer straight through the agent, without NixlTransport's bounds checks: `op`
-    "READ" or "WRITE", pairs (local_addr, remote_addr, length). Returns NIXL's final state; raises
-    NIXL's own exception when NIXL refuses to create the request."""
-    b, agent = transport._b, transport._agent
-    mine = b.nixlXferDList(b.DRAM_SEG, [(a, n, 0) for a, _, n in pairs])
-    theirs = b.nixlXferDList(b.DRAM_SEG, [(a, n, 0) for _, a, n in pairs])
-    handle = agent.createXferReq(getattr(b, f"NIXL_{op}"), mine, theirs, peer, "", [])
-    try:
-        state, deadline = agent.postXferReq(handle, ""), time.monotonic() + 10
-        while state == b.NIXL_IN_PROG and time.monotonic() < deadline:  # NIXL's status, polled
-            time.sleep(0.001)
-            state = agent.getXferStatus(handle)
-    finally:
-        agent.releaseXferReq(handle)
-    return state
 
 
 def _over(monkeypatch, over: str) -> dict | None:
