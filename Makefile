@@ -69,3 +69,10 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info proto/v1/*_pb2*.py proto/v1/*_pb2*.pyi
+
+# bench/gpu-wheels/ (git-ignored, < 60 MiB): a kvtier wheel of this working tree and its runtime
+# dependencies for CPython 3.11-3.13 on manylinux2014 x86_64, which bench/bench_gpu_connector.py
+# installs on a GPU machine that has torch but no registry access. Needs PyPI; about a minute.
+.PHONY: gpu-wheels
+gpu-wheels:
+	bash bench/_gpu_wheels.sh

@@ -168,6 +168,13 @@ class Arena:
         self._view = memoryview(self._mmap)
         self.pinned = cuda_host_register(buffer_address(self._mmap), len(self._mmap))
 
+    @property
+    def buffer(self):
+        """The whole mapping (slot first_slot at byte 0), to build tensors or views over. It is the
+        mapping object itself, not a memoryview: close() (a remap after a daemon restart) leaves a
+        mapping that such views still export in place until they are dropped."""
+        return self._mmap
+
     def view(self, slot: int) -> memoryview:
         index = slot - self.first_slot
         if not 0 <= index < self.slot_count:

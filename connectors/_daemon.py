@@ -178,6 +178,7 @@ class DaemonSession:
         for name in _STATS:
             self.stats.setdefault(name, 0)
         self._lock = threading.Lock()
+        self._arena_lock = threading.Lock()
         self._namespaces: dict[str, dict[str, str]] = dict(namespaces or {})
         self._registered: set[str] = set()
         self._max_keys: int | None = None
@@ -230,25 +231,50 @@ class DaemonSession:
             raise
 
     def arena(self, generation: str | None = None):
-        """The mapped arena (client.arena: remapped when `generation` differs), under the breaker."""
-        return self.guard(lambda: self.client.arena(generation))
+        """The mapped arena (client.arena: remapped when `generation` differs), under the breaker. One
+        thread maps at a time, so that two threads seeing a daemon restart remap once."""
+        def mapped():
+            with self._arena_lock:
+                return self.client.arena(generation)
+        return self.guard(mapped)
 
     def fresh_arena(self):
         """The mapped arena, checked against the daemon's current generation (one ArenaInfo)."""
         info = self.call("ArenaInfo", pb.ArenaInfoRequest())
         return self.arena(info.generation)
 
-    def max_keys(self) -> int:
+    def max_keys(self, timeout: float | None = None) -> int:
         """The daemon's limits.max_keys_per_request, from ArenaInfo without mapping the arena; asked
         again after `forget_limits` or an outage (the daemon may have restarted with other limits)."""
         value = self._max_keys
         if value is None:
-            info = self.call("ArenaInfo", pb.ArenaInfoRequest())
+            info = self.call("ArenaInfo", pb.ArenaInfoRequest(), timeout)
             value = self._max_keys = int(info.max_keys_per_request or DEFAULT_MAX_KEYS_PER_CALL)
         return value
 
+    def max_keys_cached(self) -> int | None:
+        """max_keys without asking the daemon (None until known): for threads that must not wait."""
+        return self._max_keys
+
     def forget_limits(self) -> None:
         self._max_keys = None
+
+    def warm_up(self, timeout: float) -> threading.Thread:
+        """Opens the session, registers the namespaces and asks the limits in a background thread, each
+        call under `timeout` (not the session's default): a connector on a short deadline (the vLLM
+        scheduler) then starts its first request with one plain RPC, not three plus a session. A
+        failure is left to the first real call (the breaker, if it was an outage, opened already)."""
+        def run():
+            try:
+                self._ensure_session(timeout)
+                self.ensure_namespaces(timeout=timeout)
+                self.max_keys(timeout)
+            except Exception as error:  # noqa: BLE001 - reported by the calls that follow
+                self.logger.info("kvtier: session warm-up with kvtierd at %s did not complete (%s)", self.socket,
+                                 error_text(error))
+        thread = threading.Thread(target=run, name="kvtier-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     # -- namespaces ------------------------------------------------------------------------------------
     @property
@@ -261,11 +287,11 @@ class DaemonSession:
         with self._lock:
             self._namespaces = dict(namespaces)
 
-    def ensure_namespaces(self, force: bool = False) -> None:
+    def ensure_namespaces(self, force: bool = False, timeout: float | None = None) -> None:
         with self._lock:
             todo = [(n, a) for n, a in self._namespaces.items() if force or n not in self._registered]
         for name, attributes in todo:
-            self.call("RegisterNamespace", pb.RegisterNamespaceRequest(name=name, attributes=attributes))
+            self.call("RegisterNamespace", pb.RegisterNamespaceRequest(name=name, attributes=attributes), timeout)
             with self._lock:
                 self._registered.add(name)
 

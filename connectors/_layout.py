@@ -9,8 +9,10 @@ scheduler, dim 0 holds ``factor * num_blocks`` kernel blocks and block ``b`` is 
 logical shape, so the stored bytes are always the slice in logical (row-major) order.
 
 ``ArenaViews`` maps the layout onto a whole shared-memory arena once (one strided tensor per part, over
-every slot), so that copying a block is only ``copy_`` calls: building tensors over a slot costs more
-than the copy itself for small blocks (``torch.frombuffer`` + two views per part and block).
+every slot): building tensors over a slot costs more than the copy itself for small blocks. Copies are
+batched per part: one gather of the blocks on the engine's device (``index_select``), then one copy per
+run of consecutive slots (loads: the reverse, then one ``index_copy_``), the same code on CPU and GPU
+tensors. ``CopyStream`` runs them on a dedicated CUDA stream (on CPU: the calling thread).
 """
 
 from __future__ import annotations
@@ -137,13 +139,98 @@ class ArenaViews:
         return raw.view(part.tensor.dtype).view(part.block_shape)
 
     def pack(self, block_ids, slots) -> None:
-        """Copies engine block ``block_ids[j]`` into arena slot ``slots[j]``, for every j."""
+        """Copies engine block ``block_ids[j]`` into arena slot ``slots[j]``, for every j: per part one
+        gather of the blocks on the engine's device (``index_select``) and one copy per run of
+        consecutive slots (asynchronous on CUDA, where the arena is pinned: see ``CopyStream``)."""
+        if not len(block_ids):
+            return
+        runs = _runs(self._local(slots))
         for index, part in enumerate(self.layout.parts):
-            for block_id, slot in zip(block_ids, slots):
-                self._slot(index, part, slot).copy_(part.rows(block_id))
+            staged = _gather(part, block_ids)
+            view = self.views[index]
+            for at, first, count in runs:
+                if view is None:
+                    for j in range(count):
+                        self._slot(index, part, self.first_slot + first + j).copy_(staged[at + j])
+                else:
+                    view[first:first + count].copy_(staged[at:at + count], non_blocking=staged.is_cuda)
 
     def unpack(self, slots, block_ids) -> None:
-        """Copies arena slot ``slots[j]`` into engine block ``block_ids[j]``, for every j."""
+        """Copies arena slot ``slots[j]`` into engine block ``block_ids[j]``, for every j: per part one
+        copy per run of consecutive slots into a staging tensor on the engine's device, then one
+        scatter (``index_copy_``)."""
+        if not len(block_ids):
+            return
+        runs = _runs(self._local(slots))
         for index, part in enumerate(self.layout.parts):
-            for slot, block_id in zip(slots, block_ids):
-                part.rows(block_id).copy_(self._slot(index, part, slot))
+            staged = torch.empty((len(block_ids), *part.block_shape), dtype=part.tensor.dtype,
+                                 device=part.tensor.device)
+            view = self.views[index]
+            for at, first, count in runs:
+                if view is None:
+                    for j in range(count):
+                        staged[at + j].copy_(self._slot(index, part, self.first_slot + first + j))
+                else:
+                    staged[at:at + count].copy_(view[first:first + count], non_blocking=staged.is_cuda)
+            part.tensor.index_copy_(0, _rows(part, block_ids), staged.view(-1, *part.tensor.shape[1:]))
+
+    def _local(self, slots) -> list[int]:
+        local = [slot - self.first_slot for slot in slots]
+        for slot, index in zip(slots, local):
+            if not 0 <= index < self.slot_count:
+                raise IndexError(f"slot {slot} outside this arena's {self.slot_count} slots from {self.first_slot}")
+        return local
+
+
+def _rows(part: Part, block_ids) -> torch.Tensor:
+    """Row indices of dim 0 holding the blocks (``factor`` rows per engine block), on the part's device."""
+    ids = torch.as_tensor(list(block_ids), dtype=torch.long)
+    if part.factor > 1:
+        ids = (ids[:, None] * part.factor + torch.arange(part.factor)).reshape(-1)
+    return ids.to(part.tensor.device, non_blocking=True)
+
+
+def _gather(part: Part, block_ids) -> torch.Tensor:
+    """The blocks' rows of the part, contiguous, shaped ``(len(block_ids), *block_shape)``."""
+    return part.tensor.index_select(0, _rows(part, block_ids)).view(len(block_ids), *part.block_shape)
+
+
+def _runs(local_slots: list[int]) -> list[tuple[int, int, int]]:
+    """(index in the list, first slot, count) for each run of consecutive slots."""
+    runs: list[tuple[int, int, int]] = []
+    for at, slot in enumerate(local_slots):
+        if runs and runs[-1][1] + runs[-1][2] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((at, slot, 1))
+    return runs
+
+
+class CopyStream:
+    """Where a worker's background copies run. On CUDA: a dedicated stream, ordered after the engine's
+    work up to ``mark()`` (an event recorded on the engine's current stream) and synchronised when
+    the copies are done, so the copies overlap the engine's next steps and finish before the caller
+    checksums or reports them. On CPU: the calling thread itself (copies are synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+
+    def mark(self):
+        """An event after the engine's work so far (None on CPU); taken on the engine's thread."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def run(self, after, copy) -> None:
+        """copy() on this stream after event `after`; returns once the copies are complete."""
+        if not self.cuda:
+            copy()
+            return
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            copy()
+        self.stream.synchronize()

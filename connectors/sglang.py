@@ -49,7 +49,6 @@ import threading
 import time
 from typing import Any, List, Optional
 
-import grpc
 import torch
 
 from sglang.srt.mem_cache.hicache_storage import (
@@ -58,10 +57,11 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorageExtraInfo,
 )
 
-from kvtier.client.client import DEFAULT_SOCKET, block_checksum
+from kvtier.client.client import DEFAULT_SOCKET
 from kvtier.connectors._daemon import DEFAULT_BREAKER_PERIOD_S, BreakerOpen, DaemonSession, RateLimitedLog
 from kvtier.connectors._daemon import error_text as _error_text
-from kvtier.connectors._hints import HINTS_KEY, HintError, parse_hints, to_pb
+from kvtier.connectors._hints import HINTS_KEY, HintError, parse_hints
+from kvtier.connectors._pipeline import BlockToSave, SlotTooSmall, load_blocks, save_blocks
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -270,22 +270,6 @@ class KvtierHiCacheStorage(HiCacheStorage):
         if not isinstance(error, BreakerOpen):  # the breaker logged that the daemon is not answering
             self._log.warning(kind, "%s failed (%s), reported as a miss/failure", what, _error_text(error))
 
-    def _release(self, lease_id: int) -> None:
-        if lease_id:
-            try:
-                self._daemon.call("Release", pb.ReleaseRequest(lease_id=lease_id))
-            except grpc.RpcError as error:  # the lease expires on its own
-                self._failed("release", "Release", error)
-
-    def _acquire(self, keys: list[bytes]):
-        """One Acquire of keys (the reply: lease_id, blocks) and the arena mapping it refers to."""
-        reply = self._call(lambda ns: self._daemon.call("Acquire", pb.AcquireRequest(namespace=ns, keys=keys)))
-        try:
-            return reply, self._daemon.arena(reply.generation)
-        except BaseException:
-            self._release(reply.lease_id)
-            raise
-
     @staticmethod
     def _parents(keys: list[bytes], extra_info: Optional[HiCacheStorageExtraInfo]) -> list[bytes]:
         prefix = getattr(extra_info, "prefix_keys", None) if extra_info is not None else None
@@ -322,18 +306,6 @@ class KvtierHiCacheStorage(HiCacheStorage):
             return [hints.retention] * count
         first = len(prefix)
         return [hints.retention_of_block(first + i, page_tokens) for i in range(count)]
-
-    def _commit(self, allocation_id: int, namespace: str, entries: list[tuple], retentions: list) -> list[int]:
-        """One Commit: the retention as the request's when every page has the same, else per entry."""
-        request = pb.CommitRequest(allocation_id=allocation_id, namespace=namespace, wait_durable=self.wait_durable)
-        shared = len(set(retentions)) <= 1
-        for (key, parent, slot, length, checksum), retention in zip(entries, retentions):
-            entry = request.entries.add(key=key, parent=parent, slot=slot, length=length, checksum=checksum)
-            if retention is not None and not shared:
-                entry.retention.CopyFrom(to_pb(retention))
-        if shared and retentions and retentions[0] is not None:
-            request.retention.CopyFrom(to_pb(retentions[0]))
-        return list(self._daemon.call("Commit", request).status)
 
     # -- lookups --------------------------------------------------------------------------------------
     def _leading_hits(self, keys: list[bytes]) -> int:
@@ -410,45 +382,34 @@ class KvtierHiCacheStorage(HiCacheStorage):
         return results
 
     def _get_chunk(self, keys, segments, results, offset) -> None:
-        bad: list[bytes] = []
-        lease, arena = self._acquire(keys)
-        try:
-            for i, (block, page) in enumerate(zip(lease.blocks, segments)):
-                if not block.found:
-                    continue
-                expected = sum(n for _, n in page)
-                if block.length != expected:
-                    self._log.warning("length", "stored page is %d bytes, the host pool's page is %d: miss",
-                                      block.length, expected)
-                    continue
-                view = arena.view(block.slot)[:block.length]
-                if block_checksum(view) != block.checksum:
-                    bad.append(keys[i])
-                    continue
-                base, holder = _address(view)
+        def consume(arena, verified) -> None:
+            for i, block in verified:
+                base, holder = _address(arena.view(block.slot)[:block.length])
                 at = 0
-                for ptr, size in page:
+                for ptr, size in segments[i]:
                     if size:
                         ctypes.memmove(ptr, base + at, size)
                     at += size
                 del holder
-                results[offset + i] = True
-        finally:
-            self._release(lease.lease_id)
-        self._drop_corrupt(bad)
+        outcome = self._load(keys, [sum(n for _, n in page) for page in segments], consume)
+        for i, loaded in enumerate(outcome.loaded):
+            results[offset + i] = loaded
 
-    def _drop_corrupt(self, keys: list[bytes]) -> None:
-        """Blocks whose bytes fail their checksum are misses, and are deleted so that SGLang's next
-        backup of those pages stores them again (instead of being skipped as already stored)."""
-        if not keys:
-            return
-        self.stats["checksum_errors"] += len(keys)
-        self._log.warning("checksum", "checksum mismatch in shared memory for %d page(s) (first %s): misses, "
-                          "deleted", len(keys), keys[0].hex())
-        try:
-            self._call(lambda ns: self._daemon.call("Delete", pb.DeleteRequest(namespace=ns, keys=keys)))
-        except Exception as error:  # noqa: BLE001
-            self._failed("delete", "Delete of corrupt pages", error)
+    def _load(self, keys: list[bytes], lengths, consume):
+        """load_blocks under this backend's namespace; logs what was not loaded and why."""
+        with self._lock:
+            namespace = self.namespace
+        outcome = load_blocks(self._daemon, namespace, keys, lengths, consume, chunk=len(keys))
+        for _, length in outcome.wrong_length:
+            self._log.warning("length", "stored page is %d bytes, not what the host pool or target holds: miss",
+                              length)
+        if outcome.corrupt:
+            self.stats["checksum_errors"] += len(outcome.corrupt)
+            self._log.warning("checksum", "checksum mismatch in shared memory for %d page(s) (first %s): misses, "
+                              "deleted", len(outcome.corrupt), outcome.corrupt[0].hex())
+        if outcome.delete_error is not None:
+            self._failed("delete", "Delete of corrupt pages", outcome.delete_error)
+        return outcome
 
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
@@ -500,31 +461,23 @@ class KvtierHiCacheStorage(HiCacheStorage):
             results[offset + i] = status in _OK
 
     def _stage_and_commit(self, keys, parents, lengths, writers, retentions) -> list[int]:
-        """One Allocate, each writer(view) fills its slot, one Commit (with each page's retention); a
-        CommitStatus per key."""
-        arena = self._daemon.arena()
-        if max(lengths) > arena.slot_bytes:
-            self.stats["save_errors"] += len(keys)
-            self._log.warning("slot", "a page of %d bytes does not fit the daemon's %d-byte arena slots: "
-                              "raise cpu.slot_bytes", max(lengths), arena.slot_bytes)
-            return [0] * len(keys)
-        allocation = self._daemon.call("Allocate", pb.AllocateRequest(count=len(keys), wait_ms=self.allocate_wait_ms))
-        try:
-            arena = self._daemon.arena(allocation.generation)
-            entries = []
-            for key, parent, length, write, slot in zip(keys, parents, lengths, writers, allocation.slots):
-                view = arena.view(slot)[:length]
-                written = write(view)
+        """save_blocks: each writer(view) fills its slot; a CommitStatus per key."""
+        def fill(arena, slots) -> None:
+            for slot, length, write in zip(slots, lengths, writers):
+                written = write(arena.view(slot)[:length])
                 if written != length:
                     raise ValueError(f"page copy wrote {written} of {length} bytes")
-                entries.append((key, parent, slot, length, block_checksum(view)))
-            statuses = self._call(lambda ns: self._commit(allocation.allocation_id, ns, entries, retentions))
-        except BaseException:
-            try:  # a refused commit aborts its allocation; one that failed otherwise may not have: abort, ignore "not open"
-                self._daemon.call("Abort", pb.AbortRequest(allocation_id=allocation.allocation_id))
-            except grpc.RpcError:
-                pass
-            raise
+        blocks = [BlockToSave(key, parent, length, retention)
+                  for key, parent, length, retention in zip(keys, parents, lengths, retentions)]
+        with self._lock:
+            namespace = self.namespace
+        try:
+            statuses = save_blocks(self._daemon, namespace, blocks, fill, allocate_wait_ms=self.allocate_wait_ms,
+                                   wait_durable=self.wait_durable)
+        except SlotTooSmall as error:
+            self.stats["save_errors"] += len(keys)
+            self._log.warning("slot", "%s", error)
+            return [0] * len(keys)
         for status in statuses:
             if status == pb.STORED:
                 self.stats["stored_pages"] += 1
@@ -550,18 +503,15 @@ class KvtierHiCacheStorage(HiCacheStorage):
         started = time.perf_counter()
         try:
             kv_keys = [page_key(k) for k in keys]
+            lengths = [t.numel() * t.element_size() if isinstance(t, torch.Tensor) else None for t in targets]
+
+            def consume(arena, verified) -> None:
+                for i, block in verified:
+                    out[i] = self._read_block(arena.view(block.slot)[:block.length], targets[i])
             step = self._pages_per_call()
             for start in range(0, len(kv_keys), step):
-                chunk = kv_keys[start:start + step]
-                bad: list[bytes] = []
-                lease, arena = self._acquire(chunk)
-                try:
-                    for i, block in enumerate(lease.blocks):
-                        if block.found:
-                            out[start + i] = self._read_block(arena, block, targets[start + i], chunk[i], bad)
-                finally:
-                    self._release(lease.lease_id)
-                self._drop_corrupt(bad)
+                self._load(kv_keys[start:start + step], lengths[start:start + step],
+                           lambda arena, verified, start=start: consume(arena, [(start + i, b) for i, b in verified]))
         except Exception as error:  # noqa: BLE001
             self._failed("get", "batch_get", error)
         loaded = sum(t is not None for t in out)
@@ -571,25 +521,18 @@ class KvtierHiCacheStorage(HiCacheStorage):
         self._record("prefetch", loaded, nbytes, started)
         return out
 
-    def _read_block(self, arena, block, target, key: bytes, bad: list[bytes]) -> torch.Tensor | None:
-        view = arena.view(block.slot)[:block.length]
-        if block_checksum(view) != block.checksum:
-            bad.append(key)
-            return None
-        src = torch.frombuffer(view, dtype=torch.uint8) if block.length else torch.empty(0, dtype=torch.uint8)
+    def _read_block(self, view: memoryview, target) -> torch.Tensor | None:
+        """A verified page into `target` (its length already checked), or into a new tensor."""
+        src = torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0, dtype=torch.uint8)
         if target is None:
             data = src.clone()
             dtype = getattr(self.mem_pool_host, "dtype", None)
-            if isinstance(dtype, torch.dtype) and block.length % dtype.itemsize == 0:
+            if isinstance(dtype, torch.dtype) and len(view) % dtype.itemsize == 0:
                 data = data.view(dtype)
             return data
         if not isinstance(target, torch.Tensor):
             self._log.warning("target", "target_location of type %s is not supported (tensors only): miss",
                               type(target).__name__)
-            return None
-        nbytes = target.numel() * target.element_size()
-        if nbytes != block.length:
-            self._log.warning("length", "stored page is %d bytes, the target is %d: miss", block.length, nbytes)
             return None
         if target.is_contiguous():
             target.reshape(-1).view(torch.uint8).copy_(src)

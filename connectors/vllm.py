@@ -10,16 +10,23 @@ layer's slice for that block (see ``_layout``). Keys are vLLM's own block hashes
 namespace derived from everything that makes two engines' KV bytes comparable: model, dtypes, block
 size, KV layout and shape, parallel rank and the prefix-caching hash algorithm.
 
-Scheduler side: one ``Lookup`` per new request (per parallel rank: one with TP=1) decides how many
-full blocks beyond the local prefix-cache hit to load; at least one prompt token is always left to
-compute. Worker side: loads are one ``Acquire`` per step, each block checksum-verified in shared
-memory before it is copied into the KV cache, then one ``Release``; saves are one ``Allocate``, copies
-into the arena, one ``Commit``. Loads are synchronous (done in ``start_load_kv`` before the forward).
-Every daemon failure degrades to a cache miss: a failed load is reported through
-``get_block_ids_with_load_errors`` and vLLM recomputes those tokens (set
+The engine never waits for the daemon. Scheduler side: one ``Lookup`` per new request (per parallel
+rank: one with TP=1), run in the background: ``get_num_new_matched_tokens`` answers None ("not known
+yet") until it answers (waiting at most ``lookup_wait_ms`` per step), and the answer is kept while the
+request waits for KV space. A hit is loaded asynchronously: the request waits in
+WAITING_FOR_REMOTE_KVS while the worker's load thread acquires, verifies (checksum) and copies the
+blocks, and ``get_finished`` reports it. Saves: ``wait_for_save`` hands each request's new blocks to the
+worker's save thread (Allocate, copies into the arena, Commit: ``_pipeline``), bounded in bytes
+(past the bound a save is dropped, never waited for); ``request_finished`` answers True for a
+request with saves, so vLLM keeps its blocks until ``get_finished`` says no copy reads them, and
+``handle_preemptions`` stops copies of preempted requests before their blocks are reused
+(``_transfers``). Each path can be switched back to the synchronous one (``background_lookups``,
+``async_loads``, ``async_saves``). Every daemon failure degrades to a cache miss: a failed load is
+reported through ``get_block_ids_with_load_errors`` and vLLM recomputes those tokens (set
 ``kv_load_failure_policy="recompute"``); a failed save is dropped. Daemon access (deadlines: a short
-one for the scheduler, ``scheduler_timeout_s``; namespaces; a circuit breaker that makes a hung or
-dead daemon cost one deadline per breaker period instead of one per step) is ``_daemon.DaemonSession``.
+one for the scheduler's lookups, ``scheduler_timeout_s``; namespaces; a circuit breaker that makes a
+hung or dead daemon cost one deadline per breaker period instead of one per step) is
+``_daemon.DaemonSession``.
 
 Agent hints (``_hints``): a request's ``kv_transfer_params["kvtier"]`` (the OpenAI request's
 ``kv_transfer_params``, or ``SamplingParams.extra_args["kv_transfer_params"]`` offline) over the
@@ -38,7 +45,9 @@ import json
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,13 +60,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvtier.client.client import DEFAULT_SOCKET, block_checksum
-from kvtier.connectors._daemon import (DEFAULT_BREAKER_PERIOD_S, DEFAULT_MAX_KEYS_PER_CALL, BreakerOpen,
+from kvtier.client.client import DEFAULT_SOCKET
+from kvtier.connectors._daemon import (DEFAULT_BREAKER_PERIOD_S, BreakerOpen,
                                        DaemonSession, RateLimitedLog)
 from kvtier.connectors._daemon import error_text as _error_text
 from kvtier.connectors._hints import (HINTS_KEY, KV_HINT_KEY, NO_HINTS, HintError, Hints, parse_hints,
-                                      parse_kv_hint, to_pb)
-from kvtier.connectors._layout import ArenaViews, BlockLayout
+                                      parse_kv_hint)
+from kvtier.connectors._layout import ArenaViews, BlockLayout, CopyStream
+from kvtier.connectors._pipeline import BlockToSave, SlotTooSmall, load_blocks, save_blocks
+from kvtier.connectors._transfers import DEFAULT_MAX_INFLIGHT_BYTES, SaveJob, TransferEngine
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 try:
@@ -78,6 +89,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.kvtier")
 
 MAX_PENDING_PREFETCHES = 64
+MAX_PENDING_LOOKUPS = 256
 
 
 class HashSeedError(RuntimeError):
@@ -178,6 +190,7 @@ class LoadWork:
     req_id: str
     block_ids: list[int]
     keys: list[bytes]
+    asynchronous: bool = True  # the request waits in WAITING_FOR_REMOTE_KVS: report it through get_finished
 
 
 @dataclass
@@ -195,6 +208,18 @@ class SaveWork:
 class KvtierConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadWork] = field(default_factory=list)
     saves: list[SaveWork] = field(default_factory=list)
+    preempted: set[str] = field(default_factory=set)  # their blocks are reused this step: stop copying them
+
+
+@dataclass
+class _Lookup:
+    """One request's lookup: from block `start`, over its first `num_keys` blocks. `result` is
+    (start, hit, stored) once known; `future` runs it in the background until then."""
+    start: int
+    num_keys: int
+    future: Future | None = None
+    result: tuple[int, int, int] | None = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -202,13 +227,6 @@ class _RequestState:
     request: "Request"
     saved_upto: int = 0  # blocks [0, saved_upto) are stored (or being saved) in kvtier
     hints: Hints = NO_HINTS
-
-
-def _arena_buffer(arena):
-    """The whole mapped arena, for ArenaViews: the client's mmap itself. Not its memoryview: the client
-    releases that when it remaps (a daemon restart), which must not fail while our tensors exist; an
-    mmap that is still exported just stays mapped until they are dropped."""
-    return arena._mmap
 
 
 class KvtierConnector(KVConnectorBase_V1):
@@ -233,6 +251,15 @@ class KvtierConnector(KVConnectorBase_V1):
         self._scheduler_timeout_s = float(extra.get("scheduler_timeout_s") or
                                           (self._timeout_s if self._consult_peers else min(1.0, self._timeout_s)))
         self._breaker_period_s = float(extra.get("breaker_period_s", DEFAULT_BREAKER_PERIOD_S))
+        # The engine never waits on the daemon: lookups in the background (the scheduler hears "not known
+        # yet" until they answer), loads while the request waits in WAITING_FOR_REMOTE_KVS, saves copied
+        # and committed by a worker thread. Each can be turned off (the synchronous paths, for comparison).
+        self._background_lookups = bool(extra.get("background_lookups", True))
+        self._async_loads = bool(extra.get("async_loads", True))
+        self._async_saves = bool(extra.get("async_saves", True))
+        self._max_inflight_save_bytes = int(extra.get("max_inflight_save_bytes", DEFAULT_MAX_INFLIGHT_BYTES))
+        self._lookup_wait_s = max(0.0, float(extra.get("lookup_wait_ms", 5.0)) / 1000.0)
+        self._lookup_wait_left = self._lookup_wait_s  # of this scheduler step's budget
         self._block_size = vllm_config.cache_config.block_size
         hash_block_size = getattr(kv_cache_config, "hash_block_size", None) or self._block_size
         if self._block_size % hash_block_size:
@@ -269,7 +296,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self.stats = {"lookups": 0, "lookup_errors": 0, "hit_blocks": 0, "loaded_blocks": 0, "load_errors": 0,
                       "saved_blocks": 0, "duplicate_blocks": 0, "save_errors": 0, "retained_blocks": 0,
                       "hinted_requests": 0, "bad_hints": 0, "prefetches": 0, "prefetched_blocks": 0,
-                      "prefetch_errors": 0}
+                      "prefetch_errors": 0, "lookups_skipped": 0, "lookups_not_ready": 0,
+                      "dropped_save_blocks": 0}
         # Deadlines, namespaces and the circuit breaker (connectors/_daemon.py); its counters
         # (short_circuited, breaker_opened, ...) go into self.stats.
         self._daemon = DaemonSession(
@@ -278,10 +306,16 @@ class KvtierConnector(KVConnectorBase_V1):
             probe_timeout_s=min(1.0, self._breaker_period_s), stats=self.stats, logger=logger)
         logger.info("kvtier: %s connector on %s, namespaces %s (%s)", role.name.lower(), self._socket,
                     self._namespaces, base)
+        if role == KVConnectorRole.SCHEDULER:
+            self._daemon.warm_up(self._timeout_s)  # the first lookup is then one RPC on the short deadline
 
         # scheduler state
         self._requests: dict[str, _RequestState] = {}
-        self._lookups: dict[str, tuple[int, int, int]] = {}  # req_id -> (start, hit blocks, stored prefix)
+        self._lookups: dict[str, _Lookup] = {}  # kept until update_state_after_alloc uses it
+        self._lookup_pool: ThreadPoolExecutor | None = None
+        self._lookup_lock = threading.Lock()
+        self._lookups_pending = 0  # submitted and not ended (bounded by MAX_PENDING_LOOKUPS)
+        self._saving: set[str] = set()  # requests with saves: request_finished holds their blocks
         self._pending_loads: dict[str, LoadWork] = {}
         self._hints: dict[str, Hints] = {}
         self._peers: dict[str, str] = {}  # req_id -> the peer its router named (kv_hint), "" for none
@@ -290,11 +324,16 @@ class KvtierConnector(KVConnectorBase_V1):
         self._prefetch_pending = 0
         # worker state
         self._layout: BlockLayout | None = None
+        self._copies: CopyStream | None = None
         self._views: ArenaViews | None = None
         self._views_of = None  # the Arena object self._views map
-        self._stale_arena = False
-        self._load_errors: set[int] = set()
-        self._failed_reqs: set[str] = set()
+        self._views_lock = threading.Lock()
+        self._stats_lock = threading.Lock()  # worker stats are counted on the transfer threads too
+        self._failed_reqs: set[str] = set()  # synchronous loads that failed this step
+        self._transfers: TransferEngine | None = None
+        if role == KVConnectorRole.WORKER:
+            self._transfers = TransferEngine(max_inflight_bytes=self._max_inflight_save_bytes, stats=self.stats,
+                                             logger=logger, on_error=self._transfer_failed)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -424,33 +463,98 @@ class KvtierConnector(KVConnectorBase_V1):
         return matched
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        """The request's hit beyond `num_computed_tokens`, from a lookup that runs in the background: None
+        ("not known yet": vLLM asks again at a later step, other requests run meanwhile) until it
+        answers. One lookup per request and position, kept while the request waits for KV space; the
+        hit loads asynchronously (True) unless async_loads is off."""
         num_keys = self._num_keys(request)
-        usable = min(num_keys, (request.num_tokens - 1) // self._block_size)  # >= 1 token left
-        start = num_computed_tokens // self._block_size
         if num_keys == 0:
             return 0, False
-        # Every full block is looked up, not only the loadable ones: `stored` also says which blocks
-        # need no save (a local prefix-cache hit, or the last block of a block-aligned prompt).
+        start = num_computed_tokens // self._block_size
+        lookup = self._lookups.get(request.request_id)
+        if lookup is None or (lookup.start, lookup.num_keys) != (start, num_keys):
+            lookup = self._lookups[request.request_id] = self._start_lookup(request, start, num_keys)
+        if lookup.result is None:
+            if not self._answered_in_budget(lookup.future):
+                self.stats["lookups_not_ready"] += 1
+                return None, False
+            self._lookup_answered(lookup)
+        _, hit, _ = lookup.result
+        return hit * self._block_size, self._async_loads and hit > 0
+
+    def _start_lookup(self, request: "Request", start: int, num_keys: int) -> _Lookup:
+        lookup = _Lookup(start, num_keys)
+        # Every full block is looked up, not only the loadable ones: `stored` also says which blocks need
+        # no save (a local prefix-cache hit, or the last block of a block-aligned prompt).
         keys = self._keys(request, 0, num_keys)
+        usable = min(num_keys, (request.num_tokens - 1) // self._block_size)  # >= 1 token left to compute
+        peer = self._request_peer(request)
+        if not self._background_lookups:
+            future: Future = Future()
+            try:
+                future.set_result(self._lookup(keys, start, usable, peer))
+            except Exception as error:  # noqa: BLE001 - answered below as a miss
+                future.set_exception(error)
+            lookup.future = future
+            self._lookup_answered(lookup)
+            return lookup
+        with self._lookup_lock:
+            if self._lookups_pending >= MAX_PENDING_LOOKUPS:
+                self.stats["lookups_skipped"] += 1  # the daemon is far behind: serve this one from the engine
+                lookup.result = (start, 0, 0)
+                return lookup
+            self._lookups_pending += 1
+        if self._lookup_pool is None:
+            self._lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="kvtier-lookup")
+        lookup.future = self._lookup_pool.submit(self._lookup, keys, start, usable, peer)
+        lookup.future.add_done_callback(self._lookup_ended)
+        return lookup
+
+    def _answered_in_budget(self, future: Future) -> bool:
+        """Whether the lookup answered, waiting for it at most what is left of this step's budget
+        (lookup_wait_ms per scheduler step, for all requests together): a daemon that answers in time
+        costs no extra step, and an engine with nothing else to run does not spin on a pending lookup;
+        a hung one costs each step at most the budget."""
+        if future.done() or self._lookup_wait_left <= 0:
+            return future.done()
+        started = time.monotonic()
         try:
-            peer = self._request_peer(request)
-            stored = self._stored_prefix(keys, peer)
-            if stored >= start:
-                hit = max(min(stored, usable) - start, 0)
-            elif usable > start:  # the daemon lost blocks vLLM still has locally: is what follows there?
-                hit = min(self._stored_prefix(keys[start:usable], peer), usable - start)
-            else:
-                hit = 0
+            future.result(timeout=self._lookup_wait_left)
+        except FutureTimeout:
+            pass
+        except Exception:  # noqa: BLE001 - answered (with an error): _lookup_answered takes it
+            pass
+        self._lookup_wait_left -= time.monotonic() - started
+        return future.done()
+
+    def _lookup_ended(self, _future: Future) -> None:
+        with self._lookup_lock:
+            self._lookups_pending -= 1
+
+    def _lookup_answered(self, lookup: _Lookup) -> None:
+        """Takes a finished lookup's answer (on the scheduler's thread: the stats are counted here)."""
+        try:
+            lookup.result = lookup.future.result()
+            self.stats["lookups"] += 1
         except Exception as error:  # noqa: BLE001 - the daemon never fails a request: serve without it
+            lookup.result, lookup.error = (lookup.start, 0, 0), error
             self.stats["lookup_errors"] += 1
             self._daemon.forget_limits()
             if not isinstance(error, BreakerOpen):  # the breaker logged that the daemon is not answering
-                self._log.warning("lookup", "lookup failed, serving from the engine alone (%s)",
-                                  _error_text(error))
-            return 0, False
-        self.stats["lookups"] += 1
-        self._lookups[request.request_id] = (start, hit, stored)
-        return hit * self._block_size, False
+                self._log.warning("lookup", "lookup failed, serving from the engine alone (%s)", _error_text(error))
+        lookup.future = None
+
+    def _lookup(self, keys: list[bytes], start: int, usable: int, peer: str) -> tuple[int, int, int]:
+        """(start, hit, stored): `stored` blocks of the chain are in kvtier; `hit` of them, from `start`,
+        can be loaded (the last prompt token is always computed)."""
+        stored = self._stored_prefix(keys, peer)
+        if stored >= start:
+            hit = max(min(stored, usable) - start, 0)
+        elif usable > start:  # the daemon lost blocks vLLM still has locally: is what follows there?
+            hit = min(self._stored_prefix(keys[start:usable], peer), usable - start)
+        else:
+            hit = 0
+        return start, hit, stored
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         state = self._requests.setdefault(request.request_id, _RequestState(request))
@@ -459,18 +563,24 @@ class KvtierConnector(KVConnectorBase_V1):
             state.hints = self._request_hints(request)
         except Exception as error:  # noqa: BLE001 - a hint never fails a request
             self._log.warning("hints", "hints of request %s not applied (%r)", request.request_id, error)
-        start, hit, stored = self._lookups.pop(request.request_id, (0, 0, 0))
+        lookup = self._lookups.pop(request.request_id, None)
+        if lookup is None or lookup.result is None:
+            return  # the second call after an asynchronous load, or a request that was never looked up
+        start, hit, stored = lookup.result
         state.saved_upto = stored
         count = min(num_external_tokens // self._block_size, hit)
         if count <= 0:
             return
         block_ids = blocks.get_block_ids()[0]
         self._pending_loads[request.request_id] = LoadWork(
-            request.request_id, list(block_ids[start:start + count]), self._keys(request, start, start + count))
+            request.request_id, list(block_ids[start:start + count]), self._keys(request, start, start + count),
+            asynchronous=self._async_loads)
         self.stats["hit_blocks"] += count
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = KvtierConnectorMetadata(loads=list(self._pending_loads.values()))
+        self._lookup_wait_left = self._lookup_wait_s  # a new step: a new budget
+        meta = KvtierConnectorMetadata(loads=list(self._pending_loads.values()),
+                                       preempted=set(getattr(scheduler_output, "preempted_req_ids", None) or ()))
         self._pending_loads.clear()
 
         scheduled: list[tuple[str, int]] = [(r.req_id, r.num_computed_tokens)
@@ -512,6 +622,7 @@ class KvtierConnector(KVConnectorBase_V1):
             state.saved_upto = done
             if work.keys:
                 meta.saves.append(work)
+                self._saving.add(req_id)
         return meta
 
     def _block_ids(self, req_id: str) -> list[int]:
@@ -519,214 +630,221 @@ class KvtierConnector(KVConnectorBase_V1):
         return list(self._kv_cache_manager.get_block_ids(req_id)[0])
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """True (vLLM keeps the blocks until the workers report the request through get_finished) for a
+        request whose blocks were given to the workers to save: a save copies them in the background."""
         self._requests.pop(request.request_id, None)
-        self._lookups.pop(request.request_id, None)
+        self._lookups.pop(request.request_id, None)  # a lookup still running ends unread
         self._pending_loads.pop(request.request_id, None)
         self._hints.pop(request.request_id, None)
         self._peers.pop(request.request_id, None)
+        if request.request_id in self._saving:
+            self._saving.discard(request.request_id)
+            return True, None
         return False, None
 
     # ====================================== worker side =======================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         self._layout = BlockLayout(kv_caches, self._kv_cache_config.num_blocks)
+        self._copies = CopyStream(next(iter(kv_caches.values())).device)
         logger.info("kvtier: %d KV tensors, %d bytes per block, layout %s", len(kv_caches),
                     self._layout.block_bytes, self._layout.describe())
         try:  # map the arena now, not inside the first request (mapping pre-faults the whole arena)
-            info = self._daemon.arena(None)
+            arena = self._daemon.arena(None)
         except (grpc.RpcError, OSError) as error:
             self._log.warning("arena", "daemon unreachable at start (%s); will retry", _error_text(error))
             return
-        if self._layout.block_bytes > info.slot_bytes:
+        if self._layout.block_bytes > arena.slot_bytes:
             logger.error("kvtier: a block is %d bytes but the daemon's slots hold %d: nothing will be stored "
                          "(raise cpu.slot_bytes to at least the block size)", self._layout.block_bytes,
-                         info.slot_bytes)
+                         arena.slot_bytes)
             return
-        self._arena_views(info)
-
-    def _worker_arena(self):
-        """The mapped arena; after a failed call, checked against the daemon first (it may have restarted
-        with another generation or other limits)."""
-        if self._stale_arena:
-            arena = self._daemon.fresh_arena()
-            self._stale_arena = False
-            return arena
-        return self._daemon.arena(None)
+        self._arena_views(arena)
 
     def _arena_views(self, arena) -> ArenaViews:
-        """The layout's tensors over `arena`, built once per mapping (a daemon restart maps a new one)."""
-        if self._views_of is not arena:
-            self._views = None  # drop the old mapping's tensors first: they keep it alive
-            self._views = self._layout.arena_views(_arena_buffer(arena), arena.slot_bytes, arena.slot_count,
-                                                   arena.first_slot)
-            self._views_of = arena
-        return self._views
+        """The layout's tensors over `arena`, built once per mapping (a daemon restart maps a new one).
+        Over the mapping's own buffer (`arena.buffer`): the tensors keep it mapped while they exist."""
+        with self._views_lock:
+            if self._views_of is not arena:
+                self._views = None  # drop the old mapping's tensors first: they keep it alive
+                self._views = self._layout.arena_views(arena.buffer, arena.slot_bytes, arena.slot_count,
+                                                       arena.first_slot)
+                self._views_of = arena
+            return self._views
+
+    def _count(self, **counts: int) -> None:
+        with self._stats_lock:
+            for name, value in counts.items():
+                self.stats[name] += value
+
+    def _transfer_failed(self, kind: str, error: BaseException) -> None:
+        """A background save or load that raised: the daemon's limits are asked again, and it is logged
+        unless the breaker already said that the daemon is not answering."""
+        self._daemon.forget_limits()
+        if not isinstance(error, BreakerOpen):
+            self._log.warning(kind, "background %s failed (%s)", kind, _error_text(error))
+
+    # -- loads -----------------------------------------------------------------------------------------
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Before a step reuses preempted requests' blocks: no save copy reads them any more."""
+        if isinstance(kv_connector_metadata, KvtierConnectorMetadata) and kv_connector_metadata.preempted:
+            self._transfers.cancel(kv_connector_metadata.preempted)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        """Asynchronous loads go to the load thread (the request waits in WAITING_FOR_REMOTE_KVS until
+        get_finished reports it); synchronous ones (async_loads off) complete here, before the forward."""
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvtierConnectorMetadata)
-        if not meta.loads:
-            return
-        layout = self._layout
-        wanted = [(work.req_id, b, k) for work in meta.loads for b, k in zip(work.block_ids, work.keys)]
-        if layout is None:
-            self._fail_loads(wanted, "no KV caches registered")
-            return
-        unique = list(dict.fromkeys(k for _, _, k in wanted))
-        namespace = self._namespaces[0]
-        leases: list[int] = []
-        found: dict[bytes, pb.AcquiredBlock] = {}
-        corrupt: set[bytes] = set()
-        arena = None
-        try:
-            arena = self._worker_arena()
-            limit = arena.max_keys_per_request or DEFAULT_MAX_KEYS_PER_CALL
-            for start in range(0, len(unique), limit):
-                chunk = unique[start:start + limit]
-                reply = self._daemon.with_namespace(lambda: self._daemon.call(
-                    "Acquire", pb.AcquireRequest(namespace=namespace, keys=chunk)))
-                if reply.lease_id:
-                    leases.append(reply.lease_id)
-                arena = self._daemon.arena(reply.generation)
-                found.update(zip(chunk, reply.blocks))
-            views = self._arena_views(arena)
-            failed: list[tuple[str, int, bytes]] = []
-            slots, block_ids = [], []
-            for req_id, block_id, key in wanted:
-                block = found.get(key)
-                reason = self._check(block, arena, layout)
-                if reason:
-                    failed.append((req_id, block_id, key))
-                    if block is not None and block.found:
-                        corrupt.add(key)
-                    self._log.warning(f"load:{reason.split()[0]}", "block %s not loaded (%s); vLLM recomputes it",
-                                      key.hex()[:16], reason)
-                    continue
-                slots.append(block.slot)
-                block_ids.append(block_id)
-            views.unpack(slots, block_ids)
-            self.stats["loaded_blocks"] += len(block_ids)
+        after = self._copies.mark() if self._copies is not None and meta.loads else None
+        for work in meta.loads:
+            if work.asynchronous:
+                self._transfers.submit_load(work.req_id, work.block_ids,
+                                            lambda work=work: self._load(work, after))
+                continue
+            failed = self._load(work, after)
             if failed:
-                self._fail_loads(failed, None)
+                self._failed_reqs.add(work.req_id)
+                self._transfers.add_load_errors(failed)
+
+    def _load(self, work: LoadWork, after) -> set[int]:
+        """Loads one request's blocks; returns the block ids not loaded (vLLM recomputes them)."""
+        layout = self._layout
+        if layout is None:
+            self._load_failed(work.block_ids, "no KV caches registered")
+            return set(work.block_ids)
+        unique = list(dict.fromkeys(work.keys))
+        targets: dict[bytes, list[int]] = {}
+        for block_id, key in zip(work.block_ids, work.keys):
+            targets.setdefault(key, []).append(block_id)
+
+        def consume(arena, verified) -> None:
+            views = self._arena_views(arena)
+            slots = [block.slot for i, block in verified for _ in targets[unique[i]]]
+            block_ids = [b for i, _ in verified for b in targets[unique[i]]]
+            self._copies.run(after, lambda: views.unpack(slots, block_ids))
+        try:
+            outcome = load_blocks(self._daemon, self._namespaces[0], unique, layout.block_bytes, consume)
         except Exception as error:  # noqa: BLE001 - never fail the step: recompute instead
-            self._stale_arena = True
-            self._log.warning("load", "load of %d blocks failed (%s); vLLM recomputes them", len(wanted),
-                              _error_text(error))
-            self._fail_loads(wanted, None)
-        finally:
-            for lease_id in leases:
-                try:
-                    self._daemon.call("Release", pb.ReleaseRequest(lease_id=lease_id))
-                except grpc.RpcError:
-                    pass  # the lease expires on its own
-            if corrupt:  # drop the bad copies so that the recomputed blocks are stored again
-                try:
-                    self._daemon.call("Delete", pb.DeleteRequest(namespace=namespace, keys=sorted(corrupt)))
-                except grpc.RpcError as error:
-                    self._log.warning("delete", "could not delete %d corrupt blocks (%s)", len(corrupt),
-                                      _error_text(error))
+            self._daemon.forget_limits()
+            self._load_failed(work.block_ids, None if isinstance(error, BreakerOpen) else _error_text(error))
+            return set(work.block_ids)
+        failed = {b for i, key in enumerate(unique) if not outcome.loaded[i] for b in targets[key]}
+        self._count(loaded_blocks=len(work.block_ids) - len(failed))
+        self._explain(outcome)
+        if failed:
+            self._load_failed(sorted(failed), None)
+        return failed
 
-    @staticmethod
-    def _check(block, arena, layout: BlockLayout) -> str | None:
-        if block is None or not block.found or arena is None:
-            return "not found"
-        if block.length != layout.block_bytes:
-            return f"length {block.length} bytes, expected {layout.block_bytes}"
-        got = block_checksum(arena.view(block.slot)[:block.length])
-        if got != block.checksum:
-            return f"checksum {got:#x} != {block.checksum:#x}"
-        return None
+    def _explain(self, outcome) -> None:
+        if outcome.missing:
+            self._log.warning("load:not", "%d blocks not loaded (no longer stored); vLLM recomputes them",
+                              outcome.missing)
+        for key, length in outcome.wrong_length:
+            self._log.warning("load:length", "block %s not loaded (length %d bytes, expected %d); vLLM "
+                              "recomputes it", key.hex()[:16], length, self._layout.block_bytes)
+        if outcome.corrupt:
+            self._log.warning("load:checksum", "%d blocks not loaded (checksum mismatch in shared memory, first "
+                              "%s): deleted, vLLM recomputes them", len(outcome.corrupt), outcome.corrupt[0].hex()[:16])
+        if outcome.delete_error is not None:
+            self._log.warning("delete", "could not delete %d corrupt blocks (%s)", len(outcome.corrupt),
+                              _error_text(outcome.delete_error))
 
-    def _fail_loads(self, failed, reason: str | None) -> None:
+    def _load_failed(self, block_ids, reason: str | None) -> None:
         if reason:
-            self._log.warning("load", "%d blocks not loaded (%s); vLLM recomputes them", len(failed), reason)
-        for req_id, block_id, _ in failed:
-            self._load_errors.add(block_id)
-            self._failed_reqs.add(req_id)
-        self.stats["load_errors"] += len(failed)
+            self._log.warning("load", "%d blocks not loaded (%s); vLLM recomputes them", len(block_ids), reason)
+        self._count(load_errors=len(block_ids))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        return  # loads complete before the request is scheduled (asynchronous) or in start_load_kv
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
                       **kwargs: Any) -> None:
         return  # all layers are saved together in wait_for_save: one block = every layer
 
+    # -- saves -----------------------------------------------------------------------------------------
     def wait_for_save(self):
+        """Hands this step's saves to the save thread (async_saves) and returns: the copies and the
+        commits run while the engine goes on; vLLM keeps a finished request's blocks until get_finished
+        reports that no copy reads them. Past max_inflight_save_bytes a save is dropped, never waited for."""
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvtierConnectorMetadata)
+        self._transfers.expect(work.req_id for work in meta.saves)
         failed_reqs, self._failed_reqs = self._failed_reqs, set()
-        # A request whose load failed this step computed its later tokens against a missing block: its KV
-        # from this step is not stored (vLLM recomputes it, and the scheduler schedules the save again).
-        work = [(b, k, p, r, t, w.lora_name) for w in meta.saves if w.req_id not in failed_reqs
-                for b, k, p, r, t in zip(w.block_ids, w.keys, w.parents, w.retentions or [None] * len(w.keys),
-                                         w.token_ids or [[]] * len(w.keys))]
-        if not work or self._layout is None:
+        if not meta.saves or self._layout is None:
             return
-        try:
-            arena = self._worker_arena()
-        except Exception as error:  # noqa: BLE001 - a dropped save is only a future miss
-            self._stale_arena = True
-            self.stats["save_errors"] += len(work)
-            self._log.warning("save", "%d blocks not stored (%s)", len(work), _error_text(error))
-            return
-        limit = arena.max_keys_per_request or DEFAULT_MAX_KEYS_PER_CALL
-        for start in range(0, len(work), limit):
-            self._save(work[start:start + limit])
+        after = self._copies.mark()
+        for work in meta.saves:
+            # A request whose synchronous load failed this step computed its later tokens against a missing
+            # block: its KV from this step is not stored (vLLM recomputes it, and the save is scheduled again).
+            if work.req_id not in failed_reqs:
+                self._submit_save(work, after)
 
-    def _save(self, work: list[tuple[int, bytes, bytes, Any, list[int], str]]) -> None:
-        layout = self._layout
-        namespace = self._namespaces[0]
-        try:
-            self._daemon.ensure_namespaces()
-            reply = self._daemon.call("Allocate", pb.AllocateRequest(count=len(work),
-                                                                     wait_ms=self._allocate_wait_ms))
-        except grpc.RpcError as error:
-            self._stale_arena = True
-            self.stats["save_errors"] += len(work)
-            self._log.warning("save", "%d blocks not stored (%s)", len(work), _error_text(error))
-            return
-        try:
-            arena = self._daemon.arena(reply.generation)
-            if layout.block_bytes > arena.slot_bytes:
-                raise ValueError(f"block of {layout.block_bytes} bytes exceeds the slot size {arena.slot_bytes}")
-            slots = list(reply.slots)[:len(work)]
-            self._arena_views(arena).pack([b for b, *_ in work], slots)
-            entries = []
-            for slot, (_, key, parent, retention, token_ids, lora_name) in zip(slots, work):
-                entry = pb.CommitEntry(key=key, parent=parent, slot=slot, length=layout.block_bytes,
-                                       checksum=block_checksum(arena.view(slot)[:layout.block_bytes]),
-                                       token_ids=token_ids, lora_name=lora_name)
-                if retention is not None:
-                    entry.retention.CopyFrom(to_pb(retention))
-                entries.append(entry)
-            statuses = self._daemon.with_namespace(lambda: self._daemon.call("Commit", pb.CommitRequest(
-                allocation_id=reply.allocation_id, namespace=namespace, entries=entries,
-                origin=self._origin)).status)
-            stored = sum(1 for s in statuses if s == pb.STORED)
-            self.stats["saved_blocks"] += stored
-            self.stats["duplicate_blocks"] += len(statuses) - stored
-            self.stats["retained_blocks"] += sum(1 for s, (_, _, _, r, *_) in zip(statuses, work)
-                                                 if s == pb.STORED and r is not None)
-        except Exception as error:  # noqa: BLE001 - a dropped save is only a future miss
-            self._stale_arena = True
-            self.stats["save_errors"] += len(work)
-            self._log.warning("save", "%d blocks not stored (%s)", len(work), _error_text(error))
+    def _submit_save(self, work: SaveWork, after) -> None:
+        block_ids = list(work.block_ids)
+        blocks = [BlockToSave(key, parent, self._layout.block_bytes, retention, token_ids or (), work.lora_name)
+                  for key, parent, retention, token_ids in zip(
+                      work.keys, work.parents, work.retentions or [None] * len(work.keys),
+                      work.token_ids or [[]] * len(work.keys))]
+        nbytes = len(blocks) * self._layout.block_bytes
+
+        def run(job: SaveJob) -> None:
+            self._save(job, block_ids, blocks, after)
+        if not self._async_saves:
+            self._transfers.run_save_now(work.req_id, nbytes, run)
+        elif not self._transfers.submit_save(work.req_id, nbytes, run):
+            self._count(dropped_save_blocks=len(blocks))
+            self._log.warning("save:bound", "%d blocks not stored: %d bytes of saves already in flight "
+                              "(max_inflight_save_bytes)", len(blocks), self.stats["inflight_save_bytes"])
+
+    def _save(self, job: SaveJob, block_ids: list[int], blocks: list[BlockToSave], after) -> None:
+        def fill(arena, slots) -> None:
+            views = self._arena_views(arena)
+            job.start_copy()
             try:
-                self._daemon.call("Abort", pb.AbortRequest(allocation_id=reply.allocation_id))
-            except grpc.RpcError:
-                pass  # the allocation expires on its own
+                self._copies.run(after, lambda: views.pack(block_ids, slots))
+            finally:
+                job.end_copy()
+        try:
+            statuses = save_blocks(self._daemon, self._namespaces[0], blocks, fill,
+                                   allocate_wait_ms=self._allocate_wait_ms, origin=self._origin)
+        except SlotTooSmall as error:
+            self._count(save_errors=len(blocks))
+            self._log.warning("save:slot", "%s", error)
+            return
+        except grpc.RpcError as error:
+            self._count(save_errors=len(blocks))
+            self._daemon.forget_limits()
+            if not isinstance(error, BreakerOpen):
+                self._log.warning("save", "%d blocks not stored (%s)", len(blocks), _error_text(error))
+            return
+        stored = sum(1 for status in statuses if status == pb.STORED)
+        self._count(saved_blocks=stored, duplicate_blocks=sum(1 for s in statuses if s == pb.DUPLICATE),
+                    save_errors=len(statuses) - sum(1 for s in statuses if s in (pb.STORED, pb.DUPLICATE)),
+                    retained_blocks=sum(1 for s, b in zip(statuses, blocks)
+                                        if s == pb.STORED and b.retention is not None))
+
+    # -- completion ------------------------------------------------------------------------------------
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(saved, loaded): finished requests whose blocks no save copy reads any more, and requests whose
+        asynchronous loads ended (their failed blocks are in get_block_ids_with_load_errors by then)."""
+        if self._transfers is None:
+            return None, None
+        sending, receiving = self._transfers.finished(finished_req_ids)
+        return sending or None, receiving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        return self._transfers.take_load_errors() if self._transfers is not None else set()
 
     def shutdown(self):
+        if self._transfers is not None:
+            self._transfers.close()
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        if self._lookup_pool is not None:
+            self._lookup_pool.shutdown(wait=False, cancel_futures=True)
         logger.info("kvtier: %s connector stats %s", self._role.name.lower(), self.stats)
         self._views = self._views_of = None
         self._daemon.close()

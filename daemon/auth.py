@@ -1,11 +1,14 @@
 """Who is calling, and what they may see: principals for the client API (docs/security.md).
 
 Contract
-- On the Unix socket a caller is known by its uid and gid, read by the kernel (SO_PEERCRED) when it
-  opens a local session (daemon/sessions.py): `LocalIdentities` maps a configured uid or gid to its
-  tenant ([[tenant]] uids/gids) or to the administrators (server.admin_uids/admin_gids; when both
-  are empty, the daemon's own uid and root). Any other local user is refused. A local principal may
-  use the shared-memory arena: its tenant's own part.
+- On the Unix socket a caller is known by its uid, effective gid and supplementary groups, read by
+  the kernel (SO_PEERCRED, SO_PEERGROUPS) when it opens a local session (daemon/sessions.py):
+  `LocalIdentities` maps a configured uid or gid to its tenant ([[tenant]] uids/gids) or to the
+  administrators (server.admin_uids/admin_gids; when both are empty, the daemon's own uid and root).
+  Precedence: the uid, then the effective gid, then the supplementary groups; supplementary groups
+  that name more than one principal are refused (IdentityConflict), never settled by order. Any
+  other local user is refused. A local principal may use the shared-memory arena: its tenant's own
+  part.
 - On TCP a caller presents `authorization: Bearer <token>`. The daemon keeps only SHA-256 digests
   of tokens (server.tokens_file), each bound to one tenant or marked admin, optionally expiring.
 - A tenant's namespaces are the names that start with "<tenant>/". A tenant principal can read,
@@ -57,9 +60,22 @@ class Principal:
 LOCAL = Principal("local", local=True)  # the daemon's own calls and in-process tests
 
 
+class IdentityConflict(ValueError):
+    """A local user's supplementary groups name more than one principal; the message says which."""
+
+
 class LocalIdentities:
-    """Local users (uid, gid from SO_PEERCRED) to principals. A uid entry wins over a gid entry;
-    the gid is the caller's effective gid (supplementary groups are not consulted)."""
+    """Local users (uid, effective gid and supplementary groups, as the kernel reports them) to
+    principals. In order, the first step that names anyone decides:
+
+    1. the uid: an administrator uid, else a tenant's uid;
+    2. the effective gid: an administrator gid, else a tenant's gid;
+    3. the supplementary groups: every principal they name (the administrators count as one). Exactly
+       one: that principal. More than one: IdentityConflict. Picking one by list order would let the
+       order of a user's groups (which the daemon does not control) choose the tenant.
+
+    A user in two tenants' groups chooses by the effective gid its engine runs with (`sg`, systemd's
+    Group=); config validation keeps every uid and gid to one principal."""
 
     def __init__(self, admin_uids, admin_gids, tenants, own_uid: int):
         self._admin_uids = set(admin_uids) or ({own_uid, 0} if not admin_gids else set())
@@ -67,18 +83,42 @@ class LocalIdentities:
         self._uid_tenant = {uid: t.name for t in tenants for uid in t.uids}
         self._gid_tenant = {gid: t.name for t in tenants for gid in t.gids}
 
-    def resolve(self, uid: int, gid: int) -> Principal | None:
-        """The principal of a local user; None when the configuration names it nowhere."""
+    def resolve(self, uid: int, gid: int, groups=()) -> Principal | None:
+        """The principal of a local user; None when the configuration names it nowhere. Raises
+        IdentityConflict when only its supplementary groups match, and they match several principals."""
+        return self.identify(uid, gid, groups)[0]
+
+    def identify(self, uid: int, gid: int, groups=()) -> tuple[Principal | None, str]:
+        """(principal or None, what matched: "uid", "gid 500" or "supplementary gid 500"); see resolve."""
         name = f"uid {uid}"
         if uid in self._admin_uids:
-            return Principal(name, None, local=True)
+            return Principal(name, None, local=True), "uid"
         if uid in self._uid_tenant:
-            return Principal(name, self._uid_tenant[uid], local=True)
+            return Principal(name, self._uid_tenant[uid], local=True), "uid"
+        matched = self._by_gid(gid)
+        if matched is not False:
+            return Principal(name, matched, local=True), f"gid {gid}"
+        found: dict[str | None, int] = {}  # principal's tenant (None: the administrators) -> first gid
+        for group in sorted(set(groups)):
+            matched = self._by_gid(group)
+            if matched is not False:
+                found.setdefault(matched, group)
+        if len(found) > 1:
+            named = ", ".join(f"gid {g} ({'the administrators' if t is None else f'tenant {t}'})"
+                              for t, g in sorted(found.items(), key=lambda item: item[1]))
+            raise IdentityConflict(f"uid {uid}: its supplementary groups name more than one principal: {named}; "
+                                   "run its engine with the wanted group as its effective gid (sg, Group=), or "
+                                   "drop it from the other group")
+        if found:
+            (tenant, group), = found.items()
+            return Principal(name, tenant, local=True), f"supplementary gid {group}"
+        return None, ""
+
+    def _by_gid(self, gid: int):
+        """The tenant a gid belongs to, None for the administrators, False for nobody."""
         if gid in self._admin_gids:
-            return Principal(name, None, local=True)
-        if gid in self._gid_tenant:
-            return Principal(name, self._gid_tenant[gid], local=True)
-        return None
+            return None
+        return self._gid_tenant.get(gid, False)
 
 
 @dataclasses.dataclass(frozen=True)

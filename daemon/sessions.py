@@ -12,11 +12,13 @@ session on a second socket beside the gRPC one (`<server.socket>.session`, same 
                         "slot_bytes", "generation"}}
                        or {"error": "..."} and the connection closes.
 
-The kernel names the caller (SO_PEERCRED: uid and gid at connect time); `LocalIdentities` maps it
-to a principal. The session id (256 random bits) then goes with every gRPC call as metadata
-`x-kvtier-session`. A session lasts as long as the client keeps this connection open: when the
-process exits, the kernel closes it and the id stops working. Whoever holds the id acts as that
-principal, so a client must not hand it to another user (it is the uid's own authority).
+The kernel names the caller (SO_PEERCRED: uid and effective gid; SO_PEERGROUPS: its supplementary
+groups; both as they were at connect time); `LocalIdentities` maps them to a principal (uid first,
+then the effective gid, then the supplementary groups, which must not name two principals). The
+session id (256 random bits) then goes with every gRPC call as metadata `x-kvtier-session`. A
+session lasts as long as the client keeps this connection open: when the process exits, the kernel
+closes it and the id stops working. Whoever holds the id acts as that principal, so a client must
+not hand it to another user (it is the uid's own authority).
 
 Bounds: server.max_sessions sessions in all and a tenant's max_sessions for each tenant (so one
 tenant cannot take every session); a handshake must arrive within HANDSHAKE_TIMEOUT_S; anything a
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -35,13 +39,16 @@ import secrets
 import socket
 import struct
 
-from .auth import LocalIdentities, Principal
+from .auth import IdentityConflict, LocalIdentities, Principal
 
 log = logging.getLogger("kvtier.sessions")
 HELLO = b"KVTIER-SESSION 1\n"
 METADATA_KEY = "x-kvtier-session"
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_REPLY_BYTES = 64 << 10
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python 3.11 does not name it
+MAX_PEER_GROUPS = 65536  # the kernel's NGROUPS_MAX: no peer can have more
+FIRST_GROUPS_GUESS = 64  # the first buffer; a peer with more groups costs one more call (ERANGE says how many)
 
 
 def session_path(grpc_socket: str) -> str:
@@ -90,17 +97,25 @@ class Sessions:
                 hello = await reader.readexactly(len(HELLO))
             if hello != HELLO:
                 return self._refuse(writer, uid, "not a kvtier session handshake")
-            principal = self.identities.resolve(uid, gid)
+            try:
+                groups = peer_groups(sock.fileno())
+            except OSError as exc:
+                return self._refuse(writer, uid, f"its supplementary groups cannot be read: {exc}")
+            try:
+                principal, matched = self.identities.identify(uid, gid, groups)
+            except IdentityConflict as exc:
+                return self._refuse(writer, uid, str(exc))
             if principal is None:
-                return self._refuse(writer, uid, f"uid {uid} (gid {gid}) is neither a configured tenant's "
-                                                 "nor an administrator ([[tenant]] uids/gids, server.admin_uids)")
+                return self._refuse(writer, uid, f"uid {uid} (gid {gid}, {len(groups)} supplementary groups) is "
+                                                 "neither a configured tenant's nor an administrator "
+                                                 "([[tenant]] uids/gids, server.admin_uids/admin_gids)")
             full = self._full(principal)
             if full:
                 return self._refuse(writer, uid, full)
             session_id = secrets.token_hex(32)
             self._open[session_id] = principal
             self._per_tenant[principal.tenant or ""] += 1
-            await self._welcome(writer, sock, session_id, principal)
+            await self._welcome(writer, sock, session_id, principal, matched)
             while await reader.read(4096):  # until the client closes: then the session ends
                 pass
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
@@ -119,7 +134,7 @@ class Sessions:
             return f"tenant {principal.tenant} has its max_sessions ({limit}) sessions open"
         return None
 
-    async def _welcome(self, writer, sock, session_id: str, principal: Principal) -> None:
+    async def _welcome(self, writer, sock, session_id: str, principal: Principal, matched: str) -> None:
         part_index = self.part_of(principal)
         part = self.arena.parts[part_index]
         reply = {"session": session_id, "principal": principal.name, "tenant": principal.tenant,
@@ -135,8 +150,9 @@ class Sessions:
             sent = socket.send_fds(dup, [struct.pack(">I", len(body)) + body], [part.fd])
         if sent != 4 + len(body):
             raise ConnectionError(f"session reply cut short ({sent} of {4 + len(body)} bytes)")
-        log.info("local session for %s (%s): arena part %s", principal.name,
-                 f"tenant {principal.tenant}" if principal.tenant else "administrator", part.name or "admin")
+        log.info("local session for %s (%s, by its %s): arena part %s", principal.name,
+                 f"tenant {principal.tenant}" if principal.tenant else "administrator", matched,
+                 part.name or "admin")
 
     def _refuse(self, writer, uid: int, why: str) -> None:
         self.refused += 1
@@ -149,3 +165,37 @@ def _peer_credentials(sock) -> tuple[int, int]:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, gid = struct.unpack("3i", creds)
     return uid, gid
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.POINTER(ctypes.c_uint32)]
+_warned_no_groups = False
+
+
+def peer_groups(fd: int, first_guess: int = FIRST_GROUPS_GUESS) -> tuple[int, ...]:
+    """The supplementary groups of a Unix socket's peer (SO_PEERGROUPS: as they were at connect).
+
+    Python's socket.getsockopt takes at most 1024 bytes (256 groups), so libc's getsockopt is called
+    directly: a buffer too small fails with ERANGE and the needed length written back, and the call
+    is made once more with that length (the peer's credentials are fixed at connect, so it cannot
+    grow again). At most MAX_PEER_GROUPS. A kernel without SO_PEERGROUPS (before 4.13) gives no
+    supplementary groups (logged once): uids and effective gids still match. Raises OSError otherwise."""
+    global _warned_no_groups
+    count = max(1, min(first_guess, MAX_PEER_GROUPS))
+    for _ in range(2):
+        buffer = (ctypes.c_uint32 * count)()
+        length = ctypes.c_uint32(ctypes.sizeof(buffer))
+        if _libc.getsockopt(fd, socket.SOL_SOCKET, SO_PEERGROUPS, buffer, ctypes.byref(length)) == 0:
+            return tuple(buffer[:length.value // 4])
+        code = ctypes.get_errno()
+        if code == errno.ENOPROTOOPT:
+            if not _warned_no_groups:
+                _warned_no_groups = True
+                log.warning("this kernel has no SO_PEERGROUPS: supplementary groups of local clients are not "
+                            "consulted, only their uid and effective gid")
+            return ()
+        if code != errno.ERANGE or not count < length.value // 4 <= MAX_PEER_GROUPS:
+            raise OSError(code, f"getsockopt(SO_PEERGROUPS): {os.strerror(code)}")
+        count = length.value // 4
+    raise OSError(errno.ERANGE, "getsockopt(SO_PEERGROUPS): the group list kept growing")

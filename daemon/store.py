@@ -12,6 +12,9 @@ Contract
     durability futures;
   - the disk tier's LMDB: what is durable, and which S3 uploads are still owed (recorded in the
     same transaction as the block's index entry);
+  - `_disk_changed`: the count of blocks on disk and each tenant's bytes there (`tenant_disk_bytes`),
+    moved with the catalog's DISK bit on every path that sets or clears it (recovery, write-through,
+    eviction, quarantine, delete);
   - the retention policy of each memory tier: the block's retention while it is there
     (`Block.retention` is re-applied whenever a tier installs the block).
 - Commit returns once the blocks are in the CPU tier. With `wait_durable` it returns once every
@@ -25,6 +28,13 @@ Contract
   slot: a client guessing at what a slot held before learns at most one bit per allocation it
   gives up, not which guess was right. Verification failures are logged (principal, allocation,
   entry count; never bytes) and counted per principal (`verification_failures`).
+- A tenant's `disk_capacity` bounds the payload bytes of its blocks on disk: the write-through
+  skips a block that would exceed it (the block stays in the CPU tier only, is never uploaded to
+  S3, and a wait_durable commit of it answers RESOURCE_EXHAUSTED), counted in
+  `tenant_disk_refused` and logged at most once a minute per tenant. Skipping, not dropping the
+  tenant's oldest blocks: the disk tier frees space only by evicting whole oldest segments, which
+  hold every tenant's blocks, so a tenant that kept rewriting within its quota would still age
+  everyone's blocks off the disk; one that writes nothing more cannot.
 - The arena has one part per tenant (tiers/arena.py): a namespace "<tenant>/..." of a configured
   tenant lives in that tenant's part, every other namespace in part 0 (the administrators'). A
   block's slot, an allocation's slots and a promotion's slot are always in its namespace's part, so
@@ -76,6 +86,7 @@ PROMOTION_WAIT_MS = 2000     # a reader waits this long for CPU room, then takes
 READ_RESERVE_SHARE = 256     # 1/256 of the arena's slots is kept for promotions
 HASH_OFF_LOOP_BYTES = 1 << 20  # commits hashing more than this hash on a worker thread
 STUCK_AFTER_S = 10.0         # write-through failing this long makes the daemon report NOT_SERVING
+QUOTA_LOG_INTERVAL_S = 60.0  # at most one line per tenant this often about blocks its disk_capacity kept off disk
 VERIFY_FAILED = "verification failed; the allocation was aborted; nothing was committed"
 
 
@@ -102,6 +113,7 @@ class Counters:
     durable_timeouts: int = 0
     leases_expired: int = 0
     tenant_pulls_refused: int = 0  # peer pulls not made: the tenant had its max_pulls in flight
+    tenant_disk_refused: int = 0   # blocks not written to disk: their tenant's disk_capacity was full
     allocations_expired: int = 0
 
 
@@ -154,6 +166,8 @@ class BlockStore:
         arena = SharedArena(_arena_prefix(cfg), parts, cfg.cpu.slot_bytes)
         self.cpu = CpuTier(arena, POLICIES[cfg.cpu.policy](), POLICIES[cfg.cpu.policy])
         self._tenant_parts = {t.name: index + 1 for index, t in enumerate(cfg.tenant)}
+        self._disk_quotas = {t.name: t.disk_capacity for t in cfg.tenant if t.disk_capacity}
+        self._quota_log: dict[str, tuple[float, int]] = {}  # tenant -> (last line, refusals since)
         self.disk: DiskTier | None = None
         self.s3sync = None  # daemon.s3sync.S3Sync when the S3 tier is on
         self.gpu: GpuTier | None = None
@@ -175,7 +189,8 @@ class BlockStore:
         self._s3_tier = s3_tier
         self.fatal_error: str | None = None
         self.write_error: tuple[float, str] | None = None  # (since, why) while write-through fails
-        self.disk_blocks = 0
+        self.disk_blocks = 0  # blocks with the DISK bit; these two change in _disk_changed only
+        self.tenant_disk_bytes: collections.Counter[str] = collections.Counter()  # configured tenants' payload bytes
         self.peers = None  # daemon.peers.PeerFetcher, when peers are configured (metrics read it)
 
     @property
@@ -185,6 +200,11 @@ class BlockStore:
     @property
     def arena(self) -> SharedArena:
         return self.cpu.arena
+
+    def tenant_of(self, namespace: str) -> str | None:
+        """The configured tenant owning the namespace ("<tenant>/..."), or None (administrators')."""
+        tenant, slash, _ = namespace.partition("/")
+        return tenant if slash and tenant in self._tenant_parts else None
 
     def part_of(self, namespace: str) -> int:
         """The arena part holding the namespace's CPU copies: its tenant's, or part 0 (admins')."""
@@ -215,6 +235,11 @@ class BlockStore:
             recovery = await self._on_writer(self.disk.recover)
             await self._adopt_disk()
             report += "; " + recovery.summary()
+            for tenant, quota in self._disk_quotas.items():
+                if self.tenant_disk_bytes[tenant] > quota:
+                    log.warning("tenant %s has %d bytes on disk, over its disk_capacity of %d: none of its new "
+                                "blocks is written to disk until deletes or evictions bring it below",
+                                tenant, self.tenant_disk_bytes[tenant], quota)
         if self.cfg.s3.enabled:
             from .s3sync import S3Sync  # noqa: PLC0415 - boto3 only when the S3 tier is on
             self.s3sync = S3Sync(self, self.cfg.s3, self._s3_tier)
@@ -239,7 +264,7 @@ class BlockStore:
                       entry.created_unix_ms, entry.created_unix_ms, tiers=DISK, token_ids=entry.token_ids,
                       origin=interned(entry.origin))
         self.catalog.add(block)
-        self.disk_blocks += 1
+        self._disk_changed(block, 1)
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
         """A supervised background task: if it ever ends while the store runs, the daemon stops."""
@@ -538,6 +563,9 @@ class BlockStore:
             if not batch:
                 self._backlog_ready.clear()
                 continue
+            batch = self._within_disk_quotas(batch)
+            if not batch:
+                continue
             records = [(_header(block), self.arena.view(item.slot)) for block, item in batch]
             uploads = [item.upload for _, item in batch]
             try:
@@ -581,6 +609,52 @@ class BlockStore:
         self._signal_space()
         return bool(modified)
 
+    def _within_disk_quotas(self, batch):
+        """The batch less the blocks whose tenant's disk_capacity they would exceed (counted with the
+        blocks of the batch before them). Those leave the queue: their write hold is released, so
+        the CPU tier keeps them like any other block, and their durability future fails."""
+        if not self._disk_quotas:
+            return batch
+        planned: collections.Counter[str] = collections.Counter()
+        kept = []
+        for block, item in batch:
+            tenant = self.tenant_of(block.namespace)
+            quota = self._disk_quotas.get(tenant) if tenant is not None else None
+            if quota is not None and self.tenant_disk_bytes[tenant] + planned[tenant] + block.length > quota:
+                self._refuse_disk(block, tenant, quota)
+                continue
+            if tenant is not None:
+                planned[tenant] += block.length
+            kept.append((block, item))
+        if len(kept) < len(batch):
+            self._signal_space()
+        return kept
+
+    def _refuse_disk(self, block: Block, tenant: str, quota: int) -> None:
+        item = self._pending.pop(block)
+        self.cpu.release(item.slot, WRITE)
+        self.counters.tenant_disk_refused += 1
+        item.durable.set_exception(exhausted(
+            f"tenant {tenant} has its disk_capacity ({quota} bytes) of blocks on disk: block {block.key.hex()} "
+            "is kept in memory only (not durable); delete some of the tenant's blocks to make room"))
+        item.durable.exception()  # retrieved: a waiter may or may not exist
+        last, since = self._quota_log.get(tenant, (float("-inf"), 0))
+        now = time.monotonic()
+        if now - last < QUOTA_LOG_INTERVAL_S:
+            self._quota_log[tenant] = (last, since + 1)
+            return
+        self._quota_log[tenant] = (now, 0)
+        log.warning("tenant %s: %d blocks not written to disk (kept in memory only, not uploaded to S3): "
+                    "%d bytes of its blocks are on disk, its disk_capacity is %d", tenant, since + 1,
+                    self.tenant_disk_bytes[tenant], quota)
+
+    def _disk_changed(self, block: Block, change: int) -> None:
+        """The block's DISK bit was just set (change 1) or cleared (-1)."""
+        self.disk_blocks += change
+        tenant = self.tenant_of(block.namespace)
+        if tenant is not None:
+            self.tenant_disk_bytes[tenant] += change * block.length
+
     def _landed_on_disk(self, block: Block, entry: DiskEntry) -> None:
         assert entry.key == block.key and entry.checksum == block.checksum, "disk wrote another block"
         item = self._pending.pop(block)
@@ -589,7 +663,7 @@ class BlockStore:
         self.counters.disk_write_bytes += block.length
         if self.catalog.get(block.namespace, block.key) is block and not block.tiers & DISK:
             block.tiers |= DISK
-            self.disk_blocks += 1
+            self._disk_changed(block, 1)
             self.events.emit(pb.BLOCK_STORED, block.namespace, block.key, DISK, length=block.length,
                              parent=block.parent)
         if item.upload and self.s3sync is not None:
@@ -617,7 +691,8 @@ class BlockStore:
         elif tier == GPU and not already_removed:
             self.gpu.remove(block)
         block.tiers &= ~tier
-        self.disk_blocks -= tier == DISK
+        if tier == DISK:
+            self._disk_changed(block, -1)
         if tier == S3:
             self.s3sync.dropped(block)
         self.events.emit(pb.BLOCK_REMOVED, block.namespace, block.key, tier, length=block.length)
@@ -997,6 +1072,17 @@ class BlockStore:
             assert all(self.arena.part_of(slot) == held.part for slot in held.items), "allocation across parts"
         for block, item in self._pending.items():
             assert block in self.cpu and self.cpu.slot_of(block) == item.slot and self.cpu.holds(block)[WRITE]
+        on_disk: collections.Counter[str] = collections.Counter()
+        disk_blocks = 0
+        for name, ns in self.catalog.namespaces.items():
+            tenant = self.tenant_of(name)
+            for block in ns.blocks.values():
+                if block.tiers & DISK:
+                    disk_blocks += 1
+                    if tenant is not None:
+                        on_disk[tenant] += block.length
+        assert disk_blocks == self.disk_blocks, f"disk_blocks {self.disk_blocks}, catalog says {disk_blocks}"
+        assert +self.tenant_disk_bytes == on_disk, f"tenant disk bytes {self.tenant_disk_bytes}, catalog {on_disk}"
         assert len(self._pending) <= self.cfg.disk.queue_blocks + self.arena.slot_count
 
 

@@ -7,7 +7,13 @@ SPEC: {"model": dir, "socket": kvtierd socket or null (no connector), "hash_algo
        "extra_config": optional, merged into kv_connector_extra_config,
        "prompts": [{"tokens": [...], "salt": optional str, "max_tokens": optional,
                     "kv_transfer_params": optional (SamplingParams.extra_args, as the OpenAI server passes it),
-                    "sigstop": optional pid, SIGSTOPped (a hung kvtierd) before this prompt runs}]}
+                    "sigstop": optional pid, SIGSTOPped (a hung kvtierd) before this prompt runs,
+                    "wait_for": optional path: before this prompt, write PATH.waiting and wait until PATH
+                                exists (the test restarts the daemon meanwhile),
+                    "reset_prefix_cache": optional, empty vLLM's own prefix cache before this prompt,
+                    "sigcont": optional pid, SIGCONTed before this prompt (after "sigstop"),
+                    "wait_breaker_closed": optional, before this prompt wait until both connectors'
+                                           circuit breakers closed again}]}
 OUT:  {"results": [{"tokens": [...], "num_cached_tokens": n, "keys": [hex, ...] of every full block of
        prompt + output, "seconds": the prompt's wall time}, ...], "stats": connector worker stats,
        "scheduler_stats": the scheduler connector's stats (in-process engine core), "startup_s", "run_s"}
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -36,6 +43,48 @@ def block_keys(spec: dict, tokens: list[int], block_size: int = 32) -> list[str]
         parent = hash_block_tokens(hash_fn, parent, tokens[start:start + block_size], None)
         keys.append(bytes(parent).hex())
     return keys
+
+
+def _wait_for_file(path: str, timeout_s: float = 300.0) -> None:
+    with open(path + ".waiting", "w"):
+        pass
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
+        time.sleep(0.05)
+
+
+def _wait_breakers_closed(llm, timeout_s: float = 60.0) -> None:
+    """Until the scheduler's and the worker's connectors closed their circuit breakers (their health
+    probes found the daemon serving again)."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+    connectors = [llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector(), get_kv_transfer_group()]
+    deadline = time.monotonic() + timeout_s
+    while any(c.stats["breaker_open"] for c in connectors):
+        assert time.monotonic() < deadline, f"circuit breakers still open after {timeout_s} s"
+        time.sleep(0.05)
+
+
+def _settle_saves() -> bool | None:
+    """Waits until the worker connector's background saves of the prompts so far are committed, so that
+    the next prompt's lookup sees them (the readiness signal: its transfer engine is idle). None
+    without a connector."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+    if not has_kv_transfer_group():
+        return None
+    transfers = getattr(get_kv_transfer_group(), "_transfers", None)
+    return transfers.wait_idle(60.0) if transfers is not None else None
+
+
+def _drain(llm) -> None:
+    """Steps the in-process engine until no finished request waits for the connector: a request whose
+    blocks are being saved is reported done at a later step, and an offline engine only steps inside
+    generate (a server's engine loop keeps stepping by itself)."""
+    core = llm.llm_engine.engine_core.engine_core
+    deadline = time.monotonic() + 60.0
+    while core.scheduler.has_finished_requests():
+        assert time.monotonic() < deadline, "finished requests still held by the connector after 60 s"
+        core.step()
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -62,6 +111,14 @@ def main(spec_path: str, out_path: str) -> None:
     for prompt in spec["prompts"]:
         if prompt.get("sigstop"):
             sigstop(prompt["sigstop"])
+        if prompt.get("sigcont"):
+            os.kill(prompt["sigcont"], signal.SIGCONT)
+        if prompt.get("wait_breaker_closed"):
+            _wait_breakers_closed(llm)
+        if prompt.get("wait_for"):
+            _wait_for_file(prompt["wait_for"])
+        if prompt.get("reset_prefix_cache"):
+            assert llm.reset_prefix_cache(), "vLLM did not reset its prefix cache"
         prompt_started = time.monotonic()
         extra_args = ({"kv_transfer_params": prompt["kv_transfer_params"]} if "kv_transfer_params" in prompt
                       else None)
@@ -73,9 +130,13 @@ def main(spec_path: str, out_path: str) -> None:
         (output,) = llm.generate([request], params, use_tqdm=False)
         tokens = list(output.outputs[0].token_ids)
         seconds = time.monotonic() - prompt_started
+        settled = _settle_saves()
+        if settled is not None:
+            _drain(llm)
         results.append({"tokens": tokens, "num_cached_tokens": output.num_cached_tokens or 0,
                         "keys": None if prompt.get("salt") or not spec.get("keys", True)
-                        else block_keys(spec, prompt["tokens"] + tokens), "seconds": seconds})
+                        else block_keys(spec, prompt["tokens"] + tokens), "seconds": seconds,
+                        "saves_settled": settled})
     stats = scheduler_stats = None
     try:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group

@@ -235,7 +235,11 @@ def test_vllm_serve_stores_loads_and_survives_a_server_restart(make_daemon, mode
     timings["start2"] = second.wait_ready()
     four = second.complete(model)
     assert four == one
-    assert _hits(daemon) == {key: 2 for key in stored}
+    hits = _hits(daemon)
+    if hits != {key: 2 for key in stored}:
+        second.stop()
+        raise AssertionError(f"not loaded from kvtier: hits {list(hits.values())}, connector stats "
+                             f"{connector_stats(second.log())}\n{second.log()[-3000:]}")
     started = time.monotonic()
     assert second.stop() == 0
     timings["stop2"] = time.monotonic() - started

@@ -25,6 +25,16 @@ def session(sock: str) -> dict:
             "shm_files": glob.glob("/dev/shm/kvtier*")}
 
 
+def whoami(sock: str) -> dict:
+    """The principal a session is opened for, or the refusal's status code and details."""
+    try:
+        s = LocalSession.open(sock)
+    except grpc.RpcError as exc:
+        return {"error": exc.code().name, "details": exc.details()}
+    s.close()
+    return {"principal": s.principal, "tenant": s.tenant, "prefix": s.namespace_prefix}
+
+
 def store(sock: str, namespace: str, key: str, text: str) -> dict:
     with Client(sock, timeout=30) as c:
         c.register_namespace(namespace)
@@ -47,6 +57,28 @@ def store_many(sock: str, namespace: str, count: str) -> dict:
         statuses = [c.put_blocks(namespace, [(index.to_bytes(32, "big"), b"", b"filler" * 1000)], wait_ms=30_000)[0]
                     for index in range(int(count))]
         return {"stored": statuses.count(1)}
+
+
+def store_durable(sock: str, namespace: str, count: str, size: str) -> dict:
+    """Stores `count` distinct blocks of `size` bytes one wait_durable commit at a time: how many were
+    acknowledged durable, how many refused RESOURCE_EXHAUSTED (and the first refusal's details)."""
+    out = {"durable": 0, "refused": 0, "why": ""}
+    with Client(sock, timeout=60) as c:
+        c.register_namespace(namespace)
+        for index in range(int(count)):
+            data = index.to_bytes(4, "big") * (int(size) // 4)
+            try:
+                status = c.put_blocks(namespace, [(index.to_bytes(32, "big"), b"", data)], wait_durable=True,
+                                      wait_ms=30_000)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                out["refused"] += 1
+                out["why"] = out["why"] or exc.details()
+                continue
+            assert status == [1], status
+            out["durable"] += 1
+    return out
 
 
 def get(sock: str, namespace: str, key: str) -> dict:

@@ -14,7 +14,9 @@ with recovery, and checks the invariants after every step:
 
 Two principals share the store: seeds above TENANT_SEEDS_FROM go to tenant t's namespace, whose
 blocks live in its own arena part (the store's invariant check asserts that no block and no
-allocation crosses parts).
+allocation crosses parts, and that the per-tenant disk bytes agree with the catalog). Tenant t has a
+disk_capacity of T_DISK_QUOTA (four blocks): its blocks on disk, in the catalog and in the disk
+index, never exceed it, and the run must have refused some of its writes.
 
 CI runs a bounded number of examples; KVTIER_MODEL_EXAMPLES=200 runs a longer check.
 """
@@ -45,6 +47,7 @@ SEEDS = st.integers(min_value=1, max_value=48)
 EXAMPLES = int(os.environ.get("KVTIER_MODEL_EXAMPLES", "12"))
 DISK = pb.TIER_DISK
 TENANT_SEEDS_FROM = 33  # seeds 33..48 are tenant t's: "t/ns", in its own (smaller) arena part
+T_DISK_QUOTA = 4 * len(blob(TENANT_SEEDS_FROM))  # tenant t's disk_capacity: four of its blocks
 
 
 def ns_of(seed: int) -> str:
@@ -80,7 +83,8 @@ class StoreModel(RuleBasedStateMachine):
     def _open(self):
         from pathlib import Path
         cfg = store_config(Path(self.dir), self.server.endpoint_url, self.bucket,
-                           tenants=[{"name": "t", "uids": [40200], "cpu_capacity": "512KiB"}],
+                           tenants=[{"name": "t", "uids": [40200], "cpu_capacity": "512KiB",
+                                     "disk_capacity": T_DISK_QUOTA}],
                            cpu={"capacity": "1MiB", "policy": "retention"},
                            disk={"capacity": "8MiB", "segment_bytes": "1MiB", "batch_blocks": 4,
                                  "queue_blocks": 8, "durable_wait_ms": 400})
@@ -97,6 +101,7 @@ class StoreModel(RuleBasedStateMachine):
 
     def teardown(self):
         if self.store is not None:
+            StoreModel.disk_refused += self.store.counters.tenant_disk_refused
             self.run(_bounded(self.store.close(5), "closing the store"))
         self.loop.close()
 
@@ -202,6 +207,7 @@ class StoreModel(RuleBasedStateMachine):
     def _crash(self):
         """kill -9 between two disk batches: nothing is drained, queued blocks are simply gone."""
         store = self.store
+        StoreModel.disk_refused += store.counters.tenant_disk_refused
 
         async def crash():
             store._closing = True
@@ -231,6 +237,14 @@ class StoreModel(RuleBasedStateMachine):
         assert holds[READER] == sum(len(h.items) for h in store.leases._held.values())
         assert holds[WRITE] == store.backlog
         assert holds[UPLOAD] <= len(store.s3sync._uploading)
+
+    @invariant()
+    def tenant_t_stays_within_its_disk_quota(self):
+        if self.store is None:
+            return
+        assert self.store.tenant_disk_bytes["t"] <= T_DISK_QUOTA, self.store.tenant_disk_bytes
+        indexed = sum(entry.length for entry in self.store.disk.entries() if entry.namespace.startswith("t/"))
+        assert indexed <= T_DISK_QUOTA, f"tenant t has {indexed} bytes in the disk index"
 
     @invariant()
     def durable_blocks_are_readable(self):
@@ -292,6 +306,7 @@ def model_env(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "WRITE_RETRY_S", (0.01, 0.02))
     StoreModel.tmp = str(tmp_path)
     StoreModel.examples = 0
+    StoreModel.disk_refused = 0
     shared_server().reset()
 
 
@@ -303,3 +318,4 @@ def test_the_store_keeps_its_promises_under_faults(model_env):
                                 phases=[Phase.explicit, Phase.reuse, Phase.generate],
                                 suppress_health_check=list(HealthCheck))
     machine().runTest()
+    assert StoreModel.disk_refused, "no write of tenant t ever met its disk_capacity: the quota went unexercised"

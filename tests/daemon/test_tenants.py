@@ -17,7 +17,8 @@ import pytest
 from kvtier.client.client import Client
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
-from conftest import wait_for
+from conftest import scrape_metrics, wait_for
+from s3server import free_port
 
 UID_A, UID_B, STRANGER = 40001, 40002, 40003
 KEY = "6b" * 32
@@ -29,10 +30,13 @@ TENANTS = [{"name": "a", "uids": [UID_A], "cpu_capacity": "1MiB", "max_leases": 
            {"name": "b", "uids": [UID_B], "cpu_capacity": "1MiB"}]
 
 
-def run_as(uid: int, daemon, step: str, *args: str) -> dict:
-    """Runs one _as_tenant.py step as `uid` (its own process, no supplementary groups)."""
+def run_as(uid: int, daemon, step: str, *args: str, gid: int | None = None, groups: list[int] = ()) -> dict:
+    """Runs one _as_tenant.py step as `uid` in its own process: effective gid `gid` (default: the uid's
+    number) and exactly the supplementary `groups` (default: none)."""
     assert SETPRIV, "setpriv (util-linux) is needed for the multi-user tests"
-    done = subprocess.run([SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable,
+    gid = uid if gid is None else gid
+    supplementary = [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+    done = subprocess.run([SETPRIV, f"--reuid={uid}", f"--regid={gid}", *supplementary, sys.executable,
                            HELPER, daemon.socket, step, *args], capture_output=True, text=True, timeout=120,
                           env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     assert done.returncode == 0, f"{step} as uid {uid} failed:\n{done.stderr[-3000:]}"
@@ -120,3 +124,114 @@ def test_a_tenant_filling_its_arena_part_evicts_only_its_own_blocks(node):
         assert admin.stat("b/m", bytes.fromhex(KEY)).tiers & pb.TIER_CPU  # b's CPU copy untouched
         cpu = sum(1 for block in admin.iter_inventory("a/fill") if block.tiers & pb.TIER_CPU)
         assert cpu <= 16  # a's blocks never spilled into another part
+
+
+# Tenants named by group only, and an administrators' group: a user's supplementary groups decide.
+UID_C, GID_G, GID_H, GID_ADMIN = 40004, 41001, 41002, 41000
+GROUP_TENANTS = TENANTS + [{"name": "g", "gids": [GID_G], "cpu_capacity": "1MiB"},
+                           {"name": "h", "gids": [GID_H], "cpu_capacity": "1MiB"}]
+
+
+@pytest.fixture
+def group_node(make_daemon):
+    return make_daemon({"server.socket_mode": "0666", "server.admin_uids": [0], "server.admin_gids": [GID_ADMIN],
+                        "tenant": GROUP_TENANTS})
+
+
+def test_a_supplementary_group_makes_a_user_its_groups_tenant(group_node):
+    # uid and effective gid are named nowhere: only the supplementary group is.
+    assert run_as(UID_C, group_node, "whoami")["error"] == "PERMISSION_DENIED"
+    assert run_as(UID_C, group_node, "whoami", groups=[GID_G]) == {"principal": f"uid {UID_C}", "tenant": "g",
+                                                                   "prefix": "g/"}
+    assert run_as(UID_C, group_node, "store", "g/m", KEY, "g's block", groups=[GID_G])["status"] == [1]
+    assert run_as(UID_C, group_node, "read", "g/m", KEY, groups=[GID_G]) == {"data": "g's block"}
+    assert run_as(UID_C, group_node, "read", "h/m", KEY, groups=[GID_G]) == {"error": "PERMISSION_DENIED"}
+    assert f"local session for uid {UID_C} (tenant g, by its supplementary gid {GID_G})" in group_node.log()
+    assert run_as(UID_C, group_node, "whoami", groups=[GID_ADMIN])["tenant"] is None  # an administrator
+
+
+def test_hundreds_of_supplementary_groups_are_all_read(group_node):
+    # More groups than the first buffer holds (64) and than Python's getsockopt can return (256): the
+    # tenant's group comes last, so it is found only if the whole list is read.
+    groups = list(range(42000, 42300)) + [GID_H]
+    assert run_as(UID_C, group_node, "whoami", groups=groups)["tenant"] == "h"
+
+
+def test_groups_of_two_principals_are_refused_not_picked(group_node):
+    refused = run_as(UID_C, group_node, "whoami", groups=[GID_H, GID_G])
+    assert refused["error"] == "PERMISSION_DENIED"
+    why = (f"uid {UID_C}: its supplementary groups name more than one principal: gid {GID_G} (tenant g), "
+           f"gid {GID_H} (tenant h)")
+    assert why in refused["details"]
+    assert f"local session refused for uid {UID_C}: {why}" in group_node.log()
+    both = run_as(UID_C, group_node, "whoami", groups=[GID_G, GID_ADMIN])  # a tenant's and the admins'
+    assert both["error"] == "PERMISSION_DENIED" and "the administrators" in both["details"]
+    # Groups of one tenant only, however many, are no conflict.
+    assert run_as(UID_C, group_node, "whoami", groups=[GID_G, 42000])["tenant"] == "g"
+
+
+def test_the_effective_gid_wins_over_supplementary_groups_and_the_uid_over_both(group_node):
+    assert run_as(UID_C, group_node, "whoami", gid=GID_H, groups=[GID_G])["tenant"] == "h"
+    assert run_as(UID_C, group_node, "whoami", gid=GID_H, groups=[GID_G, GID_ADMIN])["tenant"] == "h"
+    assert run_as(UID_A, group_node, "whoami", gid=GID_H, groups=[GID_G])["tenant"] == "a"
+
+
+# A small disk tier (2 MiB; segments of three 60 kB blocks) that tenant a's writes alone overflow.
+BLOCK = 60_000
+
+
+def small_disk_node(make_daemon, a_disk_capacity: int):
+    return make_daemon({"server.socket_mode": "0666", "cpu.capacity": "1MiB", "disk.capacity": "2MiB",
+                        "disk.segment_bytes": "256KiB", "metrics.listen": f"127.0.0.1:{free_port()}",
+                        "tenant": [{**TENANTS[0], "disk_capacity": a_disk_capacity}, TENANTS[1]]})
+
+
+def on_disk(node, namespace: str, count: int) -> int:
+    """How many of blocks 0..count-1 of `namespace` the disk tier holds (the admin's view)."""
+    found = 0
+    with Client(node.socket) as admin:
+        for index in range(count):
+            try:
+                found += bool(admin.stat(namespace, index.to_bytes(32, "big")).tiers & pb.TIER_DISK)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND, exc  # gone from every tier
+    return found
+
+
+def test_a_tenant_filling_its_disk_quota_leaves_the_other_tenants_blocks_on_disk(make_daemon):
+    node = small_disk_node(make_daemon, 4 * BLOCK)
+    assert run_as(UID_B, node, "store_durable", "b/m", "3", str(BLOCK))["durable"] == 3
+    a = run_as(UID_A, node, "store_durable", "a/fill", "40", str(BLOCK))  # 2.4 MB: more than the whole disk tier
+    assert (a["durable"], a["refused"]) == (4, 36)
+    assert "tenant a has its disk_capacity (240000 bytes) of blocks on disk" in a["why"]
+    assert on_disk(node, "b/m", 3) == 3 and on_disk(node, "a/fill", 40) == 4
+    metrics = scrape_metrics(node.overrides["metrics.listen"])
+    assert metrics["kvtier_tenant_disk_refused_total"] == 36 and metrics["kvtier_disk_evictions_total"] == 0
+    assert node.log().count("tenant a: 1 blocks not written to disk") == 1  # one line a minute, not 36
+    # After a restart the quota is counted from what recovery found: a's next block is refused at once.
+    assert node.stop() == 0
+    node.start()
+    assert on_disk(node, "b/m", 3) == 3 and on_disk(node, "a/fill", 40) == 4
+    assert run_as(UID_A, node, "store_durable", "a/more", "1", str(BLOCK))["refused"] == 1
+    assert run_as(UID_B, node, "store_durable", "b/more", "1", str(BLOCK))["durable"] == 1  # b has no quota
+    with Client(node.socket) as admin:  # deleting a's blocks makes room for as many again
+        assert admin.delete("a/fill", [index.to_bytes(32, "big") for index in range(2)]).deleted == 2
+    assert run_as(UID_A, node, "store_durable", "a/again", "3", str(BLOCK))["durable"] == 2
+
+
+def test_disk_capacity_parses_as_a_size_and_must_fit_the_disk_tier():
+    from kvtier.daemon import config
+    tenant = {"name": "a", "uids": [UID_A]}
+    assert config.load(overrides={"tenant": [{**tenant, "disk_capacity": "2GiB"}]}).tenant[0].disk_capacity == 2 << 30
+    assert config.load(overrides={"tenant": [tenant]}).tenant[0].disk_capacity == 0  # no quota of its own
+    with pytest.raises(config.ConfigError, match=r"tenant\[0\] \(a\): disk_capacity must be at most disk.capacity"):
+        config.load(overrides={"tenant": [{**tenant, "disk_capacity": "9GiB"}]})
+
+
+def test_without_a_disk_quota_the_same_writes_push_the_other_tenants_blocks_off_disk(make_daemon):
+    # The control: the writes above are enough to evict b's blocks when a has no quota of its own.
+    node = small_disk_node(make_daemon, 0)
+    assert run_as(UID_B, node, "store_durable", "b/m", "3", str(BLOCK))["durable"] == 3
+    assert run_as(UID_A, node, "store_durable", "a/fill", "40", str(BLOCK)) == {"durable": 40, "refused": 0,
+                                                                                "why": ""}
+    assert on_disk(node, "b/m", 3) == 0
