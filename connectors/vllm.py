@@ -297,7 +297,7 @@ class KvtierConnector(KVConnectorBase_V1):
                       "saved_blocks": 0, "duplicate_blocks": 0, "save_errors": 0, "retained_blocks": 0,
                       "hinted_requests": 0, "bad_hints": 0, "prefetches": 0, "prefetched_blocks": 0,
                       "prefetch_errors": 0, "lookups_skipped": 0, "lookups_not_ready": 0,
-                      "dropped_save_blocks": 0}
+                      "dropped_save_blocks": 0, "preempted_requests": 0}
         # Deadlines, namespaces and the circuit breaker (connectors/_daemon.py); its counters
         # (short_circuited, breaker_opened, ...) go into self.stats.
         self._daemon = DaemonSession(
@@ -581,6 +581,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._lookup_wait_left = self._lookup_wait_s  # a new step: a new budget
         meta = KvtierConnectorMetadata(loads=list(self._pending_loads.values()),
                                        preempted=set(getattr(scheduler_output, "preempted_req_ids", None) or ()))
+        self.stats["preempted_requests"] += len(meta.preempted)
         self._pending_loads.clear()
 
         scheduled: list[tuple[str, int]] = [(r.req_id, r.num_computed_tokens)

@@ -4,6 +4,8 @@ python _vllm_engine.py SPEC.json OUT.json
 
 SPEC: {"model": dir, "socket": kvtierd socket or null (no connector), "hash_algo": "sha256",
        "max_tokens": 8, "max_num_batched_tokens": 1024 (smaller: chunked prefill),
+       "kv_cache_memory_bytes": 64 MiB (smaller: requests are preempted), "batch": false (true: every
+       prompt in one generate call, running concurrently; per-prompt options are ignored),
        "extra_config": optional, merged into kv_connector_extra_config,
        "prompts": [{"tokens": [...], "salt": optional str, "max_tokens": optional,
                     "kv_transfer_params": optional (SamplingParams.extra_args, as the OpenAI server passes it),
@@ -65,6 +67,19 @@ def _wait_breakers_closed(llm, timeout_s: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _batch(spec: dict, llm) -> list[dict]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p["tokens"]) for p in spec["prompts"]], params,
+                           use_tqdm=False)
+    if _settle_saves() is not None:
+        _drain(llm)
+    return [{"tokens": list(o.outputs[0].token_ids), "num_cached_tokens": o.num_cached_tokens or 0,
+             "keys": block_keys(spec, p["tokens"] + list(o.outputs[0].token_ids)), "seconds": None,
+             "saves_settled": True} for p, o in zip(spec["prompts"], outputs)]
+
+
 def _settle_saves() -> bool | None:
     """Waits until the worker connector's background saves of the prompts so far are committed, so that
     the next prompt's lookup sees them (the readiness signal: its transfer engine is idle). None
@@ -103,11 +118,15 @@ def main(spec_path: str, out_path: str) -> None:
             kv_connector_extra_config={"socket": spec["socket"], **spec.get("extra_config", {})})
     started = time.monotonic()
     llm = LLM(model=spec["model"], tokenizer=spec["model"], dtype="float32", block_size=32, max_model_len=1024,
-              kv_cache_memory_bytes=64 << 20, enforce_eager=True, enable_prefix_caching=True,
+              kv_cache_memory_bytes=spec.get("kv_cache_memory_bytes", 64 << 20), enforce_eager=True, enable_prefix_caching=True,
               prefix_caching_hash_algo=spec.get("hash_algo", "sha256"), seed=0, max_num_seqs=8,
               max_num_batched_tokens=spec.get("max_num_batched_tokens", 1024), kv_transfer_config=kv_transfer_config)
     ready = time.monotonic()
-    results = []
+    if spec.get("batch"):  # every prompt in one generate: they run concurrently
+        results = _batch(spec, llm)
+        spec["prompts"] = []
+    else:
+        results = []
     for prompt in spec["prompts"]:
         if prompt.get("sigstop"):
             sigstop(prompt["sigstop"])

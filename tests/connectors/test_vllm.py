@@ -306,6 +306,30 @@ def test_the_first_request_after_a_daemon_restart_loads_from_it(make_daemon, mod
     assert first["tokens"] == second["tokens"] == reference["A"]
 
 
+def test_blocks_saved_while_requests_are_preempted_hold_the_right_kv(make_daemon, models, reference, tmp_path):
+    """Seven prompts at once in a KV cache of 34 blocks, each growing to 7: vLLM preempts some
+    (their blocks are reused while saves of them may be copying: handle_preemptions stops those), and
+    finished requests' blocks are held until their saves copied them. What was stored is right: a
+    second engine loads every prompt's 3 blocks and produces the reference tokens."""
+    daemon = make_daemon(DAEMON)
+    names = ["A", "C", "E", "F", "G", "S", "T", "L"][:6] + ["B"]
+    spec = {"model": models[0], "socket": daemon.socket, "hash_algo": "sha256", "max_tokens": 120,
+            "max_num_batched_tokens": 1024, "prompts": [_prompt(n) for n in names], "extra_config": {},
+            "kv_cache_memory_bytes": 34 * 32 * 1024, "batch": True}
+    (tmp_path / "small.spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_vllm_engine.py"), str(tmp_path / "small.spec.json"),
+                           str(tmp_path / "small.out.json")], env=_engine_env(), capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    out = json.loads((tmp_path / "small.out.json").read_text())
+    assert out["scheduler_stats"]["preempted_requests"] > 0, "nothing was preempted: the test proves nothing"
+    assert out["stats"]["saved_blocks"] > 0 and out["stats"]["save_errors"] == 0, out["stats"]
+    second, stats, _ = run_engine(tmp_path, models[0], names, daemon.socket, "large")
+    assert [r["tokens"] for r in second] == [reference[n] for n in names]
+    assert [r["num_cached_tokens"] for r in second] == [3 * BLOCK] * 6 + [3 * BLOCK]
+    assert stats["loaded_blocks"] == 3 * 7 - 2 and stats["load_errors"] == 0  # B shares A's first two
+
+
 # -- agent hints ------------------------------------------------------------------------------------------
 HINTED_DAEMON = {**DAEMON, "cpu.policy": "retention",
                  # Every call is at most 2 keys: the connector must batch by the daemon's ArenaInfo limit.
