@@ -224,6 +224,10 @@ class PeersConfig:
     max_fanout: int = 4         # peers asked at once on a miss
     max_blocks_per_fetch: int = 256
     lease_ms: int = 10_000      # how long an owner pins blocks for a requester's READ
+    # Owner-side budget of each peer (by its certificate), on top of the pin bounds (docs/peers.md).
+    # Past either, a call is refused at once with RESOURCE_EXHAUSTED (the requester takes a miss).
+    max_inflight_per_peer: int = 8  # Has, Pin and Fetch calls one peer may have in flight here
+    max_bytes_per_s_per_peer: int = 2 << 30  # block bytes served to one peer per second; 0 = unlimited
 
 
 @dataclasses.dataclass
@@ -246,6 +250,9 @@ class TenantConfig:
     max_namespaces: int = 256
     max_pulls: int = 4              # peer pulls in flight for this tenant's namespaces
     max_sessions: int = 64          # local sessions (engine processes) open at once
+    # Payload bytes of this tenant's blocks the disk tier may hold; 0: no bound of its own (it shares
+    # disk.capacity). A full quota keeps the tenant's further blocks in memory only (daemon/store.py).
+    disk_capacity: int = 0
 
 
 @dataclasses.dataclass
@@ -305,7 +312,7 @@ class Config:
 
 MAX_LIST = 64
 _SIZE_KEYS = {"capacity", "slot_bytes", "segment_bytes", "max_message_bytes",
-              "put_chunk_bytes", "align", "cpu_capacity"}
+              "put_chunk_bytes", "align", "cpu_capacity", "disk_capacity", "max_bytes_per_s_per_peer"}
 _ID_LIST_KEYS = {"admin_uids", "admin_gids", "uids", "gids"}
 MAX_TENANTS = 64
 _MODE_KEYS = {"socket_mode", "ipc_mode"}
@@ -422,6 +429,10 @@ def validate(cfg: Config) -> Config:
          "peers.max_blocks_per_fetch must be 1..limits.max_keys_per_request"),
         (1000 <= cfg.peers.lease_ms <= cfg.limits.max_lease_ms, "peers.lease_ms must be 1000..limits.max_lease_ms"),
         (cfg.peers.listen not in cfg.peers.addresses, "peers.addresses must not contain this node's own peers.listen"),
+        (1 <= cfg.peers.max_inflight_per_peer <= 1024,
+         "peers.max_inflight_per_peer must be 1..1024 (calls one peer may have in flight on this node)"),
+        (cfg.peers.max_bytes_per_s_per_peer <= 1 << 40,
+         "peers.max_bytes_per_s_per_peer must be at most 1TiB (a size per second, e.g. \"2GiB\"; 0: unlimited)"),
         (cfg.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error"),
         (not cfg.s3.enabled or cfg.s3.bucket, "s3.enabled needs s3.bucket"),
         (not cfg.events.zmq_replay_endpoint or cfg.events.zmq_endpoint,
@@ -468,6 +479,9 @@ def _validate_tenants(cfg: Config) -> None:
             raise ConfigError(f"{where} ({tenant.name}): needs uids or gids: who acts as this tenant")
         if tenant.cpu_capacity < cfg.cpu.slot_bytes:
             raise ConfigError(f"{where} ({tenant.name}): cpu_capacity must hold at least one slot")
+        if tenant.disk_capacity > cfg.disk.capacity:
+            raise ConfigError(f"{where} ({tenant.name}): disk_capacity must be at most disk.capacity "
+                              "(or 0: no quota of its own, it shares the disk tier)")
         for what, bound in (("max_leases", 1 << 20), ("max_watchers", 1024), ("max_namespaces", 1 << 16),
                             ("max_pulls", 256), ("max_sessions", 1 << 16)):
             if not 1 <= getattr(tenant, what) <= bound:

@@ -60,6 +60,10 @@ class StoreCollector:
                 yield CounterMetricFamily(f"kvtier_peer_{name}", f"kvtier peer {name.replace('_', ' ')}", value=value)
             gauges["peer_transport_nixl"] = int(store.peers.transport is not None)  # 0: the gRPC fallback
             gauges["peer_withheld_slots"] = store.peers.withheld_slots
+        service = getattr(store, "peer_service", None)  # the owner side (peers.listen): what it served and refused
+        if service is not None:
+            for name, value in dataclasses.asdict(service.counters).items():
+                yield CounterMetricFamily(f"kvtier_peer_{name}", f"kvtier peer {name.replace('_', ' ')}", value=value)
         for name, value in gauges.items():
             yield GaugeMetricFamily(f"kvtier_{name}", f"kvtier {name.replace('_', ' ')}", value=value)
         tier_blocks = GaugeMetricFamily("kvtier_tier_blocks", "blocks held per tier", labels=["tier"])

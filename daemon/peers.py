@@ -39,6 +39,16 @@ as all peers may hold pinned at once (window_slots(): the sum of the parts' shar
 window slots go back exactly when PeerPins stops counting its lease, so the window never runs out
 before the pin bounds do.
 
+Owner-side budget (PeerBudget), per peer identity too: at most peers.max_inflight_per_peer Has, Pin
+and Fetch calls in flight at once, and a token bucket of peers.max_bytes_per_s_per_peer (burst: a
+second's worth, at least one slot) charged with the block bytes served: by Fetch as it streams them,
+by Pin for the blocks it copies into the window (the peer READs them afterwards, unmetered). Past
+either the call is refused at once with RESOURCE_EXHAUSTED (a Pin is first cut to what the bucket
+covers; a Fetch ends after the blocks it covered): nothing waits for budget, so a peer never makes
+this node hold a lease, a slot or a call while it waits. Refusals are counted (PeerServiceCounters,
+kvtier_peer_refused_*_total) and logged at most once per REFUSAL_LOG_EVERY_S per peer and reason.
+The requester takes a refusal as a failed call: a miss, and that peer skipped for PEER_BACKOFF_S.
+
 Event loop only, except the NIXL READs, the checksums and the MACs, which run in worker threads: a
 NIXL pull READs in pieces of about VERIFY_PIECE_BYTES, and each piece is verified (xxh3 and HMAC
 release the GIL) while the next one is read, so verification costs about one piece beyond the
@@ -86,6 +96,11 @@ PEER_PIN_SHARE = 4
 PINS_PER_FETCH = 2
 CORRUPT, FORGED = "checksum", "mac"   # why a pulled block failed verification
 MAX_UNKNOWN_LOGGED = 256      # unknown peer names (LookupRequest.peer) each logged once, up to this many
+# Owner-side budget per peer identity (PeerBudget): the state of at most MAX_TRACKED_PEERS identities is
+# kept (the least recently seen is forgotten; calls in flight are counted apart, only while they run),
+# and each refusal is logged at most once per REFUSAL_LOG_EVERY_S per identity and reason.
+MAX_TRACKED_PEERS = 1024
+REFUSAL_LOG_EVERY_S = 10.0
 
 
 def channel_credentials(cfg: Config) -> grpc.ChannelCredentials:
@@ -205,6 +220,14 @@ def printable(text, limit: int = 128) -> str:
     shown = "".join(c if " " <= c <= "~" and c != "\\" else c.encode("unicode_escape").decode("ascii")
                     for c in text[:limit])
     return shown + ("..." if len(text) > limit else "")
+
+
+def _size(count: float) -> str:
+    """A byte count for a log line: 2.0 GiB, 64.0 KiB, 12 B."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):.1f} {unit}"
+    return f"{int(count)} B"
 
 
 def _interleaved(groups: list[list], count: int) -> list:
@@ -388,9 +411,147 @@ class PeerPins:
         assert held <= self.window.slot_count, "export window: more slots in use than it has"
 
 
+class TokenBucket:
+    """Bytes one peer may still be served: refills at `rate` bytes per second up to `burst`, starts
+    full. Time is whatever `now` the caller passes (PeerBudget's clock), so tests need no sleeps."""
+
+    def __init__(self, rate: float, burst: float, now: float):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = float(burst), now
+
+    def level(self, now: float) -> float:
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        return self.tokens
+
+    def take(self, sizes: list[int], now: float) -> int:
+        """How many of `sizes` (byte counts), from the first, the bucket covers now; takes their
+        bytes. Never waits and never goes below zero: what does not fit is not taken."""
+        available, count, total = self.level(now), 0, 0
+        for size in sizes:
+            if total + size > available:
+                break
+            total += size
+            count += 1
+        self.tokens -= total
+        return count
+
+    def refund(self, amount: int) -> None:
+        """Gives back bytes taken but not served after all."""
+        self.tokens = min(self.burst, self.tokens + amount)
+
+
+@dataclasses.dataclass
+class _PeerState:
+    bucket: TokenBucket | None
+    logged: dict = dataclasses.field(default_factory=dict)   # reason -> [time of the last line, refusals since]
+
+
+class PeerBudget:
+    """The owner's budget of each peer identity (peer_identity(): its certificate), beyond PeerPins:
+
+    - calls in flight: at most `max_inflight` at once (enter() refuses the next, leave() ends one);
+    - bytes per second: a TokenBucket of `bytes_per_s` per second, `burst` saved up at most (0:
+      unlimited), charged by take() with the block bytes a call is about to serve.
+
+    Nothing here waits: over a bound the caller refuses the call, so a peer never makes the owner hold
+    anything while it waits. State is bounded: the buckets (and log throttles) of at most
+    `max_tracked` identities, least recently seen forgotten (a forgotten identity comes back with a
+    full bucket, as after a second of quiet); in-flight counts exist only while calls run. Event loop
+    only; `clock` (monotonic seconds) is injectable."""
+
+    def __init__(self, max_inflight: int, bytes_per_s: int, burst: int, clock=time.monotonic,
+                 max_tracked: int = MAX_TRACKED_PEERS, log_every_s: float = REFUSAL_LOG_EVERY_S):
+        self.max_inflight = max_inflight
+        self.bytes_per_s = bytes_per_s
+        self.burst = max(burst, bytes_per_s)
+        self.clock = clock
+        self.max_tracked = max_tracked
+        self.log_every_s = log_every_s
+        self._inflight: dict[str, int] = {}
+        self._peers: collections.OrderedDict[str, _PeerState] = collections.OrderedDict()
+
+    def _state(self, identity: str) -> _PeerState:
+        state = self._peers.get(identity)
+        if state is None:
+            bucket = TokenBucket(self.bytes_per_s, self.burst, self.clock()) if self.bytes_per_s else None
+            state = self._peers[identity] = _PeerState(bucket)
+            while len(self._peers) > self.max_tracked:
+                self._peers.popitem(last=False)
+        else:
+            self._peers.move_to_end(identity)
+        return state
+
+    def tracked(self) -> int:
+        return len(self._peers)
+
+    # -- calls in flight
+    def enter(self, identity: str) -> bool:
+        """Counts a call of `identity` in flight, unless it has max_inflight already (False)."""
+        running = self._inflight.get(identity, 0)
+        if running >= self.max_inflight:
+            return False
+        self._inflight[identity] = running + 1
+        return True
+
+    def leave(self, identity: str) -> None:
+        running = self._inflight.pop(identity) - 1
+        if running > 0:
+            self._inflight[identity] = running
+
+    def inflight(self, identity: str | None = None) -> int:
+        return self._inflight.get(identity, 0) if identity is not None else sum(self._inflight.values())
+
+    # -- bytes per second
+    def take(self, identity: str, sizes: list[int]) -> int:
+        """How many of the blocks (`sizes`, from the first) `identity` may be served now; charged."""
+        if not self.bytes_per_s:
+            return len(sizes)
+        return self._state(identity).bucket.take(sizes, self.clock())
+
+    def refund(self, identity: str, amount: int) -> None:
+        state = self._peers.get(identity)
+        if amount > 0 and state is not None and state.bucket is not None:
+            state.bucket.refund(amount)
+
+    def level(self, identity: str) -> float:
+        """Bytes `identity` may be served now (inf: unlimited)."""
+        if not self.bytes_per_s:
+            return float("inf")
+        return self._state(identity).bucket.level(self.clock())
+
+    # -- log throttle
+    def log_due(self, identity: str, reason: str) -> int | None:
+        """None: do not log this refusal (one of `identity`'s for `reason` was logged less than
+        log_every_s ago; it is counted); else log it, with the count of those not logged since."""
+        now = self.clock()
+        entry = self._state(identity).logged.setdefault(reason, [None, 0])
+        if entry[0] is not None and now - entry[0] < self.log_every_s:
+            entry[1] += 1
+            return None
+        suppressed, entry[0], entry[1] = entry[1], now, 0
+        return suppressed
+
+
+@dataclasses.dataclass
+class PeerServiceCounters:
+    """The owner side's counters (metrics: kvtier_peer_<name>_total)."""
+    served_bytes: int = 0       # block bytes served to peers: streamed by Fetch, copied to the window by Pin
+    refused_pins: int = 0       # Pin and Fetch calls refused: the peer, or all peers, held their share of pins
+    refused_inflight: int = 0   # Has, Pin and Fetch calls refused: the peer had peers.max_inflight_per_peer running
+    refused_rate: int = 0       # Pin and Fetch calls refused: the peer was served its peers.max_bytes_per_s_per_peer
+
+
 # -- owner side -------------------------------------------------------------------------------
 class PeerService(pb_grpc.KvTierPeerServicer):
-    def __init__(self, cfg: Config, store: BlockStore, transport, validator):
+    """The peer API. Every Has, Pin and Fetch counts against the calling peer's budget (PeerBudget:
+    calls in flight, bytes per second) and Pin and Fetch against its pins (PeerPins); over any of
+    them the call is refused with RESOURCE_EXHAUSTED at once (a Pin is cut short first where a
+    shorter one fits), counted in self.counters and logged at most once per REFUSAL_LOG_EVERY_S per
+    peer and reason. Hello and Release are not budgeted: Release only gives back."""
+
+    def __init__(self, cfg: Config, store: BlockStore, transport, validator, clock=time.monotonic):
         self.cfg = cfg
         self.store = store
         self.transport = transport
@@ -399,13 +560,25 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         # Pin serves from the export window (NixlPeers); without one (the gRPC transport) only Fetch serves.
         self.window = getattr(transport, "window", None)
         self.pins = PeerPins(store, PINS_PER_FETCH * cfg.peers.max_blocks_per_fetch, window=self.window)
-        self.refused_pins = 0  # Pin and Fetch calls refused because the peer or the part held its share
+        # Burst: a second's worth, and at least one block of the largest size (a slot).
+        self.budget = PeerBudget(cfg.peers.max_inflight_per_peer, cfg.peers.max_bytes_per_s_per_peer,
+                                 store.arena.slot_bytes, clock=clock)
+        self.counters = PeerServiceCounters()
+        store.peer_service = self  # metrics read self.counters (store.peers is the requester side)
         self.served: collections.Counter[str] = collections.Counter()  # Has, Pin, Fetch calls answered (debug log)
-        log.info("peer API: served blocks carry %s; each peer pins at most %d blocks, all peers 1/%d of the arena%s",
+        rate = cfg.peers.max_bytes_per_s_per_peer
+        log.info("peer API: served blocks carry %s; each peer pins at most %d blocks, all peers 1/%d of the arena%s; "
+                 "each peer has at most %d calls in flight and is served %s",
                  f"MACs under cluster key {macs.key_id(self.key)}" if self.key else "no MAC (no cluster.key_file)",
                  self.pins.per_peer, PEER_PIN_SHARE,
                  f"; Pin copies blocks into the {self.window.slot_count}-slot export window" if self.window
-                 else "; no NIXL export window: Pin is refused, Fetch serves")
+                 else "; no NIXL export window: Pin is refused, Fetch serves",
+                 self.budget.max_inflight,
+                 f"at most {_size(rate)}/s (bursts of {_size(self.budget.burst)})" if rate
+                 else "without a byte rate bound")
+        if 0 < rate < store.arena.slot_bytes:
+            log.warning("peers.max_bytes_per_s_per_peer = %d: less than one %s block per second per peer", rate,
+                        _size(store.arena.slot_bytes))
 
     async def Hello(self, request, context):
         """Where this node's export window is (the arena_* fields of the message describe the window,
@@ -427,7 +600,7 @@ class PeerService(pb_grpc.KvTierPeerServicer):
 
     async def Has(self, request, context):
         self._served("Has", context)
-        return await self._guard(context, self._has, request)
+        return await self._guard(context, self._has, request, budget=peer_identity(context))
 
     async def _has(self, request):
         namespace = self.check.namespace(request.namespace)
@@ -439,7 +612,8 @@ class PeerService(pb_grpc.KvTierPeerServicer):
 
     async def Pin(self, request, context):
         self._served("Pin", context)
-        return await self._guard(context, self._pin, request, peer_identity(context))
+        identity = peer_identity(context)
+        return await self._guard(context, self._pin, request, identity, budget=identity)
 
     async def _pin(self, request, identity: str):
         namespace = self.check.namespace(request.namespace)
@@ -452,16 +626,26 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         if self.window is None:
             raise precondition("this node has no NIXL export window (peers.transport is grpc, or NIXL is "
                                "missing): use Fetch")
-        if not keys:
+        sizes = self._sizes(namespace, keys)
+        if not sizes:  # nothing to serve: nothing charged, nothing pinned
             return pb.PeerPinResponse(generation=self.store.arena.generation)
         part = self.store.part_of(namespace)
-        granted = self._grant(identity, part, len(keys))
+        charged = self._charge(identity, sizes, "Pin")  # the bytes the peer may READ from the window
+        try:
+            granted = self._grant(identity, part, len(charged))
+        except BaseException:
+            self.budget.refund(identity, sum(charged))
+            raise
         held = pin = None
+        blocks: list = []
         sealed: list[bytes] = []
         try:
             held, found = await self.store.acquire(namespace, keys[:granted], lease_ms)
             if held is not None:
                 held.owner = PEER_OWNER
+        except BaseException:
+            self.budget.refund(identity, sum(charged))
+            raise
         finally:
             pin = self.pins.settle(identity, part, granted, held, copying=True)
         try:
@@ -485,6 +669,9 @@ class PeerService(pb_grpc.KvTierPeerServicer):
                 self.store.release(held.id)  # nothing served: nothing for the peer to release
             self.pins.done(pin)
             self.pins.check()
+            served = sum(block.length for block in blocks[:len(sealed)])
+            self.counters.served_bytes += served
+            self.budget.refund(identity, sum(charged) - served)  # charged for blocks not served after all
         answer = [self._peer_block(block, mac, slot) for block, mac, slot in zip(blocks, sealed, slots)]
         return pb.PeerPinResponse(lease_id=held.id if held is not None and sealed else 0,
                                   generation=self.store.arena.generation, blocks=answer)
@@ -493,12 +680,56 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         granted = self.pins.grant(identity, part, want)
         if granted:
             return granted
-        self.refused_pins += 1
-        log.warning("peer %s: pin refused: it holds %d blocks pinned here (at most %d per peer), all peers %d of "
-                    "this arena part (at most %d)", identity, self.pins.pinned(identity), self.pins.per_peer,
-                    self.pins.pinned(part=part), self.pins.part_cap(part))
+        self.counters.refused_pins += 1
+        self._log_refusal(identity, "pins", "pin refused: it holds %d blocks pinned here (at most %d per peer), all "
+                          "peers %d of this arena part (at most %d)", self.pins.pinned(identity), self.pins.per_peer,
+                          self.pins.pinned(part=part), self.pins.part_cap(part))
         raise exhausted("this node holds as many blocks pinned for peers as it allows; release some, or wait "
                         "for their leases to expire")
+
+    def _sizes(self, namespace: str, keys: list[bytes]) -> list[int]:
+        """The lengths of the blocks of the stored prefix of `keys` (what acquire() would find now)."""
+        sizes = []
+        for key in keys:
+            block = self.store.catalog.get(namespace, key)
+            if block is None:
+                break
+            sizes.append(block.length)
+        return sizes
+
+    def _charge(self, identity: str, sizes: list[int], call: str) -> list[int]:
+        """Charges the peer's byte budget for the longest prefix of the blocks (`sizes`) it covers now
+        and returns their sizes; RESOURCE_EXHAUSTED (counted, logged) when not even the first fits."""
+        charged = sizes[:self.budget.take(identity, sizes)]
+        if charged or not sizes:
+            return charged
+        self.counters.refused_rate += 1
+        self._log_refusal(identity, "rate", "%s refused: it was served its peers.max_bytes_per_s_per_peer (%s "
+                          "per second, bursts of %s); %s left for now, the next block is %s", call,
+                          _size(self.budget.bytes_per_s), _size(self.budget.burst),
+                          _size(self.budget.level(identity)), _size(sizes[0]))
+        raise exhausted("this peer was served as many bytes per second as this node allows it "
+                        "(peers.max_bytes_per_s_per_peer); try again later")
+
+    def _enter(self, identity: str, call: str) -> None:
+        """Counts the peer's call in flight; RESOURCE_EXHAUSTED (counted, logged) past its bound."""
+        if self.budget.enter(identity):
+            return
+        self.counters.refused_inflight += 1
+        self._log_refusal(identity, "inflight", "%s refused: it has %d calls in flight here (at most "
+                          "peers.max_inflight_per_peer = %d)", call, self.budget.inflight(identity),
+                          self.budget.max_inflight)
+        raise exhausted(f"this peer has peers.max_inflight_per_peer={self.budget.max_inflight} calls in flight "
+                        "on this node; try again when one has ended")
+
+    def _log_refusal(self, identity: str, reason: str, message: str, *args) -> None:
+        """A warning for a refused call, at most one per REFUSAL_LOG_EVERY_S per peer and reason (the
+        next line says how many were not logged)."""
+        suppressed = self.budget.log_due(identity, reason)
+        if suppressed is None:
+            return
+        more = f" ({suppressed} more such refusals of this peer not logged since the last line)" if suppressed else ""
+        log.warning("peer %s: " + message + "%s", identity, *args, more)
 
     async def _seal(self, namespace: str, blocks: list) -> list[bytes | None]:
         """The MAC of each block (b"" without a cluster key), over its bytes in the arena after they
@@ -565,46 +796,70 @@ class PeerService(pb_grpc.KvTierPeerServicer):
         self._served("Fetch", context)
         identity = peer_identity(context)
         try:
-            namespace = self.check.namespace(request.namespace)
-            keys = self.check.keys(request.keys)
-            if len(keys) > self.cfg.peers.max_blocks_per_fetch:
-                raise invalid(
-                               f"at most peers.max_blocks_per_fetch={self.cfg.peers.max_blocks_per_fetch} keys")
-            self.store.catalog.namespace(namespace)
+            self._enter(identity, "Fetch")
         except ApiError as exc:
             await context.abort(grpc_code(exc), exc.message)
-        part = self.store.part_of(namespace)
-        step = self.cfg.limits.put_chunk_bytes
-        for index, key in enumerate(keys):  # one block pinned at a time: a slow reader pins little
+        try:  # one of the peer's calls in flight until the stream ends, however it ends
             try:
-                granted = self._grant(identity, part, 1)
+                namespace = self.check.namespace(request.namespace)
+                keys = self.check.keys(request.keys)
+                if len(keys) > self.cfg.peers.max_blocks_per_fetch:
+                    raise invalid(f"at most peers.max_blocks_per_fetch={self.cfg.peers.max_blocks_per_fetch} keys")
+                self.store.catalog.namespace(namespace)
             except ApiError as exc:
                 await context.abort(grpc_code(exc), exc.message)
-            held = None
-            try:
-                held, found = await self.store.acquire(namespace, [key], self.cfg.peers.lease_ms)
-            finally:
-                self.pins.settle(identity, part, granted, held)
-            if held is None:
-                return  # the chain ends here
-            try:
-                block, view = found[0], self.store.cpu.view(found[0])
-                mac = (await self._seal(namespace, [block]) or [None])[0]
-                if mac is None:
-                    return  # bytes that fail their checksum are not served; the chain ends here
-                yield pb.PeerFetchChunk(index=index, block=self._peer_block(block, mac),
-                                        data=bytes(view[:min(step, block.length)]))
-                for start in range(step, block.length, step):
-                    yield pb.PeerFetchChunk(index=index, data=bytes(view[start:min(start + step, block.length)]))
-            finally:
-                if self.store.leases.get(held.id) is held:  # not expired under a slow reader
-                    self.store.release(held.id)
+            part = self.store.part_of(namespace)
+            step = self.cfg.limits.put_chunk_bytes
+            for index, key in enumerate(keys):  # one block pinned at a time: a slow reader pins little
+                sizes = self._sizes(namespace, [key])
+                if not sizes:
+                    return  # the chain ends here
+                try:
+                    charged = self._charge(identity, sizes, "Fetch")[0]  # this block's bytes, before it is promoted
+                    try:
+                        granted = self._grant(identity, part, 1)
+                    except ApiError:
+                        self.budget.refund(identity, charged)
+                        raise
+                except ApiError as exc:  # the blocks streamed so far stay good: the requester keeps them
+                    await context.abort(grpc_code(exc), exc.message)
+                held, sent = None, 0
+                try:
+                    try:
+                        held, found = await self.store.acquire(namespace, [key], self.cfg.peers.lease_ms)
+                    finally:
+                        self.pins.settle(identity, part, granted, held)
+                    if held is None:
+                        return  # the chain ends here
+                    block, view = found[0], self.store.cpu.view(found[0])
+                    mac = (await self._seal(namespace, [block]) or [None])[0]
+                    if mac is None:
+                        return  # bytes that fail their checksum are not served; the chain ends here
+                    for start in range(0, max(block.length, 1), step):  # the first chunk carries the PeerBlock
+                        data = bytes(view[start:min(start + step, block.length)])
+                        sent += len(data)
+                        yield pb.PeerFetchChunk(index=index, data=data,
+                                                block=self._peer_block(block, mac) if start == 0 else None)
+                finally:
+                    self.counters.served_bytes += sent
+                    self.budget.refund(identity, charged - sent)  # a block not (wholly) streamed after all
+                    if held is not None and self.store.leases.get(held.id) is held:  # not expired under a slow reader
+                        self.store.release(held.id)
+        finally:
+            self.budget.leave(identity)
 
-    async def _guard(self, context, fn, request, *args):
+    async def _guard(self, context, fn, request, *args, budget: str | None = None):
         """ApiError becomes its status; a broken invariant (AssertionError, e.g. PeerPins.check)
-        stops the daemon through store.fatal, as on the client API."""
+        stops the daemon through store.fatal, as on the client API. With `budget` (a peer identity)
+        the call counts as one of that peer's calls in flight, or is refused past its bound."""
         try:
-            return await fn(request, *args)
+            if budget is None:
+                return await fn(request, *args)
+            self._enter(budget, fn.__name__.lstrip("_").capitalize())
+            try:
+                return await fn(request, *args)
+            finally:
+                self.budget.leave(budget)
         except ApiError as exc:
             await context.abort(grpc_code(exc), exc.message)
         except AssertionError as exc:

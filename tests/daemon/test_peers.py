@@ -21,6 +21,8 @@ from s3server import free_port
 from certs import Authority, peer_overrides
 from conftest import scrape_metrics, sigstop, wait_for
 from kvtier.client import block_checksum
+from kvtier.daemon import config
+from kvtier.daemon.peers import PeerBudget
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 from kvtier.tiers.nixl import NixlTransport, decode_metadata
@@ -375,6 +377,7 @@ def test_a_peer_pinning_all_it_can_leaves_local_allocate_and_the_window_to_other
     assert sum(n for _, n in pin_all("evil4") + pin_all("evil1")) == 4 * per_fetch
     assert sorted(served) == list(range(window))
     assert "pin refused" in owner.log() and "cn:evil3" in owner.log()
+    assert scrape_metrics(f"127.0.0.1:{metrics_port}")["kvtier_peer_refused_pins_total"] >= 5  # one per pin_all
 
 
 def _peer_stub(ca: Authority, name: str, port: int) -> pb_grpc.KvTierPeerStub:
@@ -572,3 +575,187 @@ def test_a_named_peer_is_the_only_one_asked_and_an_unknown_name_asks_nobody(clus
     assert a.log().count("a pull named peer 'node9'") == 1  # logged once per name
     # Without a name, behaviour is unchanged: the fan-out finds the blocks.
     assert ca.lookup("m", [k for k, _, _ in unknown], consult_peers=True).from_peers == 3
+
+
+# -- the owner's budget of each peer: calls in flight, bytes per second ---------------------------
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_peers_byte_budget_refills_at_its_rate_and_never_waits():
+    clock = FakeClock()
+    budget = PeerBudget(max_inflight=4, bytes_per_s=1000, burst=400, clock=clock)
+    assert budget.burst == 1000  # a second's worth, which is more than one block (400)
+    assert budget.take("cn:a", [600, 300, 200]) == 2  # the longest prefix that fits: 900 of 1000
+    assert budget.take("cn:a", [200]) == 0 and budget.level("cn:a") == 100  # refused: nothing taken
+    assert budget.take("cn:b", [1000]) == 1  # each peer identity has a bucket of its own
+    clock.now += 0.125  # refills 125 bytes
+    assert budget.take("cn:a", [226]) == 0 and budget.take("cn:a", [225]) == 1
+    assert budget.level("cn:a") == 0
+    clock.now += 60  # saved up to the burst, no more
+    assert budget.level("cn:a") == 1000
+    budget.refund("cn:a", 500)
+    assert budget.level("cn:a") == 1000
+    assert budget.take("cn:a", [700]) == 1
+    budget.refund("cn:a", 200)  # charged for a block that was not served after all
+    assert budget.level("cn:a") == 500
+    clock.now -= 5  # a clock that steps back refills nothing, and takes nothing away
+    assert budget.level("cn:a") == 500
+
+
+def test_a_peers_burst_holds_at_least_one_block_however_low_the_rate():
+    clock = FakeClock()
+    budget = PeerBudget(max_inflight=4, bytes_per_s=10, burst=64 << 10, clock=clock)
+    assert budget.take("cn:slow", [64 << 10, 1]) == 1  # one largest block, then nothing
+    clock.now += 6553.5
+    assert budget.take("cn:slow", [65_536]) == 0 and budget.take("cn:slow", [65_535]) == 1
+
+
+def test_without_a_byte_rate_nothing_is_tracked_and_everything_fits():
+    budget = PeerBudget(max_inflight=4, bytes_per_s=0, burst=64 << 10, clock=FakeClock())
+    assert budget.take("cn:a", [1 << 40] * 3) == 3 and budget.level("cn:a") == float("inf")
+    assert budget.tracked() == 0
+
+
+def test_the_budgets_of_at_most_max_tracked_peers_are_kept():
+    clock = FakeClock()
+    budget = PeerBudget(max_inflight=4, bytes_per_s=1000, burst=1, clock=clock, max_tracked=3)
+    for name in ("a", "b", "c"):
+        assert budget.take(f"cn:{name}", [1000]) == 1
+    assert budget.take("cn:a", [1]) == 0  # a is now the most recently seen
+    budget.take("cn:d", [1000])
+    assert budget.tracked() == 3  # b, the least recently seen, was forgotten
+    assert budget.level("cn:a") == 0 and budget.level("cn:c") == 0
+    assert budget.level("cn:b") == 1000  # back with a full bucket, as after a second of quiet
+    assert budget.tracked() == 3
+
+
+def test_calls_in_flight_are_bounded_per_peer_and_counted_only_while_they_run():
+    """The limiter the peer API counts Has, Pin and Fetch with (the daemon test below holds a real
+    Fetch open; a Pin or Has cannot be held open from outside without timing)."""
+    budget = PeerBudget(max_inflight=2, bytes_per_s=0, burst=0, clock=FakeClock(), max_tracked=1)
+    assert budget.enter("cn:a") and budget.enter("cn:a")
+    assert not budget.enter("cn:a")  # the third at once is refused
+    assert budget.enter("cn:b") and budget.enter("cn:c") and budget.enter("cn:d")  # others are not affected,
+    assert budget.inflight("cn:a") == 2 and budget.inflight() == 5  # however many identities (no LRU here)
+    budget.leave("cn:a")
+    assert budget.enter("cn:a") and not budget.enter("cn:a")
+    for name in ("a", "a", "b", "c", "d"):
+        budget.leave(f"cn:{name}")
+    assert budget.inflight() == 0 and budget._inflight == {}  # no state left once nothing runs
+
+
+def test_refusals_are_logged_at_most_once_per_interval_per_peer_and_reason():
+    clock = FakeClock()
+    budget = PeerBudget(max_inflight=1, bytes_per_s=0, burst=0, clock=clock, log_every_s=10)
+    assert budget.log_due("cn:a", "rate") == 0  # log it; none suppressed before
+    assert budget.log_due("cn:a", "rate") is None and budget.log_due("cn:a", "rate") is None
+    assert budget.log_due("cn:a", "inflight") == 0 and budget.log_due("cn:b", "rate") == 0
+    clock.now += 10
+    assert budget.log_due("cn:a", "rate") == 2  # the next line says how many were not logged
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_inflight_per_peer", 0, "peers.max_inflight_per_peer must be 1..1024"),
+    ("max_inflight_per_peer", 5000, "peers.max_inflight_per_peer must be 1..1024"),
+    ("max_inflight_per_peer", "4", "peers.max_inflight_per_peer: expected an integer"),
+    ("max_bytes_per_s_per_peer", -1, "peers.max_bytes_per_s_per_peer: must not be negative"),
+    ("max_bytes_per_s_per_peer", "fast", "peers.max_bytes_per_s_per_peer: expected a size"),
+    ("max_bytes_per_s_per_peer", "2TiB", "peers.max_bytes_per_s_per_peer must be at most 1TiB"),
+])
+def test_the_peer_budget_keys_are_validated(key, value, message):
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.load(overrides={"peers": {key: value}})
+
+
+def test_the_peer_budget_keys_parse_sizes_and_zero():
+    cfg = config.load(overrides={"peers": {"max_bytes_per_s_per_peer": "512MiB", "max_inflight_per_peer": 1}})
+    assert (cfg.peers.max_bytes_per_s_per_peer, cfg.peers.max_inflight_per_peer) == (512 << 20, 1)
+    assert config.load(overrides={"peers": {"max_bytes_per_s_per_peer": 0}}).peers.max_bytes_per_s_per_peer == 0
+    assert (config.load().peers.max_bytes_per_s_per_peer, config.load().peers.max_inflight_per_peer) == (2 << 30, 8)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_peer_past_its_bytes_per_second_gets_a_miss_and_the_lookup_answers_locally(cluster, transport):
+    """The owner serves a peer 1 byte per second, with a burst of one slot (64 KiB): one ~50 KB
+    block, and then nothing for about ten hours. The pull is cut short after that block (a Pin
+    covers one block; a Fetch streams one, then ends RESOURCE_EXHAUSTED), the next pull is refused,
+    the owner counts and logs it, and the requester answers from what it holds, all of it intact."""
+    a, b = cluster(2, transport, each=[{"peers.max_bytes_per_s_per_peer": 1}, {}])
+    blocks = chain(6, seed=31)
+    keys, datas = [k for k, _, _ in blocks], [d for _, _, d in blocks]
+    owner = register(a)
+    owner.put_blocks("m", blocks)
+    cb = register(b)
+    found = cb.lookup("m", keys, consult_peers=True)
+    assert (found.matched, found.from_peers) == (1, 1)  # one burst's worth
+    found = cb.lookup("m", keys, consult_peers=True)
+    assert (found.matched, found.from_peers) == (1, 0)  # refused (or the peer in its backoff): local blocks
+    served = _metrics(a)
+    assert served["kvtier_peer_refused_rate_total"] == 1  # NIXL: the second Pin; gRPC: the first Fetch's 2nd block
+    assert served["kvtier_peer_served_bytes_total"] == len(datas[0])
+    assert served["kvtier_peer_refused_inflight_total"] == served["kvtier_peer_refused_pins_total"] == 0
+    pulled = _metrics(b)
+    assert pulled["kvtier_peer_failures_total"] >= 1  # a refusal is a failed call: a miss, then a backoff
+    assert pulled["kvtier_peer_corrupt_blocks_total"] == pulled["kvtier_peer_mac_rejected_total"] == 0
+    assert cb.get_blocks("m", keys) == datas[:1] + [None] * 5 and cb.stats().blocks == 1
+    assert owner.get_blocks("m", keys) == datas
+    assert owner.stats().active_leases == 0  # nothing of the refused calls is held on the owner
+    log = a.log()
+    assert "refused: it was served its peers.max_bytes_per_s_per_peer" in log and "cn:node1" in log
+    assert "less than one 64.0 KiB block per second per peer" in log
+
+
+def test_a_peer_with_its_calls_in_flight_is_refused_the_next_one_at_once(make_daemon, tmp_path):
+    """peers.max_inflight_per_peer = 1: a peer (a real mutual-TLS client with its own certificate)
+    opens a Fetch of 64 MB and reads one message, so the owner's stream stays open (HTTP/2 flow
+    control holds the rest, a window of a few MiB). Its next call is refused with RESOURCE_EXHAUSTED
+    at once, counted and logged, while another peer is served; once it cancels the stream, its calls
+    are served again and nothing stays pinned."""
+    ca = Authority(tmp_path / "pki")
+    port, metrics_port = free_port(), free_port()
+    count = 256  # peers.max_blocks_per_fetch: one Fetch of 256 x 250 KB
+    owner = make_daemon({**peer_overrides(ca, [port], 0, "grpc"), "peers.max_inflight_per_peer": 1,
+                         "cpu.capacity": "96MiB", "cpu.slot_bytes": "256KiB", "disk.enabled": False,
+                         "metrics.listen": f"127.0.0.1:{metrics_port}"}, name="owner")
+    owner.metrics_port = metrics_port
+    blocks = chain(count, seed=32, size=250_000)
+    keys = [k for k, _, _ in blocks]
+    c = register(owner)
+    for start in range(0, count, 16):
+        c.put_blocks("m", blocks[start:start + 16])
+    greedy, other = _peer_stub(ca, "greedy", port), _peer_stub(ca, "other", port)
+    has = pb.PeerHasRequest(namespace="m", keys=keys[:4])
+    stream = greedy.Fetch(pb.PeerFetchRequest(namespace="m", keys=keys), timeout=120)
+    try:
+        first = next(stream)
+        assert first.index == 0 and first.block.found
+        for call in (lambda: greedy.Has(has, timeout=30),
+                     lambda: list(greedy.Fetch(pb.PeerFetchRequest(namespace="m", keys=keys[:1]), timeout=30))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+            assert "max_inflight_per_peer" in err.value.details()
+        assert other.Has(has, timeout=30).matched == 4  # another peer's budget is its own
+        metrics = _metrics(owner)
+        assert metrics["kvtier_peer_refused_inflight_total"] == 2
+        assert metrics["kvtier_peer_served_bytes_total"] < count * 200_000, "the stream was not held open"
+    finally:
+        stream.cancel()
+
+    def served_again() -> bool:
+        try:
+            return greedy.Has(has, timeout=30).matched == 4
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+            return False
+    wait_for(served_again, what="the cancelled Fetch to end on the owner")
+    wait_for(lambda: c.stats().active_leases == 0, what="the cancelled Fetch's pin to be released")
+    log = owner.log()
+    assert "peer cn:greedy: Has refused: it has 1 calls in flight here" in log
+    # At most one line per 10 s (the throttle itself is tested above with a fake clock).
+    assert log.count("calls in flight here") <= _metrics(owner)["kvtier_peer_refused_inflight_total"]
