@@ -208,8 +208,10 @@ def test_vllm_serve_stores_loads_and_survives_a_server_restart(make_daemon, mode
     one = first.complete(model)
     blocks = one["prompt_tokens"] // BLOCK
     assert blocks == 3 and (one["prompt_tokens"] + MAX_TOKENS - 1) // BLOCK == blocks, one  # no decode block
-    stored = _hits(daemon)
-    assert len(stored) == blocks and set(stored.values()) == {0}       # stored by the first request
+    # Saves are committed in the background, after the answer: wait for them (the daemon's inventory).
+    stored = wait_for(lambda: (lambda h: h if len(h) == blocks else None)(_hits(daemon)), timeout=60,
+                      what="the first request's blocks to be committed")
+    assert set(stored.values()) == {0}                                  # stored by the first request
 
     # The same prompt again: vLLM's own prefix cache has it, kvtier is only looked up.
     two = first.complete(model)
@@ -217,7 +219,10 @@ def test_vllm_serve_stores_loads_and_survives_a_server_restart(make_daemon, mode
     assert _hits(daemon) == stored
 
     # With vLLM's prefix cache emptied, the same prompt is loaded from kvtier: every block read once.
-    assert first.post("/reset_prefix_cache")["success"] is True
+    # vLLM keeps a finished request's blocks until the connector's save copies are done with them
+    # (request_finished answered True): the reset succeeds once no block is held.
+    wait_for(lambda: first.post("/reset_prefix_cache")["success"] is True, timeout=60,
+             what="vLLM to release the first requests' blocks and reset its prefix cache")
     three = first.complete(model)
     assert three == one
     assert _hits(daemon) == {key: 1 for key in stored}
