@@ -6,19 +6,32 @@ python _vllm_ttft_engine.py SPEC_JSON        (the spec itself, not a path)
 python _vllm_ttft_engine.py --build-model OUT_DIR HIDDEN LAYERS HEADS KV_HEADS HEAD_DIM INTERMEDIATE
 
 SPEC: {"model": dir, "connector": null | "kvtier" | "example", "socket": kvtierd socket,
+       "extra_config": {...} merged into the kvtier connector's kv_connector_extra_config (e.g.
+                       {"background_lookups": false, "async_loads": false, "async_saves": false}),
        "storage": ExampleConnector dir, "block_size": 32, "max_model_len": n, "kv_cache_bytes": n,
-       "max_num_batched_tokens": n, "max_num_seqs": n}
+       "max_num_batched_tokens": n, "max_num_seqs": n,
+       "switch_interval": optional, sys.setswitchinterval(s) before the engine starts (a diagnostic: how
+                          long a thread waits for the GIL while another one runs Python; default 0.005)}
 
 Protocol: the original stdout carries only the replies (one JSON line each); everything the libraries
 print goes to stderr. Commands (stdin, one JSON line each):
   {"cmd": "generate", "prompts": [[token ids], ...], "max_tokens": n}
       -> {"seconds": wall time of llm.generate, "cpu_s": CPU time of this process (all threads),
           "outputs": [{"tokens", "num_cached_tokens"}], "stats": the connector's worker counters,
-          "connector": {entry point: [calls, wall seconds]} of the connector during this command}
+          "scheduler_stats": the scheduler connector's counters (in-process engine core),
+          "connector": {entry point: [calls, wall seconds]} of the connector during this command,
+          "threads": {"_lookup" | "_load" | "_save": [calls, wall seconds]}: the kvtier connector's lookups,
+                     load jobs and save jobs that ended during this command (or, for "settle", since the
+                     last reply), on whichever thread they ran}
   {"cmd": "profile", ... same as generate ..., "path": file}: the same under cProfile; the stats are
       dumped to path, the reply adds "profile": the connector's functions and the hottest functions.
+  {"cmd": "settle", "timeout": s}: waits until the worker connector's background saves and loads ended
+      (``_transfers.wait_idle``) -> {"idle": bool (None: no kvtier connector), "seconds", "cpu_s",
+      "stats", "scheduler_stats", "threads"}; no engine step runs meanwhile.
+  {"cmd": "state"} -> {"stats", "scheduler_stats", "config": the scheduler connector's deadlines}
   {"cmd": "quit"}
-The first reply, {"ready": true, "startup_s": ...}, comes once the engine is up.
+The first reply, {"ready": true, "startup_s", "pid", "sources": digests of the kvtier connector files
+it imported (None without it)}, comes once the engine is up.
 """
 
 from __future__ import annotations
@@ -54,7 +67,8 @@ def _connector_config(spec: dict):
     if spec.get("connector") == "kvtier":
         return KVTransferConfig(kv_connector="KvtierConnector", kv_connector_module_path="kvtier.connectors.vllm",
                                 kv_role="kv_both", kv_load_failure_policy="recompute",
-                                kv_connector_extra_config={"socket": spec["socket"]})
+                                kv_connector_extra_config={"socket": spec["socket"],
+                                                           **(spec.get("extra_config") or {})})
     if spec.get("connector") == "example":
         return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
                                 kv_connector_extra_config={"shared_storage_path": spec["storage"]})
@@ -71,6 +85,48 @@ def _stats():
     return None
 
 
+def _worker_connector():
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+        return get_kv_transfer_group() if has_kv_transfer_group() else None
+    except Exception:  # noqa: BLE001 - informational
+        return None
+
+
+def _scheduler_connector(llm):
+    try:  # the in-process engine core's scheduler
+        return llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector()
+    except Exception:  # noqa: BLE001 - informational
+        return None
+
+
+def _scheduler_stats(llm):
+    connector = _scheduler_connector(llm)
+    return dict(getattr(connector, "stats", None) or {}) or None
+
+
+def _sources() -> str | None:
+    """Digests of the kvtier connector files this process imported (hashed right after the engine started:
+    the files are edited while benches run), in bench_vllm_ttft.connector_sources' format."""
+    import hashlib
+    mods = [sys.modules.get(f"kvtier.connectors.{name}") for name in ("vllm", "_transfers", "_pipeline", "_daemon",
+                                                                     "_layout")]
+    if mods[0] is None:
+        return None
+    out = []
+    for mod in mods:
+        if mod is not None and getattr(mod, "__file__", None):
+            with open(mod.__file__, "rb") as file:
+                out.append(f"{os.path.basename(mod.__file__)}:{hashlib.sha256(file.read()).hexdigest()[:8]}")
+    return " ".join(out)
+
+
+def _settle(timeout: float) -> bool | None:
+    """Waits until the kvtier worker connector has no background save or load left (None: none)."""
+    transfers = getattr(_worker_connector(), "_transfers", None)
+    return None if transfers is None else transfers.wait_idle(timeout)
+
+
 # The connector API that vLLM calls (scheduler and worker side); they never call each other.
 ENTRY_POINTS = {"get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta", "request_finished",
                 "update_connector_output", "start_load_kv", "wait_for_layer_load", "save_kv_layer", "wait_for_save",
@@ -81,6 +137,21 @@ ENTRY_POINTS = {"get_num_new_matched_tokens", "update_state_after_alloc", "build
 CONNECTOR_CLASSES = (("kvtier.connectors.vllm", "KvtierConnector"),
                      ("vllm.distributed.kv_transfer.kv_connector.v1.example_connector", "ExampleConnector"))
 TIMES: dict[str, list] = {}  # entry point -> [calls, seconds], cumulative
+# The kvtier connector's own functions that run on its background threads (or inline on the synchronous
+# path): the wall time of a lookup, a load job, a save job, wherever it ran. Cumulative, under a lock.
+THREAD_FUNCS = ("_lookup", "_load", "_save")
+THREAD_TIMES: dict[str, list] = {}
+THREAD_MARK: dict[str, list] = {}  # THREAD_TIMES as last reported: every job is reported once
+
+
+def _thread_delta() -> dict[str, list]:
+    """The lookups, load and save jobs that ended since the last reply that reported them."""
+    now = {name: list(value) for name, value in list(THREAD_TIMES.items())}
+    delta = {name: [calls - THREAD_MARK.get(name, [0, 0.0])[0], secs - THREAD_MARK.get(name, [0, 0.0])[1]]
+             for name, (calls, secs) in now.items()}
+    THREAD_MARK.clear()
+    THREAD_MARK.update(now)
+    return {name: value for name, value in delta.items() if value[0]}
 
 
 def _instrument() -> None:
@@ -101,6 +172,22 @@ def _instrument() -> None:
                 entry[1] += time.perf_counter() - start
         return wrapper
 
+    import threading
+    lock = threading.Lock()
+
+    def timed_thread(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    entry = THREAD_TIMES.setdefault(name, [0, 0.0])
+                    entry[0] += 1
+                    entry[1] += time.perf_counter() - start
+        return wrapper
+
     for module, name in CONNECTOR_CLASSES:
         try:
             klass = getattr(importlib.import_module(module), name)
@@ -108,6 +195,9 @@ def _instrument() -> None:
             continue
         for method in ENTRY_POINTS & set(vars(klass)):
             setattr(klass, method, timed(method, vars(klass)[method]))
+        if name == "KvtierConnector":
+            for method in set(THREAD_FUNCS) & set(vars(klass)):
+                setattr(klass, method, timed_thread(method, vars(klass)[method]))
 
 
 def _connector_dirs() -> tuple[str, ...]:
@@ -155,6 +245,8 @@ def serve(spec: dict) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if spec.get("switch_interval"):
+        sys.setswitchinterval(float(spec["switch_interval"]))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -166,12 +258,25 @@ def serve(spec: dict) -> None:
               enforce_eager=True, enable_prefix_caching=True, prefix_caching_hash_algo="sha256", seed=0,
               max_num_seqs=spec["max_num_seqs"], max_num_batched_tokens=spec["max_num_batched_tokens"],
               kv_transfer_config=_connector_config(spec))
-    reply({"ready": True, "startup_s": time.monotonic() - started, "pid": os.getpid()})
+    reply({"ready": True, "startup_s": time.monotonic() - started, "pid": os.getpid(), "sources": _sources()})
 
     for line in sys.stdin:
         command = json.loads(line)
         if command["cmd"] == "quit":
             break
+        if command["cmd"] == "settle":
+            start, cpu_start = time.perf_counter(), time.process_time()
+            idle = _settle(float(command.get("timeout", 60.0)))
+            reply({"idle": idle, "seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
+                   "stats": _stats(), "scheduler_stats": _scheduler_stats(llm), "threads": _thread_delta()})
+            continue
+        if command["cmd"] == "state":
+            connector = _scheduler_connector(llm)
+            config = {name: getattr(connector, "_" + name, None)
+                      for name in ("scheduler_timeout_s", "timeout_s", "breaker_period_s", "background_lookups",
+                                   "async_loads", "async_saves")} if connector is not None else None
+            reply({"stats": _stats(), "scheduler_stats": _scheduler_stats(llm), "config": config})
+            continue
         params = SamplingParams(temperature=0.0, max_tokens=command.get("max_tokens", 1), ignore_eos=True)
         prompts = [TokensPrompt(prompt_token_ids=tokens) for tokens in command["prompts"]]
         profiler = None
@@ -180,6 +285,7 @@ def serve(spec: dict) -> None:
             profiler = cProfile.Profile()
             profiler.enable()
         before = {name: list(value) for name, value in TIMES.items()}
+        _thread_delta()  # what ended before this command is not this command's
         start, cpu_start = time.perf_counter(), time.process_time()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
@@ -187,8 +293,11 @@ def serve(spec: dict) -> None:
             profiler.disable()
         timing = {name: [calls - before.get(name, [0, 0.0])[0], secs - before.get(name, [0, 0.0])[1]]
                   for name, (calls, secs) in TIMES.items()}
-        out = {"seconds": seconds, "cpu_s": cpu_s, "stats": _stats(),
+        # Ended during the generate; a save job still running when it returned goes to the next "settle".
+        threads = _thread_delta()
+        out = {"seconds": seconds, "cpu_s": cpu_s, "stats": _stats(), "scheduler_stats": _scheduler_stats(llm),
                "connector": {name: value for name, value in timing.items() if value[0]},
+               "threads": threads,
                "outputs": [{"tokens": list(o.outputs[0].token_ids), "num_cached_tokens": o.num_cached_tokens or 0}
                            for o in outputs]}
         if profiler is not None:

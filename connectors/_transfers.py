@@ -314,6 +314,22 @@ class TransferEngine:
             receiving, requests.received = requests.received, set()
             return sending, receiving
 
+    def wait_progress(self, timeout_s: float) -> None:
+        """Waits at most timeout_s for something the engine waits for: a request whose loads ended, or a
+        finished request no job holds any more; returns at once when it waits for nothing. For an engine
+        with nothing else to run: its loop would otherwise spin, and a spinning Python thread starves the
+        transfer threads of the interpreter lock (a load measured 50 times slower)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            requests = self._requests
+            while not requests.received and not any(req not in requests.holds for req in requests.finishing):
+                if not requests.loading and not requests.finishing:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._lock.wait(remaining)
+
     def pending_loads(self) -> int:
         """Load jobs queued or running."""
         with self._lock:

@@ -209,6 +209,7 @@ class KvtierConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadWork] = field(default_factory=list)
     saves: list[SaveWork] = field(default_factory=list)
     preempted: set[str] = field(default_factory=set)  # their blocks are reused this step: stop copying them
+    idle: bool = False  # no token is computed this step: the engine only waits (for loads, held blocks)
 
 
 @dataclass
@@ -225,7 +226,8 @@ class _Lookup:
 @dataclass
 class _RequestState:
     request: "Request"
-    saved_upto: int = 0  # blocks [0, saved_upto) are stored (or being saved) in kvtier
+    saved_upto: int = 0     # blocks [0, saved_upto) are stored (or being saved) in kvtier
+    promised_upto: int = 0  # blocks [0, promised_upto) vLLM counts as computed: its local hit and our load
     hints: Hints = NO_HINTS
 
 
@@ -260,6 +262,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._max_inflight_save_bytes = int(extra.get("max_inflight_save_bytes", DEFAULT_MAX_INFLIGHT_BYTES))
         self._lookup_wait_s = max(0.0, float(extra.get("lookup_wait_ms", 5.0)) / 1000.0)
         self._lookup_wait_left = self._lookup_wait_s  # of this scheduler step's budget
+        self._idle_wait_s = max(0.0, float(extra.get("idle_wait_ms", 20.0)) / 1000.0)
         self._block_size = vllm_config.cache_config.block_size
         hash_block_size = getattr(kv_cache_config, "hash_block_size", None) or self._block_size
         if self._block_size % hash_block_size:
@@ -567,9 +570,9 @@ class KvtierConnector(KVConnectorBase_V1):
         if lookup is None or lookup.result is None:
             return  # the second call after an asynchronous load, or a request that was never looked up
         start, hit, stored = lookup.result
-        state.saved_upto = stored
-        count = min(num_external_tokens // self._block_size, hit)
-        if count <= 0:
+        count = max(min(num_external_tokens // self._block_size, hit), 0)
+        state.saved_upto, state.promised_upto = stored, start + count
+        if count == 0:
             return
         block_ids = blocks.get_block_ids()[0]
         self._pending_loads[request.request_id] = LoadWork(
@@ -580,7 +583,8 @@ class KvtierConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         self._lookup_wait_left = self._lookup_wait_s  # a new step: a new budget
         meta = KvtierConnectorMetadata(loads=list(self._pending_loads.values()),
-                                       preempted=set(getattr(scheduler_output, "preempted_req_ids", None) or ()))
+                                       preempted=set(getattr(scheduler_output, "preempted_req_ids", None) or ()),
+                                       idle=not scheduler_output.total_num_scheduled_tokens)
         self.stats["preempted_requests"] += len(meta.preempted)
         self._pending_loads.clear()
 
@@ -593,9 +597,11 @@ class KvtierConnector(KVConnectorBase_V1):
             state = self._requests.get(req_id)
             if state is None:
                 continue
-            if computed_before < state.saved_upto * self._block_size:
-                # vLLM recomputes blocks it was told were stored (a failed load): store them again.
-                state.saved_upto = computed_before // self._block_size
+            if computed_before < state.promised_upto * self._block_size:
+                # vLLM recomputes blocks it was promised (a failed load): store them again. Stored blocks
+                # past the promise (the last block of a block-aligned prompt, always computed) are not.
+                state.promised_upto = computed_before // self._block_size
+                state.saved_upto = min(state.saved_upto, state.promised_upto)
             done = min((computed_before + scheduler_output.num_scheduled_tokens.get(req_id, 0))
                        // self._block_size, self._num_keys(state.request))
             if done <= state.saved_upto:
@@ -833,6 +839,11 @@ class KvtierConnector(KVConnectorBase_V1):
         asynchronous loads ended (their failed blocks are in get_block_ids_with_load_errors by then)."""
         if self._transfers is None:
             return None, None
+        meta = self._connector_metadata
+        if isinstance(meta, KvtierConnectorMetadata) and meta.idle:
+            # Nothing computed this step: the engine only waits for us. Wait here (a little) instead of
+            # letting its loop spin, which would starve the transfer threads of the interpreter lock.
+            self._transfers.wait_progress(self._idle_wait_s)
         sending, receiving = self._transfers.finished(finished_req_ids)
         return sending or None, receiving or None
 

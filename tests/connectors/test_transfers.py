@@ -283,3 +283,23 @@ def test_a_copy_past_its_timeout_is_released_to_the_engine_and_never_committed()
     finally:
         leave_copy.set()
         engine.close()
+
+
+def test_an_idle_engine_waits_for_progress_instead_of_spinning():
+    """wait_progress returns at once when nothing is awaited, returns when a load ends (not at its
+    timeout), and gives up at its timeout when the load does not end."""
+    engine = TransferEngine(on_error=lambda kind, error: None)
+    gate = threading.Event()
+    try:
+        started = time.monotonic()
+        engine.wait_progress(SETTLE_S)                     # nothing pending: no wait at all
+        assert time.monotonic() - started < SETTLE_S / 2
+        engine.submit_load("l", [7], lambda: (gate.wait(), set())[1])
+        engine.wait_progress(0.05)                         # the load is parked: the timeout ends the wait
+        assert engine.pending_loads() == 1
+        threading.Thread(target=gate.set).start()
+        engine.wait_progress(SETTLE_S)                     # returns when the load ended
+        assert engine.finished(set()) == (set(), {"l"})
+    finally:
+        gate.set()
+        engine.close()
