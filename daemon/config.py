@@ -253,6 +253,10 @@ class TenantConfig:
     # Payload bytes of this tenant's blocks the disk tier may hold; 0: no bound of its own (it shares
     # disk.capacity). A full quota keeps the tenant's further blocks in memory only (daemon/store.py).
     disk_capacity: int = 0
+    # Payload bytes of this tenant's blocks in S3 that this node knows of (its own uploads, and what it
+    # adopted from listing the bucket); 0: no bound of its own. Past it the tenant's further blocks are
+    # not uploaded: they stay on disk only (daemon/s3sync.py). Needs S3 write-through.
+    s3_capacity: int = 0
 
 
 @dataclasses.dataclass
@@ -312,9 +316,11 @@ class Config:
 
 MAX_LIST = 64
 _SIZE_KEYS = {"capacity", "slot_bytes", "segment_bytes", "max_message_bytes",
-              "put_chunk_bytes", "align", "cpu_capacity", "disk_capacity", "max_bytes_per_s_per_peer"}
+              "put_chunk_bytes", "align", "cpu_capacity", "disk_capacity", "s3_capacity",
+              "max_bytes_per_s_per_peer"}
 _ID_LIST_KEYS = {"admin_uids", "admin_gids", "uids", "gids"}
 MAX_TENANTS = 64
+MAX_S3_CAPACITY = 1 << 50  # a sanity bound on a tenant's s3_capacity (1 PiB)
 _MODE_KEYS = {"socket_mode", "ipc_mode"}
 
 
@@ -482,6 +488,12 @@ def _validate_tenants(cfg: Config) -> None:
         if tenant.disk_capacity > cfg.disk.capacity:
             raise ConfigError(f"{where} ({tenant.name}): disk_capacity must be at most disk.capacity "
                               "(or 0: no quota of its own, it shares the disk tier)")
+        if tenant.s3_capacity and not (cfg.s3.enabled and cfg.s3.write_through):
+            raise ConfigError(f"{where} ({tenant.name}): s3_capacity bounds what this node uploads for the tenant: "
+                              "it needs s3.enabled and s3.write_through (or 0: no S3 quota)")
+        if tenant.s3_capacity > MAX_S3_CAPACITY:
+            raise ConfigError(f"{where} ({tenant.name}): s3_capacity must be at most 1PiB "
+                              "(or 0: no quota of its own)")
         for what, bound in (("max_leases", 1 << 20), ("max_watchers", 1024), ("max_namespaces", 1 << 16),
                             ("max_pulls", 256), ("max_sessions", 1 << 16)):
             if not 1 <= getattr(tenant, what) <= bound:

@@ -27,6 +27,23 @@ Contract
   An object that fails is refused (mac_rejected), logged once, never committed, and skipped by
   later listings; it is not deleted (a node with another key must not delete the cluster's data).
   Without a key, a bucket writer can plant any block that passes its checksum (docs/s3-format.md).
+- Per-tenant quota (`[[tenant]] s3_capacity`): `changed` is the one place where the count of blocks
+  in S3 and each configured tenant's payload bytes there (`tenant_bytes`) move, with the catalog's S3
+  bit: an upload or an "already there" answer, adoption from the listing (a block of this node's or
+  another node's), a download refused or quarantined, a delete or clear (nothing evicts from S3). An
+  upload that would take its tenant past its quota, counting the batch's uploads before it, is
+  skipped: its obligation is settled at once (durably: it is neither retried nor counted twice), the
+  block stays on disk only, `kvtier_tenant_s3_refused_total` counts it, and a warning names the
+  tenant at most once a minute. A skipped block is not uploaded later when the tenant is below its
+  quota again (a commit of it after it left the node is). Adoption is never refused, so what other
+  nodes uploaded can put a tenant over its quota here; it then uploads nothing until deletes bring it
+  below. Until a listing pass has counted what the bucket holds of a tenant (the first pass since
+  start; after one of its namespaces is newly registered, a pass that began after that, asked for at
+  once), the tenant's uploads wait (other tenants' do not). What is not bounded: what other nodes
+  upload between two listings (each node checks against what it knows, so N nodes may together
+  upload up to N quotas' worth between listings), namespaces not registered on this node, blocks
+  beyond s3.max_catalog_blocks, and objects removed behind the node's back (another node's delete, a
+  lifecycle rule) that stay counted until a read misses them or the node restarts.
 - Event loop only; S3 and LMDB calls run on worker threads.
 """
 
@@ -51,7 +68,7 @@ from . import mac as macs
 from .catalog import Block, interned
 from .config import S3TierConfig, check_secret_stat
 from .peers import printable
-from .store import wait_event
+from .store import quota_log_due, wait_event
 
 log = logging.getLogger("kvtier.s3sync")
 S3, CPU, DISK = pb.TIER_S3, pb.TIER_CPU, pb.TIER_DISK
@@ -61,6 +78,7 @@ BACKOFF_MAX_S = 30.0
 UNREACHABLE_PROBLEM_S = 30.0  # S3 unreachable this long with uploads owed: health says NOT_SERVING
 PROBE_BOUND_S = 3.0           # the start-up If-None-Match probe waits this long, then retries later
 REJECTED_MEMORY = 16384       # object keys refused for their MAC that later listings skip (oldest forgotten)
+LIST_SOONEST_S = 1.0          # a pass a registration asks for starts no sooner after the previous pass began
 
 
 class S3Refused(Exception):
@@ -100,7 +118,15 @@ class S3Sync:
         self.cfg = cfg
         self.tier = tier
         self.counters = S3Counters()
-        self.blocks = 0                  # catalog blocks with the S3 bit
+        self.blocks = 0                  # catalog blocks with the S3 bit; this and tenant_bytes move in changed()
+        self.tenant_bytes: collections.Counter[str] = collections.Counter()  # configured tenants' payload bytes
+        self._quotas = {t.name: t.s3_capacity for t in store.cfg.tenant if t.s3_capacity}
+        self._quota_log: dict[str, tuple[float, int]] = {}  # tenant -> (last line, refusals since)
+        # Tenants with a quota whose uploads wait for a listing pass that began after their latest
+        # namespace registration (at start: every one of them, until the first pass completes).
+        self._registrations = 0          # quota tenants' namespaces registered since start (a sequence)
+        self._unlisted: dict[str, int] = dict.fromkeys(self._quotas, 0)  # tenant -> registration to list after
+        self._list_now = asyncio.Event()  # a quota tenant's namespace was registered: list soon
         self.reachable = True
         self.unreachable_since: float | None = None
         self.last_error = ""
@@ -194,19 +220,20 @@ class S3Sync:
                     await self._probe()  # S3Refused ends this task: the daemon stops, saying why
                     if not self._probed:
                         raise S3Unavailable("S3 did not answer the If-None-Match probe")
-                settled = await self._upload_batch(page)
+                settled, deferred = await self._upload_batch(page)
             except S3Unavailable as exc:
                 failures += 1
                 self._unreachable(exc, failures)
                 await asyncio.sleep(_backoff(failures))
                 continue
-            self._reachable_again()
+            if deferred < len(page):  # S3 was asked (a page deferred whole says nothing about it)
+                self._reachable_again()
             if settled:
                 await self.store._on_writer(lambda done=settled: self.store.disk.settle_uploads(done))
                 self.backlog = max(0, self.backlog - len(settled))
                 failures = 0
             cursor = next_cursor
-            if len(settled) < len(page):  # some could not be uploaded now: never spin on them
+            if len(settled) + deferred < len(page):  # some could not be uploaded now: never spin on them
                 failures += 1
                 await asyncio.sleep(_backoff(failures))
 
@@ -228,16 +255,32 @@ class S3Sync:
             log.warning("S3 reachable again: draining %d uploads", self.backlog)
         self.reachable, self.unreachable_since, self.last_error = True, None, ""
 
-    async def _upload_batch(self, batch) -> list:
-        """Uploads a batch concurrently; returns the ids whose obligation is settled. Raises
-        S3Unavailable when S3 failed every upload it was asked for."""
-        work, settled = [], []
+    async def _upload_batch(self, batch) -> tuple[list, int]:
+        """Uploads a batch concurrently; returns the ids whose obligation is settled (those refused
+        for their tenant's s3_capacity included), and how many were deferred until a listing has
+        counted their tenant's objects. Raises S3Unavailable when S3 failed every upload it was
+        asked for."""
+        work, settled, refused, deferred = [], [], [], 0
+        planned: collections.Counter[str] = collections.Counter()
         for block_id in batch:
             block = self.store.catalog.get(*block_id)
             if block is None or block.tiers & S3:
                 settled.append(block_id)  # deleted everywhere, or already uploaded
             elif block.tiers & (CPU | DISK):
+                tenant = self.store.tenant_of(block.namespace)
+                quota = self._quotas.get(tenant) if tenant is not None else None
+                if quota is not None and tenant in self._unlisted:
+                    deferred += 1  # what the bucket holds of the tenant is not known yet
+                    continue
+                if quota is not None and self.tenant_bytes[tenant] + planned[tenant] + block.length > quota:
+                    self._refuse(block, tenant, quota)
+                    refused.append(block_id)
+                    continue
+                if quota is not None:
+                    planned[tenant] += block.length
                 work.append(block)
+        if refused:  # settled before any upload: an outage below must not offer (and count) them again
+            await self.store._on_writer(lambda: self.store.disk.settle_uploads(refused))
         results = await asyncio.gather(*(self._upload_one(b) for b in work), return_exceptions=True)
         unavailable = None
         for block, result in zip(work, results):
@@ -251,7 +294,22 @@ class S3Sync:
                 self._mark_uploaded(block, result)
         if unavailable is not None and not settled:
             raise unavailable
-        return settled
+        return settled + refused, deferred
+
+    def _refuse(self, block: Block, tenant: str, quota: int) -> None:
+        """The upload of `block` would take `tenant` past its s3_capacity: counted, logged (rate limited)."""
+        self.store.counters.tenant_s3_refused += 1
+        refusals = quota_log_due(self._quota_log, tenant)
+        if refusals:
+            log.warning("tenant %s: %d blocks not uploaded to S3 (kept on disk only): %d bytes of its blocks "
+                        "are in S3, its s3_capacity is %d", tenant, refusals, self.tenant_bytes[tenant], quota)
+
+    def changed(self, block: Block, change: int) -> None:
+        """The block's S3 bit was just set (change 1) or cleared (-1): the S3 counts move here only."""
+        self.blocks += change
+        tenant = self.store.tenant_of(block.namespace)
+        if tenant is not None:
+            self.tenant_bytes[tenant] += change * block.length
 
     async def _upload_one(self, block: Block) -> str | None:
         header = BlockHeader(block.namespace, block.key, block.parent, block.length, block.checksum,
@@ -260,7 +318,9 @@ class S3Sync:
             log.debug("S3 copy of %s/%s without its %d token ids: its header would not fit in S3 metadata",
                       printable(block.namespace), block.key.hex(), len(block.token_ids) // 4)
             header = dataclasses.replace(header, token_ids=b"")
-        self._uploading.add(block)  # Delete answers busy meanwhile
+        if self.store.catalog.get(block.namespace, block.key) is not block or block.tiers & S3:
+            return None  # deleted (or uploaded) since the batch was read: never upload what Delete removed
+        self._uploading.add(block)  # Delete answers busy from here on
         try:
             if block in self.store.cpu:
                 slot = self.store.cpu.hold(block, UPLOAD)  # the slot cannot be reused while S3 reads it
@@ -310,7 +370,7 @@ class S3Sync:
             self.counters.upload_bytes += block.length
         if self.store.catalog.get(block.namespace, block.key) is block and not block.tiers & S3:
             block.tiers |= S3
-            self.blocks += 1
+            self.changed(block, 1)
             self.store.events.emit(pb.BLOCK_STORED, block.namespace, block.key, S3, length=block.length,
                                    parent=block.parent)
 
@@ -365,18 +425,17 @@ class S3Sync:
             log.warning("S3 delete of %s/%s failed (%s): the object stays in the bucket",
                         block.namespace, block.key.hex(), exc)
 
-    def dropped(self, block: Block) -> None:
-        """The block's S3 bit was cleared (quarantine or delete)."""
-        self.blocks -= 1
-
     # -- adopting what other nodes uploaded -----------------------------------------------------
     async def _list_loop(self) -> None:
         failures = 0
         while True:
             started = time.monotonic()
+            self._list_now.clear()
+            registered_before = self._registrations  # _list_once lists every namespace registered so far
             try:
                 adopted = await self._list_once()
                 failures = 0
+                self._listed(registered_before)
                 if adopted:
                     log.info("adopted %d blocks from s3://%s/%s", adopted, self.cfg.bucket, self.cfg.prefix)
             except S3Unavailable as exc:
@@ -385,7 +444,32 @@ class S3Sync:
             # After a failure, list again soon (with backoff): until a listing succeeds this node does
             # not know which of its blocks S3 already holds.
             wait = _backoff(failures) if failures else self.cfg.list_interval_s - (time.monotonic() - started)
-            await asyncio.sleep(max(0.0, wait))
+            if await wait_event(self._list_now, max(0.0, wait)):  # a quota tenant registered a namespace
+                await asyncio.sleep(max(0.0, LIST_SOONEST_S - (time.monotonic() - started)))
+
+    def registered(self, namespace: str) -> None:
+        """`namespace` was just registered here (new, or only found on disk before): the bucket's
+        objects of it count from the next listing pass on, so its tenant, if it has a quota, uploads
+        nothing until a pass that begins after now (asked for now) has completed."""
+        tenant = self.store.tenant_of(namespace)
+        if tenant in self._quotas:
+            self._registrations += 1
+            self._unlisted[tenant] = self._registrations
+            self._list_now.set()
+
+    def _listed(self, registered_before: int) -> None:
+        """A pass that listed every namespace of the first `registered_before` registrations has
+        completed: those tenants' objects in the bucket are counted now, and their uploads (deferred
+        until this) go ahead, checked against what the listing found."""
+        done = [tenant for tenant, registration in self._unlisted.items() if registration <= registered_before]
+        for tenant in done:
+            del self._unlisted[tenant]
+            if self.tenant_bytes[tenant] > self._quotas[tenant]:
+                log.warning("tenant %s has %d bytes in S3 (its uploads and those of other nodes the listing "
+                            "found), over its s3_capacity of %d: none of its new blocks is uploaded until deletes "
+                            "bring it below", tenant, self.tenant_bytes[tenant], self._quotas[tenant])
+        if done:
+            self._wake.set()
 
     async def _list_once(self) -> int:
         """One pass over the bucket: a LIST per page, a HEAD only for blocks the catalog lacks, of
@@ -441,7 +525,7 @@ class S3Sync:
         if block is not None:
             if not block.tiers & S3 and block.checksum == entry.checksum:
                 block.tiers |= S3  # the obligation, if any, settles on the uploader's next pass
-                self.blocks += 1
+                self.changed(block, 1)
                 self.store.events.emit(pb.BLOCK_STORED, block.namespace, block.key, S3, length=block.length)
             return 0
         # No retention: the policy's default, as for any block committed here without one (an S3
@@ -450,7 +534,7 @@ class S3Sync:
                       entry.created_unix_ms, entry.created_unix_ms, tiers=S3, token_ids=entry.token_ids,
                       origin=interned(entry.origin))
         self.store.catalog.add(block)
-        self.blocks += 1
+        self.changed(block, 1)
         self.counters.adopted += 1
         self.store.events.emit(pb.BLOCK_STORED, block.namespace, block.key, S3, length=block.length,
                                parent=block.parent)

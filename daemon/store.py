@@ -15,13 +15,18 @@ Contract
   - `_disk_changed`: the count of blocks on disk and each tenant's bytes there (`tenant_disk_bytes`),
     moved with the catalog's DISK bit on every path that sets or clears it (recovery, write-through,
     eviction, quarantine, delete);
+  - `S3Sync.changed` (daemon/s3sync.py): the count of blocks in S3 and each tenant's bytes there
+    (`S3Sync.tenant_bytes`), moved with the catalog's S3 bit on every path that sets or clears it
+    (upload, adoption from the listing, quarantine, a refused MAC, delete; nothing evicts from S3);
   - the retention policy of each memory tier: the block's retention while it is there
     (`Block.retention` is re-applied whenever a tier installs the block).
 - Commit returns once the blocks are in the CPU tier. With `wait_durable` it returns once every
   block of the commit, duplicates included, is fsynced and indexed on disk (and its S3 upload is
-  owed durably), or fails UNAVAILABLE after `disk.durable_wait_ms`. A block waiting for
-  write-through is held in the CPU tier, so the CPU tier never drops the only copy. The queue is
-  bounded: Allocate waits while it is full.
+  owed durably), or fails UNAVAILABLE after `disk.durable_wait_ms`. S3 is never what a commit waits
+  for (write-through to S3 needs the disk tier, and goes from it), so an upload that the tenant's
+  `s3_capacity` refuses later does not make an acknowledged commit a lie: the block is on disk. A
+  block waiting for write-through is held in the CPU tier, so the CPU tier never drops the only
+  copy. The queue is bounded: Allocate waits while it is full.
 - A Commit is all or nothing, and a refused one aborts its whole allocation (slots returned):
   a shape error (slot not in the allocation, slot used twice, length over the slot) says what is
   wrong; a checksum that does not match says only that verification failed, never which entry or
@@ -35,6 +40,10 @@ Contract
   tenant's oldest blocks: the disk tier frees space only by evicting whole oldest segments, which
   hold every tenant's blocks, so a tenant that kept rewriting within its quota would still age
   everyone's blocks off the disk; one that writes nothing more cannot.
+- A tenant's `s3_capacity` bounds the payload bytes of its blocks in S3 that this node knows of
+  (`S3Sync.tenant_bytes`: its uploads, and what the listing adopted): an upload that would exceed it
+  is skipped (its obligation dropped, the block stays on disk only), counted in
+  `tenant_s3_refused` and logged at most once a minute per tenant (daemon/s3sync.py).
 - The arena has one part per tenant (tiers/arena.py): a namespace "<tenant>/..." of a configured
   tenant lives in that tenant's part, every other namespace in part 0 (the administrators'). A
   block's slot, an allocation's slots and a promotion's slot are always in its namespace's part, so
@@ -86,7 +95,7 @@ PROMOTION_WAIT_MS = 2000     # a reader waits this long for CPU room, then takes
 READ_RESERVE_SHARE = 256     # 1/256 of the arena's slots is kept for promotions
 HASH_OFF_LOOP_BYTES = 1 << 20  # commits hashing more than this hash on a worker thread
 STUCK_AFTER_S = 10.0         # write-through failing this long makes the daemon report NOT_SERVING
-QUOTA_LOG_INTERVAL_S = 60.0  # at most one line per tenant this often about blocks its disk_capacity kept off disk
+QUOTA_LOG_INTERVAL_S = 60.0  # at most one line per tenant and quota this often about blocks it refused
 VERIFY_FAILED = "verification failed; the allocation was aborted; nothing was committed"
 
 
@@ -114,6 +123,7 @@ class Counters:
     leases_expired: int = 0
     tenant_pulls_refused: int = 0  # peer pulls not made: the tenant had its max_pulls in flight
     tenant_disk_refused: int = 0   # blocks not written to disk: their tenant's disk_capacity was full
+    tenant_s3_refused: int = 0     # blocks not uploaded to S3: their tenant's s3_capacity was full
     allocations_expired: int = 0
 
 
@@ -192,6 +202,7 @@ class BlockStore:
         self.disk_blocks = 0  # blocks with the DISK bit; these two change in _disk_changed only
         self.tenant_disk_bytes: collections.Counter[str] = collections.Counter()  # configured tenants' payload bytes
         self.peers = None  # daemon.peers.PeerFetcher, when peers are configured (metrics read it)
+        self.peer_service = None  # daemon.peers.PeerService when peers are served (it sets this; metrics read it)
 
     @property
     def backlog(self) -> int:
@@ -321,7 +332,11 @@ class BlockStore:
 
     # -- namespaces and lookup ----------------------------------------------------------------
     async def register_namespace(self, name: str, attributes: dict[str, str]) -> bool:
+        known = self.catalog.namespaces.get(name)
+        listed = known is not None and not known.adopted  # the S3 listing already counts its objects
         created = self.catalog.register(name, attributes)
+        if not listed and self.s3sync is not None:
+            self.s3sync.registered(name)
         async with self._registry_lock:  # one writer of the registry file at a time, off the loop
             data = self.catalog.registry()
             await asyncio.to_thread(self.catalog.save, data)
@@ -638,15 +653,11 @@ class BlockStore:
             f"tenant {tenant} has its disk_capacity ({quota} bytes) of blocks on disk: block {block.key.hex()} "
             "is kept in memory only (not durable); delete some of the tenant's blocks to make room"))
         item.durable.exception()  # retrieved: a waiter may or may not exist
-        last, since = self._quota_log.get(tenant, (float("-inf"), 0))
-        now = time.monotonic()
-        if now - last < QUOTA_LOG_INTERVAL_S:
-            self._quota_log[tenant] = (last, since + 1)
-            return
-        self._quota_log[tenant] = (now, 0)
-        log.warning("tenant %s: %d blocks not written to disk (kept in memory only, not uploaded to S3): "
-                    "%d bytes of its blocks are on disk, its disk_capacity is %d", tenant, since + 1,
-                    self.tenant_disk_bytes[tenant], quota)
+        refusals = quota_log_due(self._quota_log, tenant)
+        if refusals:
+            log.warning("tenant %s: %d blocks not written to disk (kept in memory only, not uploaded to S3): "
+                        "%d bytes of its blocks are on disk, its disk_capacity is %d", tenant, refusals,
+                        self.tenant_disk_bytes[tenant], quota)
 
     def _disk_changed(self, block: Block, change: int) -> None:
         """The block's DISK bit was just set (change 1) or cleared (-1)."""
@@ -694,7 +705,7 @@ class BlockStore:
         if tier == DISK:
             self._disk_changed(block, -1)
         if tier == S3:
-            self.s3sync.dropped(block)
+            self.s3sync.changed(block, -1)
         self.events.emit(pb.BLOCK_REMOVED, block.namespace, block.key, tier, length=block.length)
         if not block.tiers:
             self.catalog.discard(block)
@@ -1056,7 +1067,8 @@ class BlockStore:
 
     # -- invariants -----------------------------------------------------------------------------
     def check_invariants(self) -> None:
-        """Asserts that the catalog agrees with every memory tier and the write-through queue."""
+        """Asserts that the catalog agrees with every memory tier, the write-through queue, and the
+        disk and S3 counts (blocks, each tenant's bytes)."""
         self.cpu.check()
         for name, ns in self.catalog.namespaces.items():
             for key, block in ns.blocks.items():
@@ -1072,18 +1084,37 @@ class BlockStore:
             assert all(self.arena.part_of(slot) == held.part for slot in held.items), "allocation across parts"
         for block, item in self._pending.items():
             assert block in self.cpu and self.cpu.slot_of(block) == item.slot and self.cpu.holds(block)[WRITE]
-        on_disk: collections.Counter[str] = collections.Counter()
-        disk_blocks = 0
+        blocks = {DISK: 0, S3: 0}  # the catalog's count of blocks with the bit, and each tenant's bytes
+        tenant_bytes: dict[int, collections.Counter[str]] = {DISK: collections.Counter(), S3: collections.Counter()}
         for name, ns in self.catalog.namespaces.items():
             tenant = self.tenant_of(name)
             for block in ns.blocks.values():
-                if block.tiers & DISK:
-                    disk_blocks += 1
-                    if tenant is not None:
-                        on_disk[tenant] += block.length
-        assert disk_blocks == self.disk_blocks, f"disk_blocks {self.disk_blocks}, catalog says {disk_blocks}"
-        assert +self.tenant_disk_bytes == on_disk, f"tenant disk bytes {self.tenant_disk_bytes}, catalog {on_disk}"
+                for tier in (DISK, S3):
+                    if block.tiers & tier:
+                        blocks[tier] += 1
+                        if tenant is not None:
+                            tenant_bytes[tier][tenant] += block.length
+        assert blocks[DISK] == self.disk_blocks, f"disk_blocks {self.disk_blocks}, catalog says {blocks[DISK]}"
+        assert +self.tenant_disk_bytes == tenant_bytes[DISK], (
+            f"tenant disk bytes {self.tenant_disk_bytes}, catalog {tenant_bytes[DISK]}")
+        if self.s3sync is not None:
+            assert blocks[S3] == self.s3sync.blocks, f"s3 blocks {self.s3sync.blocks}, catalog says {blocks[S3]}"
+            assert +self.s3sync.tenant_bytes == tenant_bytes[S3], (
+                f"tenant s3 bytes {self.s3sync.tenant_bytes}, catalog {tenant_bytes[S3]}")
         assert len(self._pending) <= self.cfg.disk.queue_blocks + self.arena.slot_count
+
+
+def quota_log_due(lines: dict[str, tuple[float, int]], tenant: str) -> int:
+    """The rate limit of a quota's warnings (`lines`: tenant -> (last line, refusals since)): how many
+    refusals of `tenant`, this one included, to report now, or 0 while its last line is younger than
+    QUOTA_LOG_INTERVAL_S (this one is then reported with the next)."""
+    last, since = lines.get(tenant, (float("-inf"), 0))
+    now = time.monotonic()
+    if now - last < QUOTA_LOG_INTERVAL_S:
+        lines[tenant] = (last, since + 1)
+        return 0
+    lines[tenant] = (now, 0)
+    return since + 1
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:

@@ -365,3 +365,196 @@ def test_with_a_cluster_key_objects_without_a_valid_mac_are_refused_and_counted(
 
 def matched_one(c, i: int) -> bool:
     return c.lookup(NS, [key(i)]).matched == 1
+
+
+# ---- a tenant's s3_capacity ---------------------------------------------------------------------
+
+QUOTA_TENANTS = [{"name": "a", "uids": [40011], "cpu_capacity": "4MiB", "s3_capacity": 3 * 20_000},
+                 {"name": "b", "uids": [40012], "cpu_capacity": "4MiB"}]
+
+
+def in_s3(c, namespace: str, n: int) -> list[int]:
+    """Which of key(0..n-1) of `namespace` the node has in S3 (the catalog's S3 bit)."""
+    found = []
+    for i in range(n):
+        try:
+            found += [i] if c.stat(namespace, key(i)).tiers & pb.TIER_S3 else []
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND, exc  # not on this node at all
+    return found
+
+
+def put_streamed(daemon, blocks: range, namespace: str) -> None:
+    """Stores blocks with Put, as an administrator does in a tenant's namespace (its arena part is
+    the tenant's: the administrators' allocations cannot commit there)."""
+    with daemon.client() as c:
+        c.register_namespace(namespace, {"model": "m"})
+        for i in blocks:
+            assert c.put(namespace, key(i), payload(i)) == pb.STORED
+
+
+def bucket_objects(server, bucket: str, namespace: str) -> int:
+    digest = hashlib.sha256(namespace.encode()).hexdigest()[:32]
+    return sum(1 for okey in objects(server, bucket) if okey.split("/")[3] == digest)
+
+
+def test_a_tenants_s3_quota_refuses_its_uploads_only_and_holds_across_a_restart(make_daemon, s3_server):
+    bucket = make_bucket(s3_server, "kvtier-s3-quota")
+    metrics = f"127.0.0.1:{free_port()}"
+    node = make_daemon(s3_overrides(s3_server, bucket, **{"metrics.listen": metrics, "tenant": QUOTA_TENANTS}))
+    refused = lambda: scrape_metrics(metrics)["kvtier_tenant_s3_refused_total"]  # noqa: E731
+    put_streamed(node, range(8), "a/m")  # 8 blocks of 20 kB: a's quota holds 3
+    put_streamed(node, range(8), "b/m")  # b has no quota of its own
+    with node.client() as c:
+        wait_for(lambda: c.stats().upload_backlog == 0 and refused() == 5, what="a's uploads refused, b's done")
+        assert len(in_s3(c, "a/m", 8)) == 3 and in_s3(c, "b/m", 8) == list(range(8))
+        assert all(c.stat("a/m", key(i)).tiers & pb.TIER_DISK for i in range(8))  # refused: on disk only
+        assert all(c.get("a/m", key(i))[1] == payload(i) for i in range(8))
+    assert bucket_objects(s3_server, bucket, "a/m") == 3 and bucket_objects(s3_server, bucket, "b/m") == 8
+    assert node.log().count("blocks not uploaded to S3") == 1  # one line a minute, not five
+    assert "tenant a: 1 blocks not uploaded to S3 (kept on disk only)" in node.log()
+    assert "its s3_capacity is 60000" in node.log()
+    # After a restart the count comes from listing the bucket: a's next upload is refused, b's is not.
+    assert node.stop() == 0
+    node.start()
+    put_streamed(node, range(8, 9), "a/m")
+    put_streamed(node, range(8, 9), "b/m")
+    with node.client() as c:
+        wait_for(lambda: c.stats().upload_backlog == 0 and refused() == 1, what="a's next upload refused")
+        assert len(in_s3(c, "a/m", 9)) == 3 and in_s3(c, "b/m", 9) == list(range(9))
+    assert bucket_objects(s3_server, bucket, "a/m") == 3 and bucket_objects(s3_server, bucket, "b/m") == 9
+    # Deleting a's blocks in S3 makes room for as many again: a block committed after that is uploaded.
+    with node.client() as c:
+        first = in_s3(c, "a/m", 9)[0]
+        assert c.delete("a/m", [key(first)]).deleted == 1
+    put_streamed(node, range(9, 10), "a/m")
+    with node.client() as c:
+        wait_for(lambda: c.stat("a/m", key(9)).tiers & pb.TIER_S3, what="a's upload after a delete")
+        assert refused() == 1
+        a_in_s3 = in_s3(c, "a/m", 10)
+    assert bucket_objects(s3_server, bucket, "a/m") == 3
+    # Another node of the cluster (a fresh data dir, the same bucket) counts a's objects that this one
+    # uploaded once its listing adopts them; a namespace registered there after its start is listed
+    # before a's uploads go. So a's block is refused there too, and b's is uploaded.
+    assert node.stop() == 0
+    other_metrics = f"127.0.0.1:{free_port()}"
+    other = make_daemon(s3_overrides(s3_server, bucket, **{"metrics.listen": other_metrics,
+                                                           "tenant": QUOTA_TENANTS}), name="other")
+    put_streamed(other, range(10, 11), "a/m")
+    put_streamed(other, range(10, 11), "b/m")
+    with other.client() as c:
+        wait_for(lambda: c.stats().upload_backlog == 0
+                 and scrape_metrics(other_metrics)["kvtier_tenant_s3_refused_total"] == 1,
+                 what="a's upload refused on the other node")
+        assert in_s3(c, "a/m", 11) == a_in_s3 and c.stat("b/m", key(10)).tiers & pb.TIER_S3
+    assert bucket_objects(s3_server, bucket, "a/m") == 3 and bucket_objects(s3_server, bucket, "b/m") == 10
+
+
+def test_s3_capacity_parses_as_a_size_and_needs_s3_write_through():
+    from kvtier.daemon import config
+    tenant = {"name": "a", "uids": [40011]}
+    s3 = {"enabled": True, "bucket": "b"}
+    assert config.load(overrides={"s3": s3, "tenant": [{**tenant, "s3_capacity": "2TiB"}]}).tenant[0].s3_capacity \
+        == 2 << 40
+    assert config.load(overrides={"tenant": [tenant]}).tenant[0].s3_capacity == 0  # no quota of its own
+    with pytest.raises(config.ConfigError, match=r"tenant\[0\] \(a\): s3_capacity .* needs s3.enabled and "
+                                                 r"s3.write_through"):
+        config.load(overrides={"tenant": [{**tenant, "s3_capacity": "1GiB"}]})
+    with pytest.raises(config.ConfigError, match=r"tenant\[0\] \(a\): s3_capacity .* needs s3.enabled"):
+        config.load(overrides={"s3": {**s3, "write_through": False}, "tenant": [{**tenant, "s3_capacity": 1}]})
+    with pytest.raises(config.ConfigError, match=r"tenant\[0\].s3_capacity: must not be negative"):
+        config.load(overrides={"s3": s3, "tenant": [{**tenant, "s3_capacity": -1}]})
+    with pytest.raises(config.ConfigError, match=r"tenant\[0\].s3_capacity: expected a size"):
+        config.load(overrides={"s3": s3, "tenant": [{**tenant, "s3_capacity": "lots"}]})
+    with pytest.raises(config.ConfigError, match=r"s3_capacity must be at most 1PiB"):
+        config.load(overrides={"s3": s3, "tenant": [{**tenant, "s3_capacity": "2048TiB"}]})
+
+
+def test_a_tenants_uploads_wait_until_a_listing_has_counted_its_objects(tmp_path, s3_server):
+    """In-process, with the listing held back at will. After a restart, and after one of its
+    namespaces is newly registered, the node does not know what the bucket holds of the tenant until
+    a listing pass has counted it: the tenant's uploads wait for that pass and are then checked
+    against what it found, its own objects (on disk here) and another node's (adopted) alike. Other
+    uploads go on meanwhile."""
+    import asyncio
+    import threading
+
+    from kvtier.tiers.s3 import S3Config
+    from store_harness import FaultyS3, blob, commit, key_of, make_store, store_config, until
+
+    class HeldListing(FaultyS3):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.listing = threading.Event()
+            self.listing.set()
+
+        def list_keys(self, *args, **kwargs):
+            assert self.listing.wait(60), "listing never let through"
+            return super().list_keys(*args, **kwargs)
+
+    bucket = make_bucket(s3_server, "kvtier-quota-listing")
+    quota = 2 * len(blob(33))
+    cfg = store_config(tmp_path, s3_server.endpoint_url, bucket,
+                       tenants=[{"name": "t", "uids": [40200], "s3_capacity": quota}])
+
+    def tier() -> HeldListing:
+        return HeldListing(S3Config(endpoint_url=s3_server.endpoint_url, bucket=bucket, connect_timeout_s=1.0,
+                                    read_timeout_s=5.0, max_attempts=1))
+
+    def in_s3(store, namespace: str, seed: int) -> bool:
+        block = store.catalog.get(namespace, key_of(seed))
+        return block is not None and bool(block.tiers & pb.TIER_S3)
+
+    async def scenario():
+        store = make_store(cfg, s3_tier=tier())
+        await store.start()
+        await store.register_namespace("t/ns", {})
+        await store.register_namespace("ns", {})
+        await commit(store, "t/ns", [33, 34])
+        await until(lambda: in_s3(store, "t/ns", 33) and in_s3(store, "t/ns", 34), "t's two uploads")
+        assert store.s3sync.tenant_bytes["t"] == quota
+        store.check_invariants()
+        await store.close(5)
+
+        # Restarted: t's blocks are on disk, the count of what S3 holds of them comes from the listing.
+        held = tier()
+        held.listing.clear()
+        store = make_store(cfg, s3_tier=held)
+        await store.start()
+        assert store.s3sync.tenant_bytes["t"] == 0  # nothing counted before a listing
+        await commit(store, "t/ns", [35])
+        await commit(store, "ns", [1])
+        await until(lambda: in_s3(store, "ns", 1) and store.disk.upload_backlog() == 1,
+                    "the other namespace's upload settled")
+        assert not in_s3(store, "t/ns", 35)  # t's upload waits, still owed
+        assert store.counters.tenant_s3_refused == 0
+        held.listing.set()
+        await until(lambda: store.counters.tenant_s3_refused == 1 and store.disk.upload_backlog() == 0,
+                    "t's upload refused once the listing counted its two blocks")
+        assert store.s3sync.tenant_bytes["t"] == quota and not in_s3(store, "t/ns", 35)
+
+        # A delete makes room for one block; another node meanwhile uploads one of t's blocks into a
+        # namespace this node registers only now: that object is counted before t uploads again.
+        assert await store.delete("t/ns", [key_of(34)]) == (1, 0)
+        assert store.s3sync.tenant_bytes["t"] == quota // 2
+        other = len(blob(36))
+        header = BlockHeader("t/new", key_of(36), b"", other, checksum(blob(36)), int(time.time() * 1000))
+        assert held.upload(header, blob(36)) == "stored"
+        held.listing.clear()
+        await store.register_namespace("t/new", {})
+        await commit(store, "t/new", [37])
+        await commit(store, "ns", [2])
+        await until(lambda: in_s3(store, "ns", 2) and store.disk.upload_backlog() == 1,
+                    "the other namespace's upload settled")
+        assert not in_s3(store, "t/new", 37) and store.counters.tenant_s3_refused == 1  # waiting, not refused
+        held.listing.set()
+        await until(lambda: store.counters.tenant_s3_refused == 2 and store.disk.upload_backlog() == 0,
+                    "t's upload refused once the listing adopted the other node's object")
+        assert in_s3(store, "t/new", 36) and not in_s3(store, "t/new", 37)
+        assert store.s3sync.tenant_bytes["t"] == quota
+        store.check_invariants()
+        await store.close(5)
+        assert not store.fatals
+
+    asyncio.run(scenario())
+    assert bucket_objects(s3_server, bucket, "t/ns") == 1 and bucket_objects(s3_server, bucket, "t/new") == 1

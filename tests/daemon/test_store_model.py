@@ -10,13 +10,20 @@ with recovery, and checks the invariants after every step:
 - every block acknowledged durable (and not deleted since) is readable and byte-exact;
 - nothing read is ever other bytes than the block's own;
 - with S3 reachable and the store quiet, every block on disk is in S3 and nothing is owed;
-  during an outage, every block on disk that is not in S3 is owed.
+  during an outage, every block on disk that is not in S3 is owed (tenant t's blocks whose upload
+  its s3_capacity refused excepted: they stay on disk only).
 
 Two principals share the store: seeds above TENANT_SEEDS_FROM go to tenant t's namespace, whose
 blocks live in its own arena part (the store's invariant check asserts that no block and no
 allocation crosses parts, and that the per-tenant disk bytes agree with the catalog). Tenant t has a
 disk_capacity of T_DISK_QUOTA (four blocks): its blocks on disk, in the catalog and in the disk
-index, never exceed it, and the run must have refused some of its writes.
+index, never exceed it, and the run must have refused some of its writes. It also has an
+s3_capacity of T_S3_QUOTA (two blocks): the store's invariant check asserts that the S3 counts
+(blocks, each tenant's bytes) agree with the catalog's S3 bits after every step, through uploads,
+adoption by the listing after a crash, deletes and clears; t's bytes in S3 (as the node counts them,
+and as the bucket holds them) never exceed the quota by more than objects whose delete failed during
+an outage (left in the bucket, adopted again after a restart); and the run must have refused some
+of its uploads.
 
 CI runs a bounded number of examples; KVTIER_MODEL_EXAMPLES=200 runs a longer check.
 """
@@ -48,6 +55,7 @@ EXAMPLES = int(os.environ.get("KVTIER_MODEL_EXAMPLES", "12"))
 DISK = pb.TIER_DISK
 TENANT_SEEDS_FROM = 33  # seeds 33..48 are tenant t's: "t/ns", in its own (smaller) arena part
 T_DISK_QUOTA = 4 * len(blob(TENANT_SEEDS_FROM))  # tenant t's disk_capacity: four of its blocks
+T_S3_QUOTA = 2 * len(blob(TENANT_SEEDS_FROM))    # tenant t's s3_capacity: two of its blocks
 
 
 def ns_of(seed: int) -> str:
@@ -75,6 +83,8 @@ class StoreModel(RuleBasedStateMachine):
         os.makedirs(self.dir)
         self.fs = FaultyFs()
         self.durable: dict[int, bytes] = {}   # acknowledged durable and not deleted since
+        self.s3_refused: set[bytes] = set()   # keys of t's blocks whose upload was refused (until stored again)
+        self.s3_leaked: set[bytes] = set()    # keys of t's blocks whose S3 delete failed (object left behind)
         self.store = None
 
     def run(self, coro):
@@ -84,7 +94,7 @@ class StoreModel(RuleBasedStateMachine):
         from pathlib import Path
         cfg = store_config(Path(self.dir), self.server.endpoint_url, self.bucket,
                            tenants=[{"name": "t", "uids": [40200], "cpu_capacity": "512KiB",
-                                     "disk_capacity": T_DISK_QUOTA}],
+                                     "disk_capacity": T_DISK_QUOTA, "s3_capacity": T_S3_QUOTA}],
                            cpu={"capacity": "1MiB", "policy": "retention"},
                            disk={"capacity": "8MiB", "segment_bytes": "1MiB", "batch_blocks": 4,
                                  "queue_blocks": 8, "durable_wait_ms": 400})
@@ -92,6 +102,12 @@ class StoreModel(RuleBasedStateMachine):
                                       connect_timeout_s=1.0, read_timeout_s=5.0, max_attempts=1))
         self.store = make_store(cfg, fs=self.fs, s3_tier=self.tier)
         self.run(self.store.start())
+        refuse = self.store.s3sync._refuse
+
+        def refused(block, tenant, quota):  # which blocks may stay on disk without S3 copy or obligation
+            self.s3_refused.add(block.key)
+            refuse(block, tenant, quota)
+        self.store.s3sync._refuse = refused
         self.run(self.store.register_namespace("ns", {"model": "m"}))
         self.run(self.store.register_namespace("t/ns", {"model": "m"}))
 
@@ -102,6 +118,7 @@ class StoreModel(RuleBasedStateMachine):
     def teardown(self):
         if self.store is not None:
             StoreModel.disk_refused += self.store.counters.tenant_disk_refused
+            StoreModel.s3_refused += self.store.counters.tenant_s3_refused
             self.run(_bounded(self.store.close(5), "closing the store"))
         self.loop.close()
 
@@ -117,6 +134,7 @@ class StoreModel(RuleBasedStateMachine):
                 assert exc.kind in (ErrorKind.UNAVAILABLE, ErrorKind.EXHAUSTED), exc
                 continue
             assert all(s in (pb.STORED, pb.DUPLICATE) for s in statuses)
+            self._stored(group, statuses)
             if wait:
                 for seed in group:
                     self.durable[seed] = blob(seed)
@@ -146,16 +164,33 @@ class StoreModel(RuleBasedStateMachine):
                 self.store.release(held.id)
         self.run(scenario())
 
+    def _stored(self, seeds, statuses):
+        """A block stored anew owes its upload again, whatever became of an earlier block of its key."""
+        for seed, status in zip(seeds, statuses):
+            if status == pb.STORED:
+                self.s3_refused.discard(key_of(seed))
+
+    def _leaks(self):
+        """t's blocks in S3 now: if S3 is down, deleting them leaves their objects in the bucket."""
+        if not self.tier.down:
+            return set()
+        ns = self.store.catalog.namespaces.get("t/ns")
+        return {key for key, block in (ns.blocks.items() if ns else ()) if block.tiers & pb.TIER_S3}
+
     @rule(seed=SEEDS)
     def delete(self, seed):
+        leaks = self._leaks() & {key_of(seed)}
         deleted, _busy = self.run(self.store.delete(ns_of(seed), [key_of(seed)]))
         if deleted:
             self.durable.pop(seed, None)
+            self.s3_leaked |= leaks
 
     @rule()
     def clear(self):
+        leaks = self._leaks()
         self.run(self.store.clear("ns"))
         self.run(self.store.clear("t/ns"))
+        self.s3_leaked |= {key for key in leaks if self.store.catalog.get("t/ns", key) is None}
         for seed in list(self.durable):
             if self.store.catalog.get(ns_of(seed), key_of(seed)) is None:
                 self.durable.pop(seed)
@@ -170,7 +205,7 @@ class StoreModel(RuleBasedStateMachine):
         self.fs.fail[where] = code
         try:
             for namespace, group in by_namespace(seeds).items():
-                self.run(commit(self.store, namespace, group))
+                self._stored(group, self.run(commit(self.store, namespace, group)))
             self.run(until(lambda: self.store.counters.disk_write_errors or not self.store.backlog,
                            "a batch to meet the fault"))
         except ApiError as exc:
@@ -208,6 +243,7 @@ class StoreModel(RuleBasedStateMachine):
         """kill -9 between two disk batches: nothing is drained, queued blocks are simply gone."""
         store = self.store
         StoreModel.disk_refused += store.counters.tenant_disk_refused
+        StoreModel.s3_refused += store.counters.tenant_s3_refused
 
         async def crash():
             store._closing = True
@@ -247,6 +283,17 @@ class StoreModel(RuleBasedStateMachine):
         assert indexed <= T_DISK_QUOTA, f"tenant t has {indexed} bytes in the disk index"
 
     @invariant()
+    def tenant_t_stays_within_its_s3_quota(self):
+        """Uploads never take t past its s3_capacity as the node counts it; only objects left behind
+        by failed deletes, adopted again by a listing, can (uploads then stop until deletes make
+        room). The bucket itself is checked with the listing below."""
+        if self.store is None:
+            return
+        leaked = sum(len(blob(_seed(key))) for key in self.s3_leaked)
+        counted = self.store.s3sync.tenant_bytes["t"]
+        assert counted <= T_S3_QUOTA + leaked, f"tenant t counted with {counted} bytes in S3, {leaked} leaked"
+
+    @invariant()
     def durable_blocks_are_readable(self):
         if self.store is None:
             return
@@ -255,12 +302,20 @@ class StoreModel(RuleBasedStateMachine):
 
     @invariant()
     def every_block_on_disk_is_in_s3_or_owed(self):
+        """And, from the same listing (one per step: a LIST is slow), tenant t's objects in the bucket
+        stay within its quota, those its failed deletes left behind aside."""
         if self.store is None:
             return
-        missing = self._on_disk_not_in_s3()
+        bucket = self._bucket()
+        missing = self._on_disk() - bucket.keys()
         owed = {key for _, key in _all_owed(self.store.disk)}
         uploading = {block.key for block in self.store.s3sync._uploading}
-        assert missing <= owed | uploading, f"blocks on disk neither in S3 nor owed: {len(missing - owed)}"
+        allowed = owed | uploading | self.s3_refused
+        assert missing <= allowed, f"blocks on disk neither in S3 nor owed: {len(missing - allowed)}"
+        t_digest = self.tier.namespace_digest("t/ns")
+        t_bytes = sum(len(blob(_seed(key))) for key, digest in bucket.items()
+                      if digest == t_digest and key not in self.s3_leaked)
+        assert t_bytes <= T_S3_QUOTA, f"tenant t has {t_bytes} bytes in the bucket, its s3_capacity is {T_S3_QUOTA}"
 
     @precondition(lambda self: not self.tier.down)
     @rule()
@@ -268,13 +323,20 @@ class StoreModel(RuleBasedStateMachine):
         """With S3 up and time to drain, every block on disk is in S3 and nothing is owed."""
         store = self.store
         self.run(until(lambda: store.disk.upload_backlog() == 0 and not store.backlog, "the uploads to drain"))
-        assert not self._on_disk_not_in_s3()
+        assert self._on_disk() - self._bucket().keys() <= self.s3_refused
 
-    def _on_disk_not_in_s3(self) -> set[bytes]:
-        on_disk = {e.key for e in self.store.disk.entries()}
+    def _on_disk(self) -> set[bytes]:
+        return {e.key for e in self.store.disk.entries()}
+
+    def _bucket(self) -> dict[bytes, str]:
+        """The bucket's objects as the server lists them: key -> namespace digest."""
         listed = self.server.client().list_objects_v2(Bucket=self.bucket).get("Contents", [])
         parsed = (self.tier.parse_object_key(o["Key"]) for o in listed)
-        return on_disk - {p[1] for p in parsed if p is not None}
+        return {p[1]: p[0] for p in parsed if p is not None}
+
+
+def _seed(key: bytes) -> int:
+    return int.from_bytes(key[:4], "big")  # key_of(seed) repeats the seed's 4 bytes
 
 
 async def _bounded(coro, what: str, timeout: float = 60.0):
@@ -307,6 +369,7 @@ def model_env(tmp_path, monkeypatch):
     StoreModel.tmp = str(tmp_path)
     StoreModel.examples = 0
     StoreModel.disk_refused = 0
+    StoreModel.s3_refused = 0
     shared_server().reset()
 
 
@@ -319,3 +382,4 @@ def test_the_store_keeps_its_promises_under_faults(model_env):
                                 suppress_health_check=list(HealthCheck))
     machine().runTest()
     assert StoreModel.disk_refused, "no write of tenant t ever met its disk_capacity: the quota went unexercised"
+    assert StoreModel.s3_refused, "no upload of tenant t ever met its s3_capacity: the quota went unexercised"
