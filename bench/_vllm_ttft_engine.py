@@ -160,22 +160,12 @@ def _instrument() -> None:
     import functools
     import importlib
 
-    def timed(name, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                entry = TIMES.setdefault(name, [0, 0.0])
-                entry[0] += 1
-                entry[1] += time.perf_counter() - start
-        return wrapper
-
     import threading
     lock = threading.Lock()
 
-    def timed_thread(name, fn):
+    def timed(name, fn, table=TIMES):
+        """fn counting its calls and wall time into table[name] (under a lock: the connector's own
+        functions also run on its background threads)."""
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
@@ -183,10 +173,13 @@ def _instrument() -> None:
                 return fn(*args, **kwargs)
             finally:
                 with lock:
-                    entry = THREAD_TIMES.setdefault(name, [0, 0.0])
+                    entry = table.setdefault(name, [0, 0.0])
                     entry[0] += 1
                     entry[1] += time.perf_counter() - start
         return wrapper
+
+    def timed_thread(name, fn):
+        return timed(name, fn, THREAD_TIMES)
 
     for module, name in CONNECTOR_CLASSES:
         try:
