@@ -588,7 +588,10 @@ def main(argv=None) -> dict:
     if set(groups) - set(ROW_GROUPS):
         parser.error(f"--only takes {','.join(ROW_GROUPS)}")
 
+    from kvtier.tiers import nixl as nixl_module
     from kvtier.tiers.nixl import load_nixl
+    log(f"kvtier code from {Path(nixl_module.__file__).parent.parent} (the daemons inherit PYTHONPATH: "
+        f"{os.environ.get('PYTHONPATH', 'unset')})")
     module, reason = load_nixl()
     if module is None:
         return skipped(reason)

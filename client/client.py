@@ -36,6 +36,7 @@ def target_of(address: str) -> str:
     return address
 
 
+RENEW_WAIT_S = 5.0  # the most a call retried on a new session waits for its channel to reconnect
 CONNECT_TIMEOUT_MS = 20_000  # the least time one connection attempt is given (see _channel_args)
 
 
@@ -76,23 +77,50 @@ def _open_channel(grpc_module, address: str, token: str | None, tls_ca: str | No
 
 class _Sessioned:
     """A local session opened on first use, shared by every thread using this client (a connector
-    calls from the scheduler and from background threads). A daemon that restarted does not know the
-    old session: its UNAUTHENTICATED answer (call() retries once), or an arena of another generation,
-    opens a new one. Nothing is checked per call: the hot path costs no system call for this."""
+    calls from the scheduler and from background threads). Calls go to the session's own socket
+    (its principal's: the only one where the daemon honours the session) through one channel whose
+    target is a descriptor number this client keeps for its whole life (`/proc/self/fd/N`): a new
+    session's socket descriptor is dup2'ed onto N, so the channel and every stub method bound to it
+    stay valid across sessions. A daemon that restarted does not know the old session: a call answered
+    UNAUTHENTICATED, or UNAVAILABLE while the session's connection is closed (`alive()`), is retried
+    once on a new session (call()); an arena of another generation opens a new one too. The hot path
+    costs no system call for this."""
 
     _session: LocalSession | None = None
     _session_path: str | None = None
     _session_lock = threading.Lock()  # replaced per client in _init_session
+    _socket_slot = -1                 # N: the descriptor number the session channel connects through
+    _session_channel = None
+    _session_stub = None
 
-    def _init_session(self, path: str | None) -> None:
+    def _init_session(self, path: str | None, grpc_module=grpc, options=()) -> None:
         self._session_path = path
         self._session_lock = threading.Lock()
+        self._grpc_module, self._channel_options = grpc_module, list(options)
 
     def _session_now(self) -> LocalSession:
         with self._session_lock:
             if self._session is None:
-                self._session = LocalSession.open(self._session_path)
+                session = LocalSession.open(self._session_path)
+                try:
+                    self._take_socket(session)
+                except BaseException:
+                    session.close()
+                    raise
+                self._session = session
             return self._session
+
+    def _take_socket(self, session: LocalSession) -> None:
+        """Points descriptor N at the session's socket (the first session creates N and the channel)."""
+        if session.grpc_socket_fd < 0:
+            raise SessionError(grpc.StatusCode.FAILED_PRECONDITION, "the daemon sent no socket for this session")
+        if self._socket_slot < 0:
+            self._socket_slot = os.dup(session.grpc_socket_fd)  # non-inheritable, as every descriptor here
+            self._session_channel = self._grpc_module.insecure_channel(
+                f"unix:/proc/self/fd/{self._socket_slot}", self._channel_options)
+            self._session_stub = pb_grpc.KvTierStub(self._session_channel)
+        else:
+            os.dup2(session.grpc_socket_fd, self._socket_slot, inheritable=False)
 
     def _renew_session(self, failed: LocalSession | None) -> None:
         """Replaces the session a call failed with, unless another thread already did."""
@@ -107,11 +135,50 @@ class _Sessioned:
                 self._session.close()
                 self._session = None
 
+    def _release_socket_slot(self) -> None:
+        if self._socket_slot >= 0:
+            os.close(self._socket_slot)
+            self._socket_slot = -1
+
+    def _retry_on_new_session(self, session: LocalSession | None, exc: grpc.RpcError) -> bool:
+        """Whether a call that failed with `exc` on `session` is worth one retry on a new session
+        (the old session was renewed if so)."""
+        if session is None:
+            return False
+        code = exc.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED or (code == grpc.StatusCode.UNAVAILABLE and not session.alive()):
+            self._renew_session(session)
+            return True
+        return False
+
+    def _renew_wait_s(self) -> float:
+        """The deadline of a call retried on a new session (it may wait for its channel to reconnect):
+        the client's, at most RENEW_WAIT_S."""
+        timeout = getattr(self, "timeout", None)
+        return RENEW_WAIT_S if timeout is None else min(timeout, RENEW_WAIT_S)
+
     def _session_and_metadata(self) -> tuple[LocalSession | None, tuple]:
         if not self._session_path:
             return None, self._metadata
         session = self._session_now()
         return session, session.metadata()
+
+    _stub_override = None
+
+    @property
+    def stub(self) -> pb_grpc.KvTierStub:
+        """The kvtier.v1 stub: on the Unix socket, the session channel's (opening the session)."""
+        if self._stub_override is not None:
+            return self._stub_override
+        if not self._session_path:
+            return self._stub
+        self._session_now()
+        return self._session_stub
+
+    @stub.setter
+    def stub(self, stub) -> None:
+        """Replaces the stub (tests wrap the real one to inject faults)."""
+        self._stub_override = stub
 
     @property
     def call_metadata(self) -> tuple:
@@ -257,14 +324,17 @@ class Client(_Sessioned):
                  timeout: float | None = None):
         self.timeout = timeout
         self._channel, self._metadata, session_path = _open_channel(grpc, address, token, tls_ca)
-        self._init_session(session_path)
-        self.stub = pb_grpc.KvTierStub(self._channel)
+        self._init_session(session_path, grpc, _channel_args(None)[0])
+        self._stub = pb_grpc.KvTierStub(self._channel)
         self._arena: Arena | None = None
 
     def close(self) -> None:
         if self._arena is not None:
             self._arena.close()
         self._drop_session()
+        if self._session_channel is not None:
+            self._session_channel.close()
+        self._release_socket_slot()
         self._channel.close()
 
     def __enter__(self):
@@ -280,10 +350,12 @@ class Client(_Sessioned):
         try:
             return method(request, metadata=metadata, timeout=self.timeout)
         except grpc.RpcError as exc:
-            if session is None or exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+            if not self._retry_on_new_session(session, exc):
                 raise
-            self._renew_session(session)
-            return method(request, metadata=self.call_metadata, timeout=self.timeout)
+            # The new session is open, so its socket is there: the retry waits for the channel to
+            # reconnect to it (after failing on the old socket it is in reconnect backoff, where a call
+            # without wait_for_ready fails at once), within the call's deadline.
+            return method(request, metadata=self.call_metadata, timeout=self._renew_wait_s(), wait_for_ready=True)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Blocks until the channel is connected (raises grpc.FutureTimeoutError past `timeout`)."""
@@ -446,14 +518,17 @@ class AsyncClient(_Sessioned):
                  timeout: float | None = None):
         self.timeout = timeout
         self._channel, self._metadata, session_path = _open_channel(grpc.aio, address, token, tls_ca)
-        self._init_session(session_path)
-        self.stub = pb_grpc.KvTierStub(self._channel)
+        self._init_session(session_path, grpc.aio, _channel_args(None)[0])
+        self._stub = pb_grpc.KvTierStub(self._channel)
         self._arena: Arena | None = None
 
     async def close(self) -> None:
         if self._arena is not None:
             self._arena.close()
         self._drop_session()
+        if self._session_channel is not None:
+            await self._session_channel.close()
+        self._release_socket_slot()
         await self._channel.close()
 
     async def __aenter__(self):
@@ -469,10 +544,10 @@ class AsyncClient(_Sessioned):
         try:
             return await method(request, metadata=metadata, timeout=self.timeout)
         except grpc.RpcError as exc:
-            if session is None or exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+            if not self._retry_on_new_session(session, exc):
                 raise
-            self._renew_session(session)
-            return await method(request, metadata=self.call_metadata, timeout=self.timeout)
+            return await method(request, metadata=self.call_metadata, timeout=self._renew_wait_s(),
+                                wait_for_ready=True)  # as Client.call
 
     async def register_namespace(self, name: str, attributes: dict[str, str] | None = None) -> bool:
         return (await self.call(self.stub.RegisterNamespace,

@@ -207,10 +207,10 @@ class DaemonSession:
             if hasattr(request, field) and getattr(request, field):
                 setattr(request, field, self.client.namespace_prefix + getattr(request, field))
             method = getattr(self.client.stub, name)
-            # Client.call keeps its session handling (a renewed session after a daemon restart) and
-            # passes its own deadline; this one replaces it.
-            return self.client.call(lambda req, metadata=None, timeout=None: method(
-                req, metadata=metadata, timeout=deadline), request)
+            # Client.call keeps its session handling (a renewed session after a daemon restart: its
+            # retry passes wait_for_ready) and passes its own deadline; this one replaces it.
+            return self.client.call(lambda req, metadata=None, timeout=None, **options: method(
+                req, metadata=metadata, timeout=deadline, **options), request)
         return self.guard(rpc, deadline)
 
     def guard(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:

@@ -49,6 +49,14 @@ class ServerConfig:
     admin_uids: list = dataclasses.field(default_factory=list)
     admin_gids: list = dataclasses.field(default_factory=list)
     max_sessions: int = 1024    # local sessions open at once (each holds one socket in the daemon)
+    # Connections, each one descriptor of kvtierd's (docs/security.md, "Descriptors"): to the session
+    # socket per local uid (open sessions and handshakes), to the shared socket (health and reflection
+    # only), to the administrators' own gRPC socket, and to the TCP listener. A tenant's own socket has
+    # [[tenant]] max_connections. Past a bound a connection is closed at once, before any work.
+    max_connections_per_uid: int = 64
+    max_shared_connections: int = 64
+    max_admin_connections: int = 256
+    max_tcp_connections: int = 256
 
 
 @dataclasses.dataclass
@@ -109,7 +117,13 @@ class LimitsConfig:
     max_lease_ms: int = 600_000
     max_wait_ms: int = 30_000
     max_active_leases: int = 65536
-    max_watchers: int = 64
+    max_watchers: int = 64      # Watch streams of administrators and tenants without a [[tenant]] table, together
+    # A tenant principal with no [[tenant]] table (a TCP token's tenant named in no table) gets these
+    # small bounds of its own, never the node-wide ones (docs/security.md).
+    untabled_tenant_max_watchers: int = 2
+    untabled_tenant_max_namespaces: int = 4
+    untabled_tenant_max_leases: int = 64   # read leases (Get) open at once
+    untabled_tenant_max_pulls: int = 1     # peer pulls in flight
     max_ttl_s: float = 604_800.0   # longest retention TTL pin a client may ask for (7 days)
     put_chunk_bytes: int = 1 << 20
 
@@ -140,7 +154,13 @@ class EventsConfig:
     zmq_medium_disk: str = "DISK"
     zmq_medium_s3: str = "EXTERNAL"
     ipc_mode: int = 0o600       # the ipc:// socket files' mode: who may connect and read every block hash
+    # The ipc:// socket files' group (a numeric gid; -1: kvtierd's own). With [[tenant]] tables, group
+    # bits in ipc_mode need it: a dedicated router group, never one the tenants' users are in.
+    ipc_gid: int = -1
     allow_remote: bool = False  # true: a tcp:// endpoint may listen beyond loopback
+    # With [[tenant]] tables a tcp:// endpoint (node-wide or a tenant's, loopback included: any local
+    # user can connect) carries token ids of tenants' prompts to whoever connects: refused unless true.
+    allow_tcp_with_tenants: bool = False
 
     TOPIC_FIELDS = ("worker", "model", "namespace", "lora")
 
@@ -148,6 +168,29 @@ class EventsConfig:
         """Why zmq_endpoint / zmq_replay_endpoint (or the other zmq_ keys) are refused, or None."""
         problem = self._endpoints_problem() or self._connect_problem()
         return problem or self._format_problem()
+
+    def endpoint_shape_problem(self, where: str, endpoint: str) -> str | None:
+        """Why the endpoint set by `where` cannot be bound ("" is off: None)."""
+        if not endpoint:
+            return None
+        scheme, sep, rest = endpoint.partition("://")
+        if not sep or scheme not in ("ipc", "tcp"):
+            return f"{where} must be \"ipc://<path>\" or \"tcp://<host>:<port>\", got {endpoint!r}"
+        if scheme == "ipc":
+            if not rest or rest == "*" or rest.startswith("@") or rest.endswith("/") or "\0" in rest:
+                return (f"{where}: {endpoint!r} needs a socket file path (no ipc://*, no abstract "
+                        "@name: those have no file permissions, anyone on the host could connect)")
+            if len(rest.encode()) > 107:
+                return f"{where}: the ipc path {rest!r} is too long for a Unix socket (at most 107 bytes)"
+            return None
+        host, sep, port = rest.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535 or not host:
+            return f"{where} must be \"tcp://<host>:<port>\", got {endpoint!r}"
+        if not self.allow_remote and not MetricsConfig.loopback(host):
+            return (f"{where} = {endpoint!r} listens beyond loopback: whoever can reach it reads every "
+                    "namespace name and block hash on this node, without authentication. Use an ipc:// "
+                    "endpoint or tcp://127.0.0.1:<port>, or set events.allow_remote = true to accept that")
+        return None
 
     def _connect_problem(self) -> str | None:
         for endpoint in self.zmq_connect:
@@ -186,26 +229,9 @@ class EventsConfig:
 
     def _endpoints_problem(self) -> str | None:
         for key in ("zmq_endpoint", "zmq_replay_endpoint"):
-            endpoint = getattr(self, key)
-            if not endpoint:
-                continue
-            scheme, sep, rest = endpoint.partition("://")
-            if not sep or scheme not in ("ipc", "tcp"):
-                return f"events.{key} must be \"ipc://<path>\" or \"tcp://<host>:<port>\", got {endpoint!r}"
-            if scheme == "ipc":
-                if not rest or rest == "*" or rest.startswith("@") or rest.endswith("/") or "\0" in rest:
-                    return (f"events.{key}: {endpoint!r} needs a socket file path (no ipc://*, no abstract "
-                            "@name: those have no file permissions, anyone on the host could connect)")
-                if len(rest.encode()) > 107:
-                    return f"events.{key}: the ipc path {rest!r} is too long for a Unix socket (at most 107 bytes)"
-                continue
-            host, sep, port = rest.rpartition(":")
-            if not sep or not port.isdigit() or int(port) > 65535 or not host:
-                return f"events.{key} must be \"tcp://<host>:<port>\", got {endpoint!r}"
-            if not self.allow_remote and not MetricsConfig.loopback(host):
-                return (f"events.{key} = {endpoint!r} listens beyond loopback: whoever can reach it reads every "
-                        "namespace name and block hash on this node, without authentication. Use an ipc:// "
-                        "endpoint or tcp://127.0.0.1:<port>, or set events.allow_remote = true to accept that")
+            problem = self.endpoint_shape_problem(f"events.{key}", getattr(self, key))
+            if problem:
+                return problem
         if self.zmq_endpoint and self.zmq_endpoint == self.zmq_replay_endpoint:
             return "events.zmq_replay_endpoint must differ from events.zmq_endpoint"
         return None
@@ -250,6 +276,7 @@ class TenantConfig:
     max_namespaces: int = 256
     max_pulls: int = 4              # peer pulls in flight for this tenant's namespaces
     max_sessions: int = 64          # local sessions (engine processes) open at once
+    max_connections: int = 128      # gRPC connections to the tenant's own socket (each a descriptor)
     # Payload bytes of this tenant's blocks the disk tier may hold; 0: no bound of its own (it shares
     # disk.capacity). A full quota keeps the tenant's further blocks in memory only (daemon/store.py).
     disk_capacity: int = 0
@@ -257,6 +284,13 @@ class TenantConfig:
     # adopted from listing the bucket); 0: no bound of its own. Past it the tenant's further blocks are
     # not uploaded: they stay on disk only (daemon/s3sync.py). Needs S3 write-through.
     s3_capacity: int = 0
+    # The tenant's own KV-event stream (docs/kv-events.md): only its namespaces' events, for its own
+    # router. ipc:// socket files get events_ipc_mode and, with events_gid >= 0, that group.
+    events_endpoint: str = ""
+    events_replay_endpoint: str = ""
+    events_ipc_mode: int = 0o600
+    events_gid: int = -1
+    event_ring_size: int = 16384   # the tenant's own Watch replay ring (events of its namespaces)
 
 
 @dataclasses.dataclass
@@ -321,7 +355,7 @@ _SIZE_KEYS = {"capacity", "slot_bytes", "segment_bytes", "max_message_bytes",
 _ID_LIST_KEYS = {"admin_uids", "admin_gids", "uids", "gids"}
 MAX_TENANTS = 64
 MAX_S3_CAPACITY = 1 << 50  # a sanity bound on a tenant's s3_capacity (1 PiB)
-_MODE_KEYS = {"socket_mode", "ipc_mode"}
+_MODE_KEYS = {"socket_mode", "ipc_mode", "events_ipc_mode"}
 
 
 def _fill(section_obj, table: dict, path: str) -> None:
@@ -464,11 +498,102 @@ def validate(cfg: Config) -> Config:
         if problem:
             raise ConfigError(problem)
     _validate_tenants(cfg)
+    _validate_event_streams(cfg)
     check_secret_modes(cfg)
     return cfg
 
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+
+
+# Compaction copies a protected tenant's blocks forward before it drops a segment: it needs this many
+# segments of the disk tier that the tenants' disk quotas cannot claim.
+DISK_COMPACTION_HEADROOM_SEGMENTS = 2
+
+
+def _validate_disk_quotas(cfg: Config) -> None:
+    """The tenants' disk quotas must leave the disk tier room to compact: blocks of a tenant within its
+    quota are protected from eviction, so they must never fill the disk between them."""
+    quotas = sum(tenant.disk_capacity for tenant in cfg.tenant)
+    room = cfg.disk.capacity - DISK_COMPACTION_HEADROOM_SEGMENTS * cfg.disk.segment_bytes
+    if cfg.disk.enabled and quotas and quotas > room:
+        raise ConfigError(f"tenant[*].disk_capacity sum to {quotas} bytes, more than disk.capacity "
+                          f"({cfg.disk.capacity}) minus {DISK_COMPACTION_HEADROOM_SEGMENTS} disk.segment_bytes "
+                          f"({cfg.disk.segment_bytes} each) "
+                          "that compaction needs as headroom: lower the quotas, or raise disk.capacity")
+
+
+def _validate_event_streams(cfg: Config) -> None:
+    """Block events carry the token ids of prompts (docs/kv-events.md): with [[tenant]] tables, each
+    stream must reach only who may read its blocks. The node-wide stream (events.zmq_*) is the
+    administrators' router's: no other bits, and group bits only with a dedicated events.ipc_gid (the
+    daemon's own group is the one tenants' users join to reach server.socket). A tenant's stream
+    (events_endpoint) follows the same rules with events_ipc_mode and events_gid. A tcp:// endpoint,
+    which any local user can connect to, needs events.allow_tcp_with_tenants."""
+    events = cfg.events
+    for what, bound in (("untabled_tenant_max_watchers", 1024), ("untabled_tenant_max_namespaces", 1 << 16),
+                        ("untabled_tenant_max_leases", 1 << 20), ("untabled_tenant_max_pulls", 256)):
+        if not 1 <= getattr(cfg.limits, what) <= bound:
+            raise ConfigError(f"limits.{what} must be 1..{bound}")
+    tenant_gids = {gid: t.name for t in cfg.tenant for gid in t.gids}
+    streams = [("events.zmq_endpoint", events.zmq_endpoint, events.ipc_mode, events.ipc_gid, "events.ipc_mode",
+                "events.ipc_gid", None),
+               ("events.zmq_replay_endpoint", events.zmq_replay_endpoint, events.ipc_mode, events.ipc_gid,
+                "events.ipc_mode", "events.ipc_gid", None)]
+    for index, tenant in enumerate(cfg.tenant):
+        where = f"tenant[{index}]"
+        for key in ("events_endpoint", "events_replay_endpoint"):
+            problem = events.endpoint_shape_problem(f"{where}.{key}", getattr(tenant, key))
+            if problem:
+                raise ConfigError(f"{problem} ({tenant.name})")
+            streams.append((f"{where}.{key}", getattr(tenant, key), tenant.events_ipc_mode, tenant.events_gid,
+                            f"{where}.events_ipc_mode", f"{where}.events_gid", tenant.name))
+        if tenant.events_replay_endpoint and not tenant.events_endpoint:
+            raise ConfigError(f"{where}.events_replay_endpoint needs {where}.events_endpoint ({tenant.name})")
+        if not 1024 <= tenant.event_ring_size <= 1 << 24:
+            raise ConfigError(f"{where}.event_ring_size must be 1024..16777216 ({tenant.name})")
+    for gid_key, gid in [("events.ipc_gid", events.ipc_gid)] + [
+            (f"tenant[{i}].events_gid", t.events_gid) for i, t in enumerate(cfg.tenant)]:
+        if not -1 <= gid < 1 << 32:
+            raise ConfigError(f"{gid_key} must be a numeric gid (or -1: kvtierd's own group)")
+    seen: dict[str, str] = {}
+    for key, endpoint, mode, gid, mode_key, gid_key, owner in streams:
+        if not endpoint:
+            continue
+        if endpoint in seen:
+            raise ConfigError(f"{key} {endpoint!r} is also {seen[endpoint]}: every event stream needs its own")
+        seen[endpoint] = key
+        if gid >= 0 and gid in tenant_gids and tenant_gids[gid] != owner:
+            raise ConfigError(f"{gid_key} {gid} is tenant {tenant_gids[gid]}'s gid: its users would read "
+                              f"{'every tenant' if owner is None else f'tenant {owner}'}'s token ids; name a "
+                              "group only that stream's router is in")
+        if cfg.tenant:
+            _check_tenant_stream(events, key, endpoint, mode, gid, mode_key, gid_key, owner)
+    if cfg.tenant and not events.allow_tcp_with_tenants:
+        for endpoint in events.zmq_connect:
+            if endpoint.startswith("tcp://"):
+                raise ConfigError(f"events.zmq_connect {endpoint!r} with [[tenant]] tables: every tenant's token "
+                                  "ids go there over tcp, which any local user can reach on loopback (and "
+                                  "squat). Set events.allow_tcp_with_tenants = true to accept that")
+
+
+def _check_tenant_stream(events: EventsConfig, key: str, endpoint: str, mode: int, gid: int, mode_key: str,
+                         gid_key: str, owner: str | None) -> None:
+    whose = "every tenant's" if owner is None else f"tenant {owner}'s"
+    if endpoint.startswith("tcp://"):
+        if not events.allow_tcp_with_tenants:
+            raise ConfigError(f"{key} = {endpoint!r} with [[tenant]] tables: any local user can connect to a tcp "
+                              f"endpoint (loopback included) and read {whose} block events with the token ids "
+                              "of their prompts. Use an ipc:// endpoint (with its mode and group keys), or set "
+                              "events.allow_tcp_with_tenants = true to accept that")
+        return
+    if mode & 0o007:
+        raise ConfigError(f"{mode_key} {mode:04o} gives other users {key}: with [[tenant]] tables they read "
+                          f"{whose} token ids; drop the other bits")
+    if mode & 0o070 and gid < 0:
+        raise ConfigError(f"{mode_key} {mode:04o} gives kvtierd's own group {key}, and tenants' users are in it "
+                          f"(to reach server.socket): they would read {whose} token ids. Name a group only "
+                          f"its router is in with {gid_key}, or drop the group bits")
 
 
 def _validate_tenants(cfg: Config) -> None:
@@ -495,7 +620,7 @@ def _validate_tenants(cfg: Config) -> None:
             raise ConfigError(f"{where} ({tenant.name}): s3_capacity must be at most 1PiB "
                               "(or 0: no quota of its own)")
         for what, bound in (("max_leases", 1 << 20), ("max_watchers", 1024), ("max_namespaces", 1 << 16),
-                            ("max_pulls", 256), ("max_sessions", 1 << 16)):
+                            ("max_pulls", 256), ("max_sessions", 1 << 16), ("max_connections", 1 << 16)):
             if not 1 <= getattr(tenant, what) <= bound:
                 raise ConfigError(f"{where} ({tenant.name}): {what} must be 1..{bound}")
         for ident in [("uid", u) for u in tenant.uids] + [("gid", g) for g in tenant.gids]:
@@ -503,8 +628,13 @@ def _validate_tenants(cfg: Config) -> None:
                 raise ConfigError(f"{where} ({tenant.name}): {ident[0]} {ident[1]} already belongs to "
                                   f"{claimed.get(ident, 'the administrators')}")
             claimed[ident] = tenant.name
+    _validate_disk_quotas(cfg)
     if not 1 <= cfg.server.max_sessions <= 1 << 16:
         raise ConfigError("server.max_sessions must be 1..65536")
+    for what in ("max_connections_per_uid", "max_shared_connections", "max_admin_connections",
+                 "max_tcp_connections"):
+        if not 1 <= getattr(cfg.server, what) <= 1 << 16:
+            raise ConfigError(f"server.{what} must be 1..65536")
 
 
 def _secret_files(cfg: Config) -> list[tuple[str, str]]:
@@ -532,11 +662,16 @@ def check_secret_modes(cfg: Config) -> None:
                               "(e.g. head -c 32 /dev/urandom > key)")
 
 
-def check_secret_stat(key: str, path: str, info: os.stat_result) -> None:
+def check_secret_stat(key: str, path: str, info: os.stat_result, own_uid: int | None = None) -> None:
     """ConfigError unless `info` (the stat of the secrets file `path`, set by `key`) is a regular
-    file that only its owner may read or write."""
+    file that only its owner may read or write, and that owner is kvtierd's user (`own_uid`, default
+    the effective uid) or root: a file another user owns is that user's to read, rewrite or chmod."""
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{key} {path} is not a regular file")
+    own_uid = os.geteuid() if own_uid is None else own_uid
+    if info.st_uid not in (own_uid, 0):
+        raise ConfigError(f"{key} {path} is owned by uid {info.st_uid}, not by kvtierd's user (uid {own_uid}) "
+                          "or root: its owner can read or replace it; chown it to kvtierd's user")
     mode = stat.S_IMODE(info.st_mode)
     exposed = [what for what, bits in (("readable", 0o044), ("writable", 0o022)) if mode & bits]
     if exposed:

@@ -40,10 +40,14 @@ Mapping (kvtier.v1.Event -> vLLM event), one vLLM event per kvtier event:
                                blocks in use; AllBlocksCleared would make routers forget those and every
                                other namespace of the worker.
 
-Access: every subscriber reads every namespace's blocks; ZMQ has no authentication here. An
-``ipc://`` endpoint is a socket file created with mode ``ipc_mode`` (default 0600) before anyone can
-reach it (see `_listen_ipc`); its directory must exist. Which tcp:// addresses are allowed is config
-validation's business (events.allow_remote).
+Access: ZMQ has no authentication here, and BlockStored carries the token ids of prompts, so who
+may connect is who reads them. A publisher of the node ring (``tenant=None``, events.zmq_endpoint)
+carries every namespace's blocks: the administrators' router's. A publisher of a configured
+tenant's ring (``tenant="team-a"``, [[tenant]] events_endpoint) carries only that tenant's
+namespaces' events and announces only its blocks. An ``ipc://`` endpoint is a socket file created
+with mode ``ipc_mode`` (default 0600) and group ``ipc_gid`` (-1: the daemon's) before anyone can
+reach it (see `_listen_ipc`); its directory must exist. Which endpoints, modes and groups are allowed
+is config validation's business (events.allow_remote, allow_tcp_with_tenants, the modes with tenants).
 
 Never blocks the event loop: the EventLog watcher queue is the bounded buffer; sends are
 non-blocking; a message ZMQ refuses (HWM) is dropped and counted (replayable), logged at most every
@@ -135,12 +139,28 @@ class KVEventBatch(EventBatch):
 
 # ---- publisher ------------------------------------------------------------------------------------
 
+class KvEventStreams:
+    """The publishers a daemon started (the node-wide one, the tenants' own), closed together."""
+
+    def __init__(self):
+        self.publishers: list["ZmqKvEventPublisher"] = []
+
+    def add(self, publisher: "ZmqKvEventPublisher") -> None:
+        self.publishers.append(publisher)
+
+    async def close(self) -> None:
+        for publisher in reversed(self.publishers):
+            await publisher.close()
+        self.publishers.clear()
+
+
 class ZmqKvEventPublisher:
     def __init__(self, events: EventLog, endpoint: str, replay_endpoint: str | None = None, *,
                  topic: str = DEFAULT_TOPIC, worker: str = "", model: str = "", hash_format: str = "int",
                  buffer_steps: int = 10_000, max_batch: int = 512, hwm: int = 100_000, block_size: int = 0,
                  mediums: dict[int, str] | None = None, data_parallel_rank: int | None = None,
-                 catalog=None, ipc_mode: int = 0o600, connect: list[str] | tuple = ()):
+                 catalog=None, ipc_mode: int = 0o600, connect: list[str] | tuple = (),
+                 tenant: str | None = None, ipc_gid: int = -1):
         """`catalog` (daemon.catalog.Catalog, or anything with `.namespaces` {name: Namespace with
         .attributes and .blocks} and `.get(namespace, key)`): where the blocks' token ids, parents
         and origins are looked up, and what start() and a gap announce. Without it, events carry
@@ -148,7 +168,9 @@ class ZmqKvEventPublisher:
         `model`: {model} of blocks whose engine named none ("" = the namespace's "model" attribute);
         `block_size`: BlockStored.block_size of blocks whose engine named none. `connect`: endpoints the
         PUB socket also connects to (indexers that bind their SUB socket, as llm-d's does); with an
-        empty `endpoint` it only connects."""
+        empty `endpoint` it only connects. `tenant`: publish only that configured tenant's ring (its
+        namespaces' events) and announce only its namespaces' blocks; None: the node ring, every
+        namespace. `ipc_gid`: the group of the ipc:// socket files (-1: the daemon's own)."""
         if hash_format not in ("int", "bytes"):
             raise ValueError(f"hash_format must be \"int\" or \"bytes\", got {hash_format!r}")
         self._events = events
@@ -167,6 +189,8 @@ class ZmqKvEventPublisher:
         self._dp_rank = data_parallel_rank
         self._catalog = catalog
         self._ipc_mode = ipc_mode
+        self._ipc_gid = ipc_gid
+        self.tenant = tenant
         self._ipc_files: list[tuple[str, int, int]] = []  # (path, st_dev, st_ino) of socket files we made
         self._buffer: deque[tuple[int, bytes, bytes]] = deque(maxlen=buffer_steps)  # (seq, topic, payload)
         self._encoder = msgspec.msgpack.Encoder()
@@ -225,7 +249,7 @@ class ZmqKvEventPublisher:
                 self._replay.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 self.replay_endpoint = self._bind(self._replay, self.replay_endpoint)
             self._last_event_seq = self._events.seq
-            _, self._queue = self._events.subscribe(0)
+            _, self._queue = self._subscribe(0)
             self._announcing = self._snapshot()  # no await since subscribe: consistent with the stream
         except BaseException:
             self._close_sockets()
@@ -257,13 +281,13 @@ class ZmqKvEventPublisher:
             try:
                 if self._announcing is not None:  # closed before the announcement went out
                     self._announce_now()
-                pending, expected = [], self._last_event_seq + 1
+                pending = []
                 while not self._queue.empty():
                     item = self._queue.get_nowait()
-                    if item is OVERFLOW or item.seq != expected:
+                    if item is OVERFLOW:
                         break
-                    pending.append(item)
-                    expected += 1
+                    if item.seq > self._last_event_seq:
+                        pending.append(item)
                 self._publish_events(pending)
             except Exception:
                 log.exception("kv events: final flush failed")
@@ -346,6 +370,13 @@ class ZmqKvEventPublisher:
                 listener.bind(staged)
             except OSError as exc:
                 raise EndpointError(f"{endpoint}: cannot bind a socket in {directory}: {exc}") from exc
+            if self._ipc_gid >= 0:
+                try:
+                    os.chown(staged, -1, self._ipc_gid)
+                except PermissionError as exc:
+                    raise EndpointError(
+                        f"{endpoint}: cannot give the socket file group {self._ipc_gid}: kvtierd's user (uid "
+                        f"{os.geteuid()}) must be a member of that group ({exc.strerror})") from exc
             os.chmod(staged, self._ipc_mode)
             listener.listen(IPC_BACKLOG)
             listener.setblocking(False)
@@ -363,21 +394,23 @@ class ZmqKvEventPublisher:
 
     # ---- publishing ----
 
+    def _subscribe(self, from_seq: int):
+        return self._events.subscribe(from_seq, self.tenant, internal=True)
+
     async def _publish_loop(self) -> None:
         await self._announce()
         while True:
             item = await self._queue.get()
             batch: list[pb.Event] = []
-            expected = self._last_event_seq + 1
             behind = False
             while True:
-                # The EventLog drops the oldest queued event and appends OVERFLOW when we fall behind,
-                # so a hole in the sequence means the same thing as the marker.
-                if item is OVERFLOW or item.seq != expected:
+                # The EventLog queues every event up to the cut, then OVERFLOW, when we fall behind.
+                # Sequence numbers are node-wide: a tenant's ring has holes, which mean nothing.
+                if item is OVERFLOW:
                     behind = True
                     break
-                batch.append(item)
-                expected += 1
+                if item.seq > self._last_event_seq:
+                    batch.append(item)
                 if len(batch) >= self._max_batch or self._queue.empty():
                     break
                 item = self._queue.get_nowait()
@@ -396,12 +429,12 @@ class ZmqKvEventPublisher:
         self.resyncs += 1
         self._events.unsubscribe(self._queue)
         try:
-            replay, self._queue = self._events.subscribe(self._last_event_seq + 1)
+            replay, self._queue = self._subscribe(self._last_event_seq + 1)
         except ApiError:
             self.gaps += 1
             log.warning("kv events: fell behind the event ring after seq %d; announcing every block again",
                         self._last_event_seq)
-            _, self._queue = self._events.subscribe(0)
+            _, self._queue = self._subscribe(0)
             self._last_event_seq = self._events.seq
             await self._announce()
             return
@@ -419,7 +452,7 @@ class ZmqKvEventPublisher:
         if self._catalog is None:
             return []
         order = []
-        for ns in list(self._catalog.namespaces.values()):
+        for ns in self._namespaces():
             blocks, done = ns.blocks, set()
             for block in blocks.values():
                 chain = []
@@ -451,7 +484,7 @@ class ZmqKvEventPublisher:
         cleared = {self._topic_of(block.namespace, block.origin) for block, _ in snapshot}
         cleared.update(topic for topics in self._ns_topics.values() for topic in topics)
         if self._catalog is not None:
-            cleared.update(self._topic_of(name, None) for name in list(self._catalog.namespaces))
+            cleared.update(self._topic_of(ns.name, None) for ns in self._namespaces())
         for topic in sorted(cleared) or [self._topic_of("", None)]:
             self._send(topic, [AllBlocksCleared()], now)
         run_topic, run = None, []
@@ -471,6 +504,13 @@ class ZmqKvEventPublisher:
                 self.announced_blocks += 1
         if run:
             self._send(run_topic, run, now)
+
+    def _namespaces(self) -> list:
+        """The catalog's namespaces this stream may carry: a tenant's own, or all of them."""
+        namespaces = list(self._catalog.namespaces.values())
+        if self.tenant is None:
+            return namespaces
+        return [ns for ns in namespaces if ns.name.startswith(self.tenant + "/")]
 
     # -- converting --
 

@@ -29,11 +29,14 @@ class Held:
 
 class LeaseTable:
     """At most `limit` entries open, and at most owner_limits[tenant] of them owned by that tenant
-    (so one tenant cannot take the whole table from the others)."""
+    (so one tenant cannot take the whole table from the others); a tenant named in no owner_limits
+    gets `default_owner_limit` (None: only the table's limit)."""
 
-    def __init__(self, limit: int, owner_limits: dict[str, int] | None = None):
+    def __init__(self, limit: int, owner_limits: dict[str, int] | None = None,
+                 default_owner_limit: int | None = None):
         self._limit = limit
         self._owner_limits = dict(owner_limits or {})
+        self._default_owner_limit = default_owner_limit
         self._owned: Counter[str] = Counter()
         self._held: dict[int, Held] = {}
         self._deadlines: list[tuple[float, int]] = []
@@ -48,7 +51,10 @@ class LeaseTable:
         """No room for one more entry (for `owner`: in the table, or within the owner's limit)."""
         if len(self._held) >= self._limit:
             return True
-        return owner in self._owner_limits and self._owned[owner] >= self._owner_limits[owner]
+        if owner is None:
+            return False
+        bound = self._owner_limits.get(owner, self._default_owner_limit)
+        return bound is not None and self._owned[owner] >= bound
 
     def add(self, items: list, lease_ms: int, namespace: str = "", owner: str | None = None) -> Held:
         assert not self.full(owner)

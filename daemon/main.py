@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import dataclasses
 import fcntl
 import logging
@@ -37,6 +38,7 @@ from .peers import PeerService
 from .service import KvTierService, Validator, add_to_server
 from .s3sync import S3Refused
 from .sessions import METADATA_KEY, Sessions, session_path
+from . import local_sockets
 from .store import BlockStore, wait_event
 
 log = logging.getLogger("kvtierd")
@@ -177,19 +179,27 @@ class SessionAuth:
     Python interceptor cost about 7% of the shared-memory put+get path. Health and reflection answer
     anyone who can open the socket: they say nothing about any tenant's blocks."""
 
-    def __init__(self, sessions: Sessions):
+    def __init__(self, sessions: Sessions, part_index: int | None, where: str):
         self.sessions = sessions
+        self.part_index = part_index  # the principal socket's arena part; None: the shared socket
+        self.where = where
 
     def identify(self, context) -> Principal:
-        principal = self.sessions.principal(dict(context.invocation_metadata() or ()).get(METADATA_KEY, ""))
-        if principal is None:  # the interceptor let it through: the session closed in between
-            raise unauthenticated(NO_SESSION)
-        return principal
+        session_id = dict(context.invocation_metadata() or ()).get(METADATA_KEY, "")
+        principal = self.sessions.owner_on(session_id, self.part_index, self.where)
+        if principal is not None:
+            return principal
+        if self.part_index is None:
+            raise unauthenticated(SHARED_SOCKET)
+        raise unauthenticated(NO_SESSION)
 
 
 NO_TOKEN = "missing, wrong or expired bearer token"
-NO_SESSION = ("no open local session: a Unix-socket client opens one on <socket>.session first "
-              "(kvtier.client.Client does)")
+NO_SESSION = ("no open local session of this socket's principal: a Unix-socket client opens one on "
+              "<socket>.session first and calls through the socket descriptor it receives (kvtier.client.Client does)")
+SHARED_SOCKET = ("kvtier.v1 calls are not served on the shared socket (it answers health and reflection): open a "
+                 "local session on <socket>.session and call through the socket descriptor it receives "
+                 "(kvtier.client.Client does)")
 
 
 def _denying(handler):
@@ -209,8 +219,8 @@ def _denying(handler):
                 response_serializer=handler.response_serializer)
 
 
-def _server(cfg: config_mod.Config, servicer, health_servicer, interceptors=()):
-    server = _bare_server(cfg, interceptors)
+def _server(cfg: config_mod.Config, servicer, health_servicer, interceptors=(), max_connections: int = 0):
+    server = _bare_server(cfg, interceptors, max_connections)
     add_to_server(server, servicer, "KvTier")
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -218,22 +228,26 @@ def _server(cfg: config_mod.Config, servicer, health_servicer, interceptors=()):
     return server
 
 
-def _bare_server(cfg: config_mod.Config, interceptors=()):
+def _bare_server(cfg: config_mod.Config, interceptors=(), max_connections: int = 0):
+    """A gRPC server; `max_connections` (0: none given) closes connections past it at once: each one
+    holds a descriptor of kvtierd's (daemon/local_sockets.py counts them all)."""
     limit = cfg.server.max_message_bytes
-    return grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0)])
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+               ("grpc.so_reuseport", 0)]
+    if max_connections:
+        options.append(("grpc.max_allowed_incoming_connections", max_connections))
+    return grpc.aio.server(interceptors=interceptors, options=options)
 
 
-def _tcp_server(cfg, store, peers, health_servicer):
+def _tcp_server(cfg, service, health_servicer):
     try:
         tokens = TokenTable.load(cfg.server.tokens_file)
     except AuthConfigError as exc:
         raise StartupError(str(exc)) from exc
     auth = TokenAuth(tokens)
     log.info("tcp %s: %d bearer tokens loaded from %s", cfg.server.tcp, len(tokens), cfg.server.tokens_file)
-    servicer = KvTierService(store, cfg.limits, identify=auth.identify, peers=peers, tenants=cfg.tenant)
-    server = _server(cfg, servicer, health_servicer, interceptors=[auth])
+    server = _server(cfg, _seen_as(service, auth.identify), health_servicer, interceptors=[auth],
+                     max_connections=cfg.server.max_tcp_connections)
     with open(cfg.server.tls_cert, "rb") as c, open(cfg.server.tls_key, "rb") as k:
         server.add_secure_port(cfg.server.tcp, grpc.ssl_server_credentials([(k.read(), c.read())]))
     return server
@@ -241,10 +255,20 @@ def _tcp_server(cfg, store, peers, health_servicer):
 
 def _peer_server(cfg, store, transport):
     """The peer API on peers.listen: mutual TLS, KvTierPeer only."""
-    server = _bare_server(cfg)
+    server = _bare_server(cfg, max_connections=local_sockets.PEER_CONNECTIONS)
     add_to_server(server, PeerService(cfg, store, transport, Validator(cfg.limits)), "KvTierPeer")
     server.add_secure_port(cfg.peers.listen, peers_mod.server_credentials(cfg))
     return server
+
+
+def _not_dumpable() -> None:
+    """PR_SET_DUMPABLE 0 once started (the export agent, exec'ed before, stays dumpable: same-node
+    peers' cma READs target it): no core dump holds the arena or the cluster key, and no other
+    process of this uid that is not root (a compromised export agent, an engine run as the same
+    user) may ptrace kvtierd or process_vm_readv/writev its memory."""
+    import ctypes  # noqa: PLC0415
+    if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        log.warning("prctl(PR_SET_DUMPABLE, 0) failed (errno %d): kvtierd stays dumpable", ctypes.get_errno())
 
 
 def _start_peers(cfg, store):
@@ -258,8 +282,12 @@ def _start_peers(cfg, store):
     if transport is None:
         log.warning("peers: NIXL not in use (%s): blocks move over streamed gRPC", why)
     else:
-        log.info("peers: NIXL in use: pulls READ into the CPU arena (%d MiB); peers READ only the export "
-                 "window", store.arena.size_bytes >> 20)
+        agent = getattr(transport, "agent", None)
+        log.info("peers: NIXL in use: pulls READ into the CPU arena (%d MiB)%s", store.arena.size_bytes >> 20,
+                 f"; peers READ only the export window, in export agent pid {agent.pid}" if agent is not None
+                 else "; this node exports nothing (no peers.listen)")
+        if agent is not None:  # supervised: a dead export agent stops the daemon (FATAL)
+            store._spawn(transport.watch(), "nixl-export-agent")
     fetcher = peers_mod.PeerFetcher(cfg, store, transport, why) if cfg.peers.addresses else None
     store.peers = fetcher
     return transport, fetcher
@@ -269,6 +297,11 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     # SIGHUP's default action is to terminate: until the reload handler is in place, ignore it.
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: still starting")
     lock_fd = lock_data_dir(cfg.data_dir)
+    try:
+        limit, budget = local_sockets.ensure_descriptors(cfg)
+    except local_sockets.LocalSocketError as exc:
+        raise StartupError(str(exc)) from exc
+    log.info("file descriptors: limit %d, connection bounds and kvtierd's own files need at most %d", limit, budget)
     try:
         mac.cluster_key(cfg)  # read once up front: a bad key stops the start here, in one line
     except mac.ClusterKeyError as exc:
@@ -287,6 +320,7 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
     kv_events = await _start_kv_events(cfg, store)
     transport, peers = _start_peers(cfg, store)
     servers, health_servicer = await _listen(cfg, store, transport, peers)
+    _not_dumpable()
     metrics = serve_metrics(store, cfg.metrics.listen, cfg.metrics.allow_remote) if cfg.metrics.listen else None
     stop = asyncio.Event()
     store._spawn(_report_health(store, health_servicer, stop), "health")
@@ -332,58 +366,123 @@ async def _report_health(store: BlockStore, health_servicer, stop: asyncio.Event
 
 
 async def _start_kv_events(cfg: config_mod.Config, store: BlockStore):
-    """Block events in vLLM's KV-event wire format over ZMQ (docs/kv-events.md), when configured."""
-    if not cfg.events.zmq_endpoint and not cfg.events.zmq_connect:
+    """Block events in vLLM's KV-event wire format over ZMQ (docs/kv-events.md), when configured: the
+    node-wide stream (events.zmq_*, every namespace: the administrators' router) and each tenant's
+    own ([[tenant]] events_endpoint: only its namespaces). Returns what to close(), or None."""
+    node_wide = cfg.events.zmq_endpoint or cfg.events.zmq_connect
+    streams = [(None, cfg.events.zmq_endpoint, cfg.events.zmq_replay_endpoint, cfg.events.ipc_mode,
+                cfg.events.ipc_gid, cfg.events.zmq_connect)] if node_wide else []
+    streams += [(t.name, t.events_endpoint, t.events_replay_endpoint, t.events_ipc_mode, t.events_gid, [])
+                for t in cfg.tenant if t.events_endpoint]
+    if not streams:
         return None
     import zmq  # noqa: PLC0415 - pyzmq only when the feature is on
 
-    from .kv_events import EndpointError, ZmqKvEventPublisher  # noqa: PLC0415
+    from .kv_events import EndpointError, KvEventStreams, ZmqKvEventPublisher  # noqa: PLC0415
+    _check_event_groups(cfg, streams)
     events = cfg.events
     mediums = {pb.TIER_GPU: events.zmq_medium_gpu, pb.TIER_CPU: events.zmq_medium_cpu,
                pb.TIER_DISK: events.zmq_medium_disk, pb.TIER_S3: events.zmq_medium_s3}
-    # Started after recovery and before serving: it announces every re-adopted block (AllBlocksCleared,
-    # then BlockStored per block and tier), consistent with the event stream that follows.
-    publisher = ZmqKvEventPublisher(store.events, events.zmq_endpoint, events.zmq_replay_endpoint or None,
-                                    topic=events.zmq_topic, worker=events.zmq_worker, model=events.zmq_model,
-                                    hash_format=events.zmq_block_hashes, block_size=events.zmq_block_size,
-                                    mediums=mediums, catalog=store.catalog, ipc_mode=events.ipc_mode,
-                                    connect=events.zmq_connect)
-    try:  # an ipc:// socket file has its mode (events.ipc_mode) before it appears at its path
-        await publisher.start()
-    except (EndpointError, zmq.ZMQError, OSError) as exc:
-        raise StartupError(f"KV events: {exc}") from exc
-    ipc = f" (socket files mode {cfg.events.ipc_mode:04o})" if cfg.events.zmq_endpoint.startswith("ipc://") else ""
-    log.info("KV events (vLLM format) on %s%s%s%s", publisher.endpoint or "no endpoint of its own",
-             f", replay on {publisher.replay_endpoint}" if publisher.replay_endpoint else "", ipc,
-             f"; connecting to {', '.join(publisher.connect)}" if publisher.connect else "")
-    return publisher
+    started = KvEventStreams()
+    for tenant, endpoint, replay, ipc_mode, ipc_gid, connect in streams:
+        # Started after recovery and before serving: it announces every re-adopted block (AllBlocksCleared,
+        # then BlockStored per block and tier), consistent with the event stream that follows.
+        publisher = ZmqKvEventPublisher(store.events, endpoint, replay or None,
+                                        topic=events.zmq_topic, worker=events.zmq_worker, model=events.zmq_model,
+                                        hash_format=events.zmq_block_hashes, block_size=events.zmq_block_size,
+                                        mediums=mediums, catalog=store.catalog, ipc_mode=ipc_mode,
+                                        connect=connect, tenant=tenant, ipc_gid=ipc_gid)
+        whose = "every namespace" if tenant is None else f"tenant {tenant}'s namespaces"
+        try:  # an ipc:// socket file has its mode and group before it appears at its path
+            await publisher.start()
+        except (EndpointError, zmq.ZMQError, OSError) as exc:
+            await started.close()
+            raise StartupError(f"KV events ({whose}): {exc}") from exc
+        started.add(publisher)
+        ipc = (f" (socket files mode {ipc_mode:04o}{f', group {ipc_gid}' if ipc_gid >= 0 else ''})"
+               if endpoint.startswith("ipc://") else "")
+        log.info("KV events (vLLM format)%s on %s%s%s%s", "" if tenant is None else f" of {whose}",
+                 publisher.endpoint or "no endpoint of its own",
+                 f", replay on {publisher.replay_endpoint}" if publisher.replay_endpoint else "", ipc,
+                 f"; connecting to {', '.join(publisher.connect)}" if publisher.connect else "")
+    return started
+
+
+def _check_event_groups(cfg: config_mod.Config, streams) -> None:
+    """With tenants, no event stream's group may be kvtierd's own: the tenants' users join it to reach
+    server.socket. And the operator's acknowledgement of tcp:// event endpoints is logged."""
+    if not cfg.tenant:
+        return
+    for tenant, endpoint, replay, _, gid, connect in streams:
+        key = "events.ipc_gid" if tenant is None else f"events_gid of tenant {tenant}"
+        if gid >= 0 and gid == os.getegid() and endpoint.startswith("ipc://"):
+            raise StartupError(f"KV events: {key} {gid} is kvtierd's own group, which the tenants' users join to "
+                               "reach server.socket: name a group only that stream's router is in")
+        tcp = [e for e in (endpoint, replay, *connect) if e.startswith("tcp://")]
+        if tcp and cfg.events.allow_tcp_with_tenants:
+            log.warning("KV events of %s on %s: tcp with [[tenant]] tables (events.allow_tcp_with_tenants): any "
+                        "local user can connect and read the token ids of these prompts",
+                        "every tenant" if tenant is None else f"tenant {tenant}", ", ".join(tcp))
 
 
 async def _listen(cfg: config_mod.Config, store: BlockStore, transport, peers):
-    """Starts the local session socket and the gRPC servers (Unix socket, optional TCP and peer
-    API); returns them and the health servicer."""
+    """Starts the local session socket and the gRPC servers (the shared Unix socket, one private
+    socket per principal, optional TCP and peer API); returns them and the health servicer."""
     health_servicer = health.aio.HealthServicer()
     identities = LocalIdentities(cfg.server.admin_uids, cfg.server.admin_gids, cfg.tenant, os.geteuid())
     sessions = Sessions(identities, store.arena, cfg.server.max_sessions,
-                        {t.name: t.max_sessions for t in cfg.tenant})
+                        {t.name: t.max_sessions for t in cfg.tenant}, cfg.server.max_connections_per_uid)
     store.sessions = sessions
-    prepare_socket_path(session_path(cfg.server.socket))
-    session_server = await sessions.serve(session_path(cfg.server.socket), cfg.server.socket_mode)
-    auth = SessionAuth(sessions)
-    servers = [_server(cfg, KvTierService(store, cfg.limits, identify=auth.identify, peers=peers, tenants=cfg.tenant),
-                       health_servicer)]
+    # One service, seen through each listener with that listener's identify: its counters (watchers,
+    # pulls per tenant) are one set whichever socket a tenant's calls come through.
+    service = KvTierService(store, cfg.limits, peers=peers, tenants=cfg.tenant)
+    servers = [_server(cfg, _seen_as(service, SessionAuth(sessions, None, "the shared socket").identify),
+                       health_servicer, max_connections=cfg.server.max_shared_connections)]
     prepare_socket_path(cfg.server.socket)
     servers[0].add_insecure_port(f"unix:{os.path.abspath(cfg.server.socket)}")
+    private = _principal_servers(cfg, store, sessions, service, health_servicer)
+    servers += private
     if cfg.server.tcp:
-        servers.append(_tcp_server(cfg, store, peers, health_servicer))
+        servers.append(_tcp_server(cfg, service, health_servicer))
     if cfg.peers.listen:
         servers.append(_peer_server(cfg, store, transport))
     for server in servers:
         await server.start()
+    for index in range(len(private)):  # 0666 inside a 0700 directory: reachable through the descriptor only
+        path = local_sockets.principal_socket(cfg.server.socket, index)
+        os.chmod(path, 0o666)
+        sessions.set_grpc_socket(index, local_sockets.open_socket_descriptor(path))
     os.chmod(cfg.server.socket, cfg.server.socket_mode)
+    prepare_socket_path(session_path(cfg.server.socket))
+    session_server = await sessions.serve(session_path(cfg.server.socket), cfg.server.socket_mode)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     return servers + [_SessionServer(session_server)], health_servicer
+
+
+def _principal_servers(cfg, store: BlockStore, sessions: Sessions, service, health_servicer) -> list:
+    """One gRPC server per arena part (its principal's socket), in part order."""
+    try:
+        local_sockets.prepare_private_dir(cfg.server.socket)
+    except (local_sockets.LocalSocketError, OSError) as exc:
+        raise StartupError(f"server.socket: {exc}") from exc
+    bounds = {t.name: t.max_connections for t in cfg.tenant}
+    servers = []
+    for index, part in enumerate(store.arena.parts):
+        where = f"tenant {part.name}'s socket" if part.name else "the administrators' socket"
+        server = _server(cfg, _seen_as(service, SessionAuth(sessions, index, where).identify), health_servicer,
+                         max_connections=bounds.get(part.name, cfg.server.max_admin_connections))
+        server.add_insecure_port(f"unix:{local_sockets.principal_socket(cfg.server.socket, index)}")
+        servers.append(server)
+    return servers
+
+
+def _seen_as(service: KvTierService, identify) -> KvTierService:
+    """The same service (a shallow copy: store, counters and every other attribute are the same
+    objects) answering with another listener's `identify`."""
+    view = copy.copy(service)
+    view.identify = identify
+    return view
 
 
 class _SessionServer:

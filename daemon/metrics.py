@@ -64,6 +64,9 @@ class StoreCollector:
         if service is not None:
             for name, value in dataclasses.asdict(service.counters).items():
                 yield CounterMetricFamily(f"kvtier_peer_{name}", f"kvtier peer {name.replace('_', ' ')}", value=value)
+        if store.disk is not None:  # protected blocks copied forward instead of evicted
+            yield CounterMetricFamily("kvtier_disk_compacted_blocks", "kvtier disk blocks copied forward by compaction",
+                                      value=store.disk.compacted_blocks)
         for name, value in gauges.items():
             yield GaugeMetricFamily(f"kvtier_{name}", f"kvtier {name.replace('_', ' ')}", value=value)
         tier_blocks = GaugeMetricFamily("kvtier_tier_blocks", "blocks held per tier", labels=["tier"])

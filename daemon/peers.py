@@ -7,11 +7,15 @@ arena, holds a read lease on them, copies each served block into a free window s
 window slots, which stay the peer's until the lease is released or expires; Fetch streams the same
 blocks when NIXL is not available.
 
-NIXL (`NixlPeers`, see tiers/nixl.py): two agents. The reader is registered over this node's arena,
-READs peers' windows into local arena slots, and its metadata never leaves the process. The
-exporter is registered over the export window only: a peer that loads its metadata can READ and
-WRITE the window (NIXL has no read-only registration), so all it can touch are copies being served,
-which every requester verifies (checksum, and MAC) before it commits them.
+NIXL (`NixlPeers`, see tiers/nixl.py): two agents. The reader, in this process, is registered over
+this node's arena, READs peers' windows into local arena slots, and its metadata never leaves the
+process. The exporter is registered over the export window only and runs in the export agent, a
+separate process that maps only the window (tiers/nixl_export.py; this process maps the same memfd
+and copies served blocks into it). A peer that loads its metadata can READ and WRITE the window
+(NIXL has no read-only registration), so all it can touch are copies being served, which every
+requester verifies (checksum, and MAC) before it commits them; a peer that forges the metadata's
+region reaches the agent's memory, never this process's. The agent is supervised: if it dies, the
+daemon stops (main.py).
 
 Requester side (`PeerFetcher.fetch`): for the missing suffix of a key chain, asks at most
 peers.max_fanout peers (or only the one peer a Lookup/Prefetch named: `peer`, an address in
@@ -72,7 +76,7 @@ import grpc
 from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.proto.v1 import kvtier_pb2_grpc as pb_grpc
 from kvtier.tiers.block import MAX_TOKEN_IDS, checksum, unpack_token_ids
-from kvtier.tiers import nixl
+from kvtier.tiers import nixl, nixl_export
 from kvtier.tiers.nixl import MAX_BYTES_PER_READ, MAX_PAIRS_PER_READ, TransferAbandoned
 from kvtier.tiers.retention import CLASS_RANK, DEFAULT_RETENTION, Retention
 
@@ -132,6 +136,8 @@ def open_transport(cfg: Config, store: BlockStore):
                          reader=bool(cfg.peers.addresses), export=bool(cfg.peers.listen)), ""
     except OSError as exc:  # the window's memory: a start-up error in one line, like the arena's
         raise RuntimeError(f"peers: cannot allocate the NIXL export window: {exc}") from exc
+    except nixl_export.ExportAgentError as exc:
+        raise RuntimeError(f"peers: {exc}") from exc
 
 
 def window_slots(arena) -> int:
@@ -151,37 +157,55 @@ class NixlPeers:
     """This node's NIXL endpoints, one agent per direction (what main.py and PeerFetcher call "the
     transport"):
 
-    - reader (with peers.addresses): registered over the whole arena, which pulls READ into. Its
-      metadata is never sent anywhere: an owner needs none to be READ from, and whoever held it
-      could READ and WRITE the arena.
-    - exporter (with peers.listen): registered over the export window only; `export_metadata()` is
-      what Hello hands out. The arena is not registered with it.
+    - reader (with peers.addresses): in this process, registered over the whole arena, which pulls
+      READ into. Its metadata is never sent anywhere: an owner needs none to be READ from, and
+      whoever held it could READ and WRITE the arena.
+    - export agent (with peers.listen): a separate process (tiers/nixl_export.py) that maps only the
+      export window (a memfd this process maps too: Pin copies served blocks into it) and runs the
+      agent registered over it; `export_metadata()` is what Hello hands out and `export_address` is
+      where the window lies in the agent's address space. A peer that rewrites the region in that
+      metadata reaches the agent's memory, never this process's. watch() ends when the agent dies
+      (main.py supervises it: the daemon stops).
 
-    read/add_peer/remove_peer go to the reader. close() closes both agents (the reader waits for
-    its READs), then unmaps the window (after any copy into it ended)."""
+    read/add_peer/remove_peer go to the reader. close() closes the reader (it waits for its READs),
+    stops the export agent, then unmaps the window (after any copy into it ended)."""
 
     kind = "nixl"
 
     def __init__(self, name: str, arena, reader: bool = True, export: bool = True):
-        self.reader = self.exporter = self.window = None
+        self.reader = self.agent = self.window = None
         try:
             if reader:
                 self.reader = nixl.NixlTransport(f"{name}-reader", [(arena.address, arena.size_bytes)])
             if export:
-                self.window = nixl.ExportWindow(name, window_slots(arena), arena.slot_bytes)
-                self.exporter = nixl.NixlTransport(name, [(self.window.address, self.window.size_bytes)])
+                self.window = nixl.ExportWindow(name, window_slots(arena), arena.slot_bytes, share=True)
+                self.agent = nixl_export.ExportAgent(name, self.window)
+                self.window.close_fd()  # the agent maps it; nothing else gets the descriptor
         except BaseException:
             self.close()
             raise
         if self.window is not None:
             log.info("peers: NIXL export window of %d slots of %d KiB (%d MiB, %.0f%% of the %d MiB arena: as many "
-                     "blocks as peers may hold pinned at once) is the only memory peers can reach over NIXL; the "
-                     "arena is not registered for them", self.window.slot_count, arena.slot_bytes >> 10,
-                     self.window.size_bytes >> 20, 100 * self.window.size_bytes / arena.size_bytes,
-                     arena.size_bytes >> 20)
+                     "blocks as peers may hold pinned at once), served by the export agent, pid %d: a separate "
+                     "process that maps only the window (%s); the arena is not registered for peers",
+                     self.window.slot_count, arena.slot_bytes >> 10, self.window.size_bytes >> 20,
+                     100 * self.window.size_bytes / arena.size_bytes, arena.size_bytes >> 20, self.agent.pid,
+                     self.agent.sandbox)
+
+    @property
+    def export_address(self) -> int:
+        return self.agent.address if self.agent is not None else 0
 
     def export_metadata(self) -> bytes:
-        return self.exporter.local_metadata() if self.exporter is not None else b""
+        return self.agent.metadata if self.agent is not None else b""
+
+    async def watch(self) -> None:
+        """Ends (raises ExportAgentDied) when the export agent dies; waits for cancellation after stop()."""
+        why = await self.agent.watch()
+        if not self.agent.stopping:
+            raise ExportAgentDied(f"the NIXL export agent (pid {self.agent.pid}) {why}: peers cannot READ "
+                                  "from this node any more")
+        await asyncio.Event().wait()  # stopped on purpose: the store cancels this task at close
 
     def add_peer(self, metadata: bytes) -> str:
         return self._reader().add_peer(metadata)
@@ -200,11 +224,19 @@ class NixlPeers:
 
     def close(self) -> None:
         """Idempotent."""
-        for agent in (self.reader, self.exporter):
-            if agent is not None:
-                agent.close()
+        if self.reader is not None:
+            self.reader.close()
+        if self.agent is not None:
+            code = self.agent.stop()
+            if code:
+                log.warning("peers: the NIXL export agent (pid %d) %s at its stop", self.agent.pid,
+                            nixl_export.describe_exit(code))
         if self.window is not None:
-            self.window.close()  # after the exporter: nothing serves it any more
+            self.window.close()  # after the agent: nothing serves it any more
+
+
+class ExportAgentDied(RuntimeError):
+    pass
 
 
 def node_id(cfg: Config) -> str:
@@ -590,7 +622,8 @@ class PeerService(pb_grpc.KvTierPeerServicer):
             return pb.PeerHelloResponse(node_id=node_id(self.cfg), generation=self.store.arena.generation,
                                         slot_bytes=self.store.arena.slot_bytes)
         return pb.PeerHelloResponse(
-            node_id=node_id(self.cfg), generation=self.store.arena.generation, arena_address=window.address,
+            node_id=node_id(self.cfg), generation=self.store.arena.generation,
+            arena_address=self.transport.export_address,  # in the export agent's address space
             arena_size=window.size_bytes, slot_bytes=window.slot_bytes, nixl_metadata=self.transport.export_metadata())
 
     def _served(self, call: str, context) -> None:

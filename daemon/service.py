@@ -27,7 +27,7 @@ from kvtier.tiers.retention import CLASS_RANK, Retention
 from .auth import LOCAL, Principal
 from .catalog import retention_of
 from .config import LimitsConfig
-from .errors import ApiError, denied, exhausted, grpc_code, invalid, not_found, precondition, unauthenticated
+from .errors import ApiError, ErrorKind, denied, exhausted, grpc_code, invalid, not_found, precondition, unauthenticated
 from .events import OVERFLOW
 
 from .stats import stats_response
@@ -147,7 +147,9 @@ class KvTierService(pb_grpc.KvTierServicer):
     (auth.Principal.owns). The arena calls (ArenaInfo, Allocate, Commit, Acquire) need a local
     principal and touch only its tenant's arena part; CUDA IPC handles (Acquire gpu) go to local
     administrators only, since they open the whole shared GPU pool. `tenants` ([[tenant]] tables)
-    bound each tenant's namespaces, watchers and peer pulls."""
+    bound each tenant's namespaces, watchers and peer pulls; a tenant principal named in no table
+    (a TCP token's tenant) gets the small limits.untabled_tenant_* bounds instead, and the node-wide
+    limits bound only the administrators and those tenants together: each table's share is its own."""
 
     def __init__(self, store: BlockStore, limits: LimitsConfig, identify=lambda context: LOCAL, peers=None,
                  tenants=()):
@@ -157,8 +159,10 @@ class KvTierService(pb_grpc.KvTierServicer):
         self.identify = identify
         self.peers = peers  # daemon.peers.PeerFetcher when peers are configured
         self.tenants = {t.name: t for t in tenants}
-        self._watchers: collections.Counter[str] = collections.Counter()  # per tenant
-        self._pulls: collections.Counter[str] = collections.Counter()     # per tenant, in flight
+        # Peer pulls in flight per tenant, shared by every listener's servicer (Unix socket and TCP):
+        # one tenant has one budget whichever way it calls.
+        self._pulls: collections.Counter[str] = store.__dict__.setdefault("tenant_pulls", collections.Counter())
+        self._refusal_log: dict[tuple[str, str], float] = {}  # (principal, what) -> last logged
 
     def _local(self, context, what: str) -> Principal:
         """The caller, if it came through a local session (the arena is only for local engines)."""
@@ -212,24 +216,55 @@ class KvTierService(pb_grpc.KvTierServicer):
         return pb.RegisterNamespaceResponse(created=created)
 
     def _check_namespace_quota(self, who: Principal, name: str) -> None:
-        tenant = self.tenants.get(who.tenant or "")
-        if tenant is None or name in self.store.catalog.namespaces:
+        """Each namespace counts in one share: its configured tenant's (max_namespaces of the table),
+        or the share of everything else (limits.max_namespaces: administrators' namespaces and those
+        of tenants without a table); a tenant without a table also has its own small bound. So no
+        principal can fill a configured tenant's share, whatever the others did."""
+        namespaces = self.store.catalog.namespaces
+        if name in namespaces:
             return
-        owned = sum(1 for n in self.store.catalog.namespaces if who.owns(n))
-        if owned >= tenant.max_namespaces:
-            raise exhausted(f"tenant {tenant.name} has its max_namespaces ({tenant.max_namespaces}) namespaces; "
-                            "an administrator can RemoveNamespace one")
+        tenant = self.tenants.get(self.store.events.tenant_of(name) or "")
+        if tenant is not None:
+            if sum(1 for n in namespaces if n.startswith(tenant.name + "/")) >= tenant.max_namespaces:
+                self._refuse(who, "namespaces", f"tenant {tenant.name} has its max_namespaces "
+                             f"({tenant.max_namespaces}) namespaces; an administrator can RemoveNamespace one")
+            return
+        if not who.admin:
+            bound = self.limits.untabled_tenant_max_namespaces
+            if sum(1 for n in namespaces if who.owns(n)) >= bound:
+                self._refuse(who, "namespaces", f"tenant {who.tenant} has no [[tenant]] table and its "
+                             f"limits.untabled_tenant_max_namespaces ({bound}) namespaces")
+        shared = sum(1 for n in namespaces if self.store.events.tenant_of(n) is None)
+        if shared >= self.limits.max_namespaces:
+            self._refuse(who, "namespaces", f"the node's namespaces for administrators and tenants without a "
+                         f"[[tenant]] table are all in use ({self.limits.max_namespaces}); raise "
+                         "limits.max_namespaces, or an administrator can RemoveNamespace one")
+
+    def _refuse(self, who: Principal, what: str, why: str):
+        """Counts and logs (at most once per REFUSAL_LOG_S per principal and bound) a refusal, and
+        raises it as RESOURCE_EXHAUSTED."""
+        counters = self.store.counters
+        setattr(counters, f"{what}_refused", getattr(counters, f"{what}_refused") + 1)
+        now = time.monotonic()
+        if now - self._refusal_log.get((who.name, what), -REFUSAL_LOG_S) >= REFUSAL_LOG_S:
+            if len(self._refusal_log) >= 4096:
+                self._refusal_log.clear()
+            self._refusal_log[(who.name, what)] = now
+            log.warning("%s refused for %s (%s): %s", what, who.name,
+                        "an administrator" if who.admin else f"tenant {who.tenant}", why)
+        raise exhausted(why)
 
     async def _pull(self, who: Principal, namespace: str, keys, have: int, peer: str = "") -> int:
         """Blocks pulled from peers (only from `peer` when one is named), within the tenant's
         max_pulls in flight (0 past it)."""
         tenant = self.tenants.get(who.tenant or "")
-        if tenant is not None and self._pulls[tenant.name] >= tenant.max_pulls:
+        bound = (tenant.max_pulls if tenant is not None
+                 else None if who.admin else self.limits.untabled_tenant_max_pulls)
+        key = who.tenant or ""
+        if bound is not None and self._pulls[key] >= bound:
             self.store.counters.tenant_pulls_refused += 1  # kvtier_tenant_pulls_refused_total
-            log.debug("tenant %s has %d peer pulls in flight: answered from local blocks", tenant.name,
-                      tenant.max_pulls)
+            log.debug("tenant %s has %d peer pulls in flight: answered from local blocks", key, bound)
             return 0
-        key = tenant.name if tenant is not None else ""
         self._pulls[key] += 1
         try:
             return await self.peers.fetch(namespace, keys, have, peer)
@@ -268,6 +303,9 @@ class KvTierService(pb_grpc.KvTierServicer):
         names = self._tenant_names(context)
         # Pages are taken between awaits; events that land meanwhile have seq > the first page's,
         # so the snapshot carries the seq read before the first page and a watcher resumes there.
+        # The seq is node-wide: the caller's own ring (events.py) keeps its events by that seq, so
+        # Watch(from_seq = seq + 1) replays exactly the caller's events since, whatever other
+        # tenants' churn did to their rings.
         seq, token = self.store.events.seq, b""
         while True:
             blocks, token = self.store.catalog.page(request.namespace, 0, self.limits.max_page_size, token,
@@ -491,41 +529,42 @@ class KvTierService(pb_grpc.KvTierServicer):
         if request.namespace:
             self._own(context, request.namespace)
         who = self.identify(context)
-        tenant = self.tenants.get(who.tenant or "")
-        if tenant is not None and self._watchers[tenant.name] >= tenant.max_watchers:
-            raise exhausted(f"tenant {tenant.name} has its max_watchers ({tenant.max_watchers}) streams open")
-        watcher = tenant.name if tenant is not None else ""
-        self._watchers[watcher] += 1
-        try:
-            async for event in self._watch(request, who, context):
-                yield event
-        finally:
-            self._watchers[watcher] -= 1
+        async for event in self._watch(request, who, context):
+            yield event
 
     async def _watch(self, request, who: Principal, context):
+        """An administrator watches the node ring (every event); a tenant its own ring, one of its
+        own bound and size, which no other tenant's events fill (daemon/events.py)."""
         def wanted(event) -> bool:
             return (event.namespace == request.namespace if request.namespace
                     else who.owns(event.namespace))  # an admin owns every namespace
-        replay, queue = self.store.events.subscribe(request.from_seq)
+        try:
+            replay, queue = self.store.events.subscribe(request.from_seq, who.tenant)
+            head = self.store.events.seq  # every event of the ring up to here is replayed or older than from_seq
+        except ApiError as exc:
+            if exc.kind is not ErrorKind.EXHAUSTED:
+                raise
+            self._refuse(who, "watchers", exc.message)
         try:
             await context.send_initial_metadata(())  # the stream is open: a client can tell, before any event
             for event in replay:
                 _still_authenticated(who)
                 if wanted(event):
                     yield event
-            last = replay[-1].seq if replay else 0
+            last = head
             while True:
                 event = await _next_event(queue, who)
                 if event is OVERFLOW:
-                    raise exhausted(
-                                   f"watcher fell behind; resume with from_seq={last + 1}")
-                if event.seq > last and wanted(event):
+                    raise exhausted(f"watcher fell behind; resume with from_seq={last + 1}")
+                if event.seq > last:
                     last = event.seq
-                    yield event
+                    if wanted(event):
+                        yield event
         finally:
             self.store.events.unsubscribe(queue)
 
 
+REFUSAL_LOG_S = 10.0  # a refused principal's bound is logged at most this often
 WATCH_RECHECK_S = 2.0  # the longest an idle Watch with an expiring token sleeps between checks
 
 

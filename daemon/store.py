@@ -33,13 +33,14 @@ Contract
   slot: a client guessing at what a slot held before learns at most one bit per allocation it
   gives up, not which guess was right. Verification failures are logged (principal, allocation,
   entry count; never bytes) and counted per principal (`verification_failures`).
-- A tenant's `disk_capacity` bounds the payload bytes of its blocks on disk: the write-through
-  skips a block that would exceed it (the block stays in the CPU tier only, is never uploaded to
-  S3, and a wait_durable commit of it answers RESOURCE_EXHAUSTED), counted in
-  `tenant_disk_refused` and logged at most once a minute per tenant. Skipping, not dropping the
-  tenant's oldest blocks: the disk tier frees space only by evicting whole oldest segments, which
-  hold every tenant's blocks, so a tenant that kept rewriting within its quota would still age
-  everyone's blocks off the disk; one that writes nothing more cannot.
+- A tenant's `disk_capacity` bounds the bytes its blocks take on disk (each block's record:
+  header area + payload padded to disk.align, `DiskTier.footprint`): the write-through skips a
+  block that would exceed it (the block stays in the CPU tier only, is never uploaded to S3, and a
+  wait_durable commit of it answers RESOURCE_EXHAUSTED), counted in `tenant_disk_refused` and
+  logged at most once a minute per tenant. Skipping, not dropping the tenant's oldest blocks. The
+  blocks of a tenant within its quota are protected on disk (`_disk_protected`): when the disk tier
+  must free space, it copies them forward out of the segment it drops (compaction), so another
+  principal's writes age only unprotected blocks off the disk.
 - A tenant's `s3_capacity` bounds the payload bytes of its blocks in S3 that this node knows of
   (`S3Sync.tenant_bytes`: its uploads, and what the listing adopted): an upload that would exceed it
   is skipped (its obligation dropped, the block stays on disk only), counted in
@@ -125,6 +126,8 @@ class Counters:
     tenant_disk_refused: int = 0   # blocks not written to disk: their tenant's disk_capacity was full
     tenant_s3_refused: int = 0     # blocks not uploaded to S3: their tenant's s3_capacity was full
     allocations_expired: int = 0
+    watchers_refused: int = 0      # Watch streams refused RESOURCE_EXHAUSTED (a tenant's or the node's bound)
+    namespaces_refused: int = 0    # RegisterNamespace refused RESOURCE_EXHAUSTED (a tenant's or the node's bound)
 
 
 @dataclasses.dataclass(slots=True)
@@ -170,8 +173,12 @@ class BlockStore:
         self.started = time.monotonic()
         self.counters = Counters()
         self.verification_failures: collections.Counter[str] = collections.Counter()  # per principal
-        self.catalog = Catalog(cfg.data_dir, cfg.limits.max_namespaces)
-        self.events = EventLog(cfg.events.ring_size, cfg.events.watcher_queue, cfg.limits.max_watchers)
+        # limits.max_namespaces is the share of administrators and tenants without a table; each
+        # [[tenant]]'s max_namespaces is reserved on top (the service checks each share).
+        self.catalog = Catalog(cfg.data_dir, cfg.limits.max_namespaces + sum(t.max_namespaces for t in cfg.tenant))
+        self.events = EventLog(cfg.events.ring_size, cfg.events.watcher_queue, cfg.limits.max_watchers,
+                               [(t.name, t.event_ring_size, t.max_watchers) for t in cfg.tenant],
+                               cfg.limits.untabled_tenant_max_watchers)
         parts = [("", cfg.cpu.capacity)] + [(t.name, t.cpu_capacity) for t in cfg.tenant]
         arena = SharedArena(_arena_prefix(cfg), parts, cfg.cpu.slot_bytes)
         self.cpu = CpuTier(arena, POLICIES[cfg.cpu.policy](), POLICIES[cfg.cpu.policy])
@@ -183,7 +190,8 @@ class BlockStore:
         self.gpu: GpuTier | None = None
         tenant_limits = {t.name: t.max_leases for t in cfg.tenant}
         self.allocations = LeaseTable(cfg.limits.max_active_leases, tenant_limits)
-        self.leases = LeaseTable(cfg.limits.max_active_leases, tenant_limits)
+        self.leases = LeaseTable(cfg.limits.max_active_leases, tenant_limits,
+                                 default_owner_limit=cfg.limits.untabled_tenant_max_leases)
         self.sessions = None  # daemon.sessions.Sessions once the daemon listens
         self._pending: dict[Block, _Pending] = {}   # write-through queue, oldest first
         self._backlog_ready = asyncio.Event()
@@ -200,7 +208,8 @@ class BlockStore:
         self.fatal_error: str | None = None
         self.write_error: tuple[float, str] | None = None  # (since, why) while write-through fails
         self.disk_blocks = 0  # blocks with the DISK bit; these two change in _disk_changed only
-        self.tenant_disk_bytes: collections.Counter[str] = collections.Counter()  # configured tenants' payload bytes
+        # Configured tenants' bytes on disk: their blocks' footprints (DiskTier.footprint).
+        self.tenant_disk_bytes: collections.Counter[str] = collections.Counter()
         self.peers = None  # daemon.peers.PeerFetcher, when peers are configured (metrics read it)
         self.peer_service = None  # daemon.peers.PeerService when peers are served (it sets this; metrics read it)
 
@@ -242,14 +251,16 @@ class BlockStore:
             owe_uploads = self.cfg.s3.enabled and self.cfg.s3.write_through
             self.disk = DiskTier(self.cfg.disk_dir, capacity_bytes=self.cfg.disk.capacity,
                                  segment_bytes=self.cfg.disk.segment_bytes, align=self.cfg.disk.align,
-                                 o_direct=self.cfg.disk.o_direct, track_uploads=owe_uploads, fs=self._fs)
+                                 o_direct=self.cfg.disk.o_direct, track_uploads=owe_uploads, fs=self._fs,
+                                 protect=self._disk_protected if self._disk_quotas else None)
             recovery = await self._on_writer(self.disk.recover)
             await self._adopt_disk()
             report += "; " + recovery.summary()
             for tenant, quota in self._disk_quotas.items():
                 if self.tenant_disk_bytes[tenant] > quota:
                     log.warning("tenant %s has %d bytes on disk, over its disk_capacity of %d: none of its new "
-                                "blocks is written to disk until deletes or evictions bring it below",
+                                "blocks is written to disk, and its blocks there are not protected from eviction, "
+                                "until deletes or evictions bring it below",
                                 tenant, self.tenant_disk_bytes[tenant], quota)
         if self.cfg.s3.enabled:
             from .s3sync import S3Sync  # noqa: PLC0415 - boto3 only when the S3 tier is on
@@ -635,11 +646,12 @@ class BlockStore:
         for block, item in batch:
             tenant = self.tenant_of(block.namespace)
             quota = self._disk_quotas.get(tenant) if tenant is not None else None
-            if quota is not None and self.tenant_disk_bytes[tenant] + planned[tenant] + block.length > quota:
+            footprint = self.disk_footprint(block)
+            if quota is not None and self.tenant_disk_bytes[tenant] + planned[tenant] + footprint > quota:
                 self._refuse_disk(block, tenant, quota)
                 continue
             if tenant is not None:
-                planned[tenant] += block.length
+                planned[tenant] += footprint
             kept.append((block, item))
         if len(kept) < len(batch):
             self._signal_space()
@@ -664,7 +676,20 @@ class BlockStore:
         self.disk_blocks += change
         tenant = self.tenant_of(block.namespace)
         if tenant is not None:
-            self.tenant_disk_bytes[tenant] += change * block.length
+            self.tenant_disk_bytes[tenant] += change * self.disk_footprint(block)
+
+    def disk_footprint(self, block: Block) -> int:
+        """The bytes the block's record takes on disk (the disk tier owns the format): what its
+        tenant's disk_capacity is charged."""
+        return self.disk.footprint(_header(block))
+
+    def _disk_protected(self, namespace: str) -> bool:
+        """Called by the disk tier (writer thread) when it must free space: blocks of a tenant with a
+        disk_capacity that it is within are copied forward instead of evicted. Everyone else's
+        (administrators', tenants without a quota, a tenant over its quota) go first."""
+        tenant = self.tenant_of(namespace)
+        quota = self._disk_quotas.get(tenant) if tenant is not None else None
+        return quota is not None and self.tenant_disk_bytes[tenant] <= quota
 
     def _landed_on_disk(self, block: Block, entry: DiskEntry) -> None:
         assert entry.key == block.key and entry.checksum == block.checksum, "disk wrote another block"
@@ -1093,7 +1118,7 @@ class BlockStore:
                     if block.tiers & tier:
                         blocks[tier] += 1
                         if tenant is not None:
-                            tenant_bytes[tier][tenant] += block.length
+                            tenant_bytes[tier][tenant] += self.disk_footprint(block) if tier == DISK else block.length
         assert blocks[DISK] == self.disk_blocks, f"disk_blocks {self.disk_blocks}, catalog says {blocks[DISK]}"
         assert +self.tenant_disk_bytes == tenant_bytes[DISK], (
             f"tenant disk bytes {self.tenant_disk_bytes}, catalog {tenant_bytes[DISK]}")

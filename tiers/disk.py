@@ -27,7 +27,10 @@ Contract:
   payload checksum matches; otherwise the block is quarantined (un-indexed, recorded) and False returned.
   On False the contents of dest are unspecified.
 - Space: whole segments are evicted, oldest evictable first, so that used_bytes() <= capacity_bytes after
-  every write_batch. Not evictable: a segment with open upload obligations, and a segment holding
+  every write_batch. With protect(namespace), a segment's live protected blocks are first copied forward
+  (compaction: durable and re-indexed before the segment goes; at most compact_bytes per write_batch,
+  beyond which the batch fails ENOSPC). footprint(header) is what a block's record takes on disk.
+  Not evictable: a segment with open upload obligations, and a segment holding
   tombstones while an older segment stays (its tombstones may still kill records there). A batch that
   cannot fit fails with OSError(ENOSPC) before any I/O. Tombstones written by remove() may exceed the
   capacity by their size (one `align` each) until the next write_batch evicts.
@@ -119,6 +122,8 @@ _SCAN_CHUNK = 1 << 20      # recovery verifies payloads in chunks of this many b
 _ENTRIES_PAGE = 1024       # entries() holds a read txn for at most this many entries
 _MAX_ALIGN = 1 << 20
 _READ_ERRNOS = (errno.EIO, errno.ENODATA, errno.EBADMSG)  # media errors: quarantine, do not raise
+_COPY_CHUNK = 8 << 20      # compaction copies at most this many payload bytes per append (memory bound)
+_COMPACTION_LOG_S = 60.0   # one compaction log line a minute at most
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -219,9 +224,15 @@ class DiskTier:
 
     def __init__(self, directory: str, *, capacity_bytes: int, segment_bytes: int = 256 << 20,
                  align: int = 4096, o_direct: bool = False, fs: FileSystem | None = None,
-                 lmdb_map_bytes: int | None = None, track_uploads: bool = False):
+                 lmdb_map_bytes: int | None = None, track_uploads: bool = False,
+                 protect: Callable[[str], bool] | None = None, compact_bytes: int | None = None):
         """lmdb_map_bytes None derives the LMDB map size from the capacity; an explicit value smaller
-        than what the capacity may need raises ValueError. track_uploads: see recover()."""
+        than what the capacity may need raises ValueError. track_uploads: see recover().
+
+        protect(namespace) says whether that namespace's blocks are protected from eviction: before
+        eviction drops a segment holding live protected blocks, they are copied forward (compaction),
+        at most compact_bytes of records per write_batch (default: two segments). Called on the writer
+        thread. None: nothing is protected, whole oldest segments go as they are."""
         if align < 512 or align > _MAX_ALIGN or align & (align - 1):
             raise ValueError(f"align must be a power of two in [512, {_MAX_ALIGN}], got {align}")
         # The header area of a record is its header rounded up to `align`: one `align` for every
@@ -245,6 +256,11 @@ class DiskTier:
         self._max_header_area = align_up(MAX_HEADER_BYTES, align)
         self._map_bytes = _map_bytes(capacity_bytes, header_area, lmdb_map_bytes)
         self._track_uploads = track_uploads
+        self._protect = protect
+        self._compact_bytes = 2 * segment_bytes if compact_bytes is None else compact_bytes
+        self.compacted_blocks = 0                   # protected blocks copied forward (writer only)
+        self.compaction_passes = 0                  # segments compacted before their eviction
+        self._compaction_log = (-float("inf"), 0, 0)        # (last line, blocks, segments since): one line a minute
         self._o_direct = o_direct
         self._open_flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if o_direct else 0)
         # O_DIRECT needs memory aligned to the logical block size; anonymous mmaps give page alignment.
@@ -277,6 +293,11 @@ class DiskTier:
     @property
     def lmdb_map_bytes(self) -> int:
         return self._map_bytes
+
+    def footprint(self, header: BlockHeader) -> int:
+        """The bytes the block's record takes on disk: its header area (at least one `align`) plus its
+        payload padded to `align`. What a tenant's disk_capacity is charged per block."""
+        return record_footprint(header.payload_len, header.encoded_len, self._align)
 
     def recover(self) -> RecoveryReport:
         """Rebuilds the in-memory state and the index from LMDB + segment files. Idempotent.
@@ -391,22 +412,31 @@ class DiskTier:
         evicted: list[DiskEntry] = []
         while fresh:
             sizes = [self._record_bytes(blocks[i][0].payload_len, blocks[i][0].encoded_len) for i in fresh]
-            placements, evict_ids = self._plan(sizes)
-            # An existing copy that this very batch evicts must be written again, or the caller would
-            # be told a block is on disk that is not.
-            doomed = [i for i in existing if results[i].segment in evict_ids]
+            try:
+                if self._compact(sizes, evicted):
+                    # Compaction moved (or quarantined) blocks: existing entries of the batch may be stale.
+                    for i in existing:
+                        results[i] = self.get_entry(blocks[i][0].namespace, blocks[i][0].key)
+                placements, evict_ids = self._plan(sizes)
+            except Exception as exc:
+                if not evicted:
+                    raise
+                raise _failed(evicted, exc) from exc
+            # An existing copy that this very batch evicts (or that compaction dropped) must be written
+            # again, or the caller would be told a block is on disk that is not.
+            doomed = [i for i in existing if results[i] is None or results[i].segment in evict_ids]
             if not doomed:
                 kept = [results[i] for i in existing]
-                evicted = self._evict(evict_ids)
                 try:
+                    evicted += self._evict(evict_ids)
                     records = [(blocks[i][0], views[i], 0) for i in fresh]
                     written = self._append(records, placements,
                                            lambda txn, entries, pins: self._index_blocks(
                                                txn, entries, kept, wanted, pins))
                 except Exception as exc:
-                    if not evict_ids:
+                    if not evicted and not isinstance(exc, BatchFailed):
                         raise
-                    raise BatchFailed(evicted, exc) from exc
+                    raise _failed(evicted, exc) from exc
                 for i, entry in zip(fresh, written, strict=True):
                     results[i] = entry
                 break
@@ -442,7 +472,10 @@ class DiskTier:
             raise ValueError(f"dest holds {len(dest)} bytes, entry needs {entry.length}")
         segment = self._acquire(entry.segment)
         if segment is None:
-            return False  # evicted meanwhile: a miss, not corruption
+            moved = self._moved(entry)
+            if moved is None:
+                return False  # evicted meanwhile: a miss, not corruption
+            entry, segment = moved
         try:
             problem = self._read_verified(segment, entry, dest)
         finally:
@@ -451,6 +484,18 @@ class DiskTier:
             return True
         self._quarantine(entry, problem)
         return False
+
+    def _moved(self, entry: DiskEntry) -> tuple[DiskEntry, _Segment] | None:
+        """The same block's current entry and segment (acquired) when compaction moved it out of the
+        entry's segment, evicted since; None if it is gone. A few tries: it may move again meanwhile."""
+        for _ in range(3):
+            current = self.get_entry(entry.namespace, entry.key)
+            if current is None or current.header() != entry.header():
+                return None
+            segment = self._acquire(current.segment)
+            if segment is not None:
+                return current, segment
+        return None
 
     def remove(self, namespace: str, key: bytes) -> bool:
         """Un-indexes one block (durably) and drops its upload obligation; False if it was not indexed.
@@ -542,7 +587,7 @@ class DiskTier:
         return max(self._header_area, align_up(header_len, self._align))
 
     def _record_bytes(self, payload_len: int, header_len: int = 0) -> int:
-        size = self._area(header_len) + align_up(payload_len, self._align)
+        size = record_footprint(payload_len, header_len, self._align)
         if self._align + size > self._segment_bytes:
             raise ValueError(f"record of {size} bytes does not fit in a {self._segment_bytes}-byte segment")
         return size
@@ -588,6 +633,129 @@ class DiskTier:
         pinned = sum(self._segments[sid].size for sid in self._segments if self._pinned.get(sid))
         raise OSError(errno.ENOSPC, f"batch of {sum(sizes)} bytes cannot fit in capacity {self._capacity} "
                                     f"({pinned} bytes held by segments with pending uploads)")
+
+    # ------------------------------------------------------------------ compaction
+
+    def _compact(self, sizes: list[int], evicted: list[DiskEntry]) -> bool:
+        """Makes room for records of `sizes` without dropping protected blocks: while the eviction
+        the batch needs (oldest evictable segments first) would take a segment holding live protected
+        blocks, copies them forward (durable and re-indexed before anything is dropped), then evicts
+        that segment and the older ones planned with it. Appends what was dropped to `evicted`;
+        returns whether anything was moved or dropped. Raises OSError(ENOSPC) when the copies would
+        pass compact_bytes for this batch (what was done stays done: the next batch goes on)."""
+        if self._protect is None:
+            return False
+        budget, blocks, passes = self._compact_bytes, 0, 0
+        while True:
+            _placements, evict_ids = self._plan(sizes)
+            victim, keep = next(((sid, keep) for sid in evict_ids
+                                 if (keep := self._protected_entries(sid))), (None, []))
+            if victim is None:
+                break
+            need = sum(self.footprint(entry.header()) for entry in keep)
+            if need > budget:
+                self._note_compaction(blocks, passes)
+                raise OSError(errno.ENOSPC, f"compaction bound reached: copying {len(keep)} protected blocks "
+                                            f"({need} bytes) out of segment {victim} would pass "
+                                            f"{self._compact_bytes} bytes for this batch; retry")
+            budget -= need
+            if self._active is not None and self._active.id == victim:
+                self._active = None  # sealed: the copies must not go into the segment being dropped
+            lost = self._copy_forward(keep)
+            evicted += lost
+            evicted += self._evict(evict_ids[:evict_ids.index(victim) + 1])
+            blocks += len(keep) - len(lost)
+            passes += 1
+        self._note_compaction(blocks, passes)
+        return passes > 0
+
+    def _protected_entries(self, sid: int) -> list[DiskEntry]:
+        """The live blocks of segment sid that protect() keeps."""
+        prefix = _SEG_KEY.pack(sid)
+        keep = []
+        with self._env.begin() as txn:
+            for link in _keys_with_prefix(txn, self._db_by_segment, prefix):
+                dbkey = link[_SEG_KEY.size:]
+                value = txn.get(dbkey, db=self._db_blocks)
+                if value is None:
+                    continue
+                entry = _decode_entry(dbkey, value)
+                if self._protect(entry.namespace):
+                    keep.append(entry)
+        return keep
+
+    def _copy_forward(self, entries: list[DiskEntry]) -> list[DiskEntry]:
+        """Re-appends the blocks (same header: every fact kept) to the active segment, in groups of at
+        most _COPY_CHUNK bytes: each group is fdatasync'ed, then re-indexed at its new place in one
+        txn, so the old copy stays indexed until the new one is durable. Returns the blocks dropped
+        instead: a copy that fails verification is quarantined, as a read would."""
+        lost: list[DiskEntry] = []
+        group: list[DiskEntry] = []
+        size = 0
+        for entry in entries + [None]:
+            if entry is not None and (not group or size + align_up(entry.length, self._align) <= _COPY_CHUNK):
+                group.append(entry)
+                size += align_up(entry.length, self._align)
+                continue
+            lost += self._copy_group(group)
+            group, size = ([entry], align_up(entry.length, self._align)) if entry is not None else ([], 0)
+        return lost
+
+    def _copy_group(self, entries: list[DiskEntry]) -> list[DiskEntry]:
+        if not entries:
+            return []
+        offsets = list(itertools.accumulate((align_up(e.length, self._align) for e in entries), initial=0))
+        buffer = memoryview(mmap.mmap(-1, max(offsets[-1], self._align)))
+        records, moved, lost = [], [], []
+        for entry, at in zip(entries, offsets):
+            view = buffer[at:at + align_up(entry.length, self._align)]
+            segment = self._acquire(entry.segment)
+            assert segment is not None, "compacting a segment that is gone"
+            try:
+                problem = self._read_verified(segment, entry, view)
+            finally:
+                self._release(segment)
+            if problem is not None:
+                self._quarantine(entry, problem)
+                lost.append(entry)
+                continue
+            records.append((entry.header(), view, 0))
+            moved.append(entry)
+        if not records:
+            return lost
+        placements = self._place([self._record_bytes(h.payload_len, h.encoded_len) for h, _, _ in records],
+                                 self._active)
+
+        def index(txn: lmdb.Transaction, copies: list[DiskEntry], pins: dict[int, int]) -> None:
+            for old, new in zip(moved, copies, strict=True):
+                dbkey = _db_key(old.namespace, old.key)
+                value = txn.get(dbkey, db=self._db_blocks)
+                if value is None or _decode_entry(dbkey, value) != old:
+                    continue  # quarantined by a reader meanwhile: the copy stays dead bytes
+                txn.put(dbkey, _encode_value(new), db=self._db_blocks)
+                txn.delete(_SEG_KEY.pack(old.segment) + dbkey, db=self._db_by_segment)
+                txn.put(_SEG_KEY.pack(new.segment) + dbkey, b"", db=self._db_by_segment)
+                if txn.get(dbkey, db=self._db_upload_keys) is not None:  # the obligation moves with it
+                    pins[old.segment] = pins.get(old.segment, 0) - 1
+                    pins[new.segment] = pins.get(new.segment, 0) + 1
+        self._append(records, placements, index)
+        return lost
+
+    def _note_compaction(self, blocks: int, passes: int) -> None:
+        """Counts a compaction and logs it, one line a minute at most (with what the minute held)."""
+        if not passes:
+            return
+        self.compacted_blocks += blocks
+        self.compaction_passes += passes
+        last, blocks_since, passes_since = self._compaction_log
+        blocks_since, passes_since = blocks_since + blocks, passes_since + passes
+        now = time.monotonic()
+        if now - last < _COMPACTION_LOG_S:
+            self._compaction_log = (last, blocks_since, passes_since)
+            return
+        log.info("disk compaction: %d protected blocks copied forward out of %d segments before their "
+                 "eviction (%d blocks in total)", blocks_since, passes_since, self.compacted_blocks)
+        self._compaction_log = (now, 0, 0)
 
     def _evictable(self, sid: int, older_kept: bool) -> bool:
         """Open obligations pin a segment. Tombstones must outlive the records they kill, which lie in
@@ -1411,6 +1579,12 @@ class DiskTier:
             log.warning("up to %d segment fds may be open but RLIMIT_NOFILE is %d", needed, soft)
 
 
+def record_footprint(payload_len: int, header_len: int, align: int) -> int:
+    """Bytes on disk of a record: header area (header rounded up to align, at least one align, which
+    covers every version 1 header) + payload rounded up to align. docs/disk-format.md "Record"."""
+    return max(align, align_up(header_len, align)) + align_up(payload_len, align)
+
+
 def _db_key(namespace: str, key: bytes) -> bytes:
     if "\0" in namespace:
         raise ValueError("namespace must not contain NUL (it separates namespace and key in the index)")
@@ -1438,6 +1612,13 @@ def _decode_entry(dbkey: bytes, value: bytes) -> DiskEntry:
             raise ValueError(f"malformed index value for {bytes(dbkey)!r}: {exc}") from exc
     return DiskEntry(namespace.decode(), key, bytes(value[_VALUE.size:_VALUE.size + parent_len]), length,
                      payload_sum, created, segment, offset, token_ids, origin)
+
+
+def _failed(evicted: list[DiskEntry], exc: BaseException) -> BatchFailed:
+    """A BatchFailed listing `evicted` and whatever a BatchFailed cause had evicted itself."""
+    if isinstance(exc, BatchFailed):
+        return BatchFailed(evicted + exc.evicted, exc.__cause__ or exc)
+    return BatchFailed(evicted, exc)
 
 
 def _owed_block(seq: bytes, dbkey: bytes) -> tuple[str, bytes] | None:

@@ -9,14 +9,17 @@ What registered memory exposes: whoever loads an agent's metadata can READ *and*
 that agent registered (NIXL has no read-only registration). A daemon therefore runs two agents: one
 registered over its own arena, which it READs into and whose metadata never leaves the process, and
 one registered over an ExportWindow only, whose metadata it hands to peers. The owner copies blocks
-it serves into window slots; nothing else of its memory is registered with that agent.
+it serves into window slots; nothing else of its memory is registered with that agent, and that
+agent runs in a process of its own (tiers/nixl_export.py) which maps the window and nothing else of
+the daemon.
 
 How far registration confines a peer (measured, tests/tiers/test_nixl.py): NIXL as shipped refuses
 (NIXL_ERR_NOT_FOUND, at createXferReq) any remote range outside the regions in the metadata it
 loaded. That check runs in the *initiator's* process: a peer that edits the 16 bytes of a region's
-address and length in the metadata before loading it READs and WRITEs any address of the owner's
-process over UCX's cma and TCP transports, which carry no memory keys. Only RDMA (a NIC checking the
-rkey of the registered region) enforces registration at the target; it is not tested here.
+address and length in the metadata before loading it READs and WRITEs any address of the process
+that created the agent over UCX's cma and TCP transports, which carry no memory keys. Only RDMA (a
+NIC checking the rkey of the registered region) enforces registration at the target; it is not
+tested here. Hence the export agent's own process: what a crafting peer reaches is that process.
 
 Safety contract of a failed read() (see TransferFailed and TransferAbandoned):
   - read() returned          -> every byte landed.
@@ -541,22 +544,29 @@ class ExportWindow:
     take()/free() are the owner's slot bookkeeping (its event loop only); copy() may run on any
     thread inside `with window.copying():`. close() waits for copies still running (a worker
     thread of a cancelled call), then unmaps; close the agent registered over the window first.
+    With share=True the memfd stays open as `fd` for the export agent (tiers/nixl_export.py) to map.
     """
 
     CLOSE_WAIT_S = 60.0
 
-    def __init__(self, name: str, slot_count: int, slot_bytes: int):
+    def __init__(self, name: str, slot_count: int, slot_bytes: int, share: bool = False):
+        """share: keep the memfd open as `fd` (close_fd() when it was handed over) for the export
+        agent (tiers/nixl_export.py), which maps the same memory in its own process."""
         from .arena import create_sealed_memory  # noqa: PLC0415 - nixl is imported by the daemon only
         if not (slot_count > 0 and slot_bytes > 0 and slot_bytes % mmap.PAGESIZE == 0):
             raise ValueError(f"bad export window: {slot_count} slots of {slot_bytes} bytes")
         self.slot_count, self.slot_bytes = slot_count, slot_bytes
         self.size_bytes = slot_count * slot_bytes
         fd = create_sealed_memory(f"kvtier-{name}-export", self.size_bytes)
+        self.fd = -1
         try:
             self._map = mmap.mmap(fd, self.size_bytes, mmap.MAP_SHARED | mmap.MAP_POPULATE,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
-            os.close(fd)  # the mapping keeps the memory; nobody else ever gets the descriptor
+            if share:
+                self.fd = fd
+            else:
+                os.close(fd)  # the mapping keeps the memory; nobody else ever gets the descriptor
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))  # the export ends here
         self._free = list(range(slot_count - 1, -1, -1))  # a stack: the lowest free slot comes first
         self._used: set[int] = set()
@@ -611,6 +621,12 @@ class ExportWindow:
             assert self._used.isdisjoint(self._free) and len(set(self._free)) == len(self._free), \
                 "an export window slot is both free and in use"
 
+    def close_fd(self) -> None:
+        """Closes the shared memfd (the export agent has it; the mapping keeps the memory). Idempotent."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def close(self) -> None:
         """Idempotent. Unmaps once no copy is running (waits at most CLOSE_WAIT_S, else leaks the
         mapping rather than pull it from under a copying thread)."""
@@ -624,6 +640,7 @@ class ExportWindow:
             self._map.close()
             self._map = None
             self.address = 0
+            self.close_fd()
 
 
 class _Copying:

@@ -254,8 +254,8 @@ def test_a_new_connection_waits_for_a_daemon_slow_to_answer_it(daemon):
     fraction of a second."""
     options, _ = _channel_args(None)
     # Its own subchannel pool: a brand-new connection, not one the fixture's readiness check left open.
-    channel = grpc.insecure_channel(f"unix:{daemon.socket}", options + [("grpc.use_local_subchannel_pool", 1)])
     session = LocalSession.open(daemon.socket)
+    channel = grpc.insecure_channel(session.target, options + [("grpc.use_local_subchannel_pool", 1)])
     sigstop(daemon.pid)  # the socket accepts; nothing answers
     try:
         reply = pb_grpc.KvTierStub(channel).Stats.future(pb.StatsRequest(), timeout=60,

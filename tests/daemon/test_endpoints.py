@@ -109,8 +109,9 @@ def test_defaults_have_no_event_endpoint_and_no_metrics_listener(make_daemon):
     daemon = make_daemon()  # the defaults, with the test sizes and a socket path of its own
     inet, unix = listening_sockets(daemon.pid)
     assert inet == [], f"a default kvtierd listens on {inet}"
-    # The gRPC socket, and the local-session socket beside it (daemon/sessions.py) where there is one.
-    assert daemon.socket in unix and set(unix) <= {daemon.socket, daemon.socket + ".session"}, \
+    # The shared gRPC socket, the local-session socket beside it (daemon/sessions.py), and the
+    # administrators' own socket in the private directory (daemon/local_sockets.py).
+    assert set(unix) == {daemon.socket, daemon.socket + ".session", daemon.socket + ".d/0.sock"}, \
         f"a default kvtierd listens on {unix}"
     assert "KV events" not in daemon.log()
 

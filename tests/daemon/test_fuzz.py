@@ -111,8 +111,8 @@ def test_fuzzed_requests_never_crash_the_daemon_or_cross_tenants(make_daemon, tm
     channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(open(ca.ca_path, "rb").read()))
     grpc.channel_ready_future(channel).result(timeout=60)  # connected (TLS done) before the first example
     metadata = (("authorization", f"Bearer {TOKEN_A}"),)
-    local = grpc.insecure_channel(f"unix:{daemon.socket}")
     session = LocalSession.open(daemon.socket)  # tenant a's arena part and session, as an engine has them
+    local = grpc.insecure_channel(session.target)  # the session's own socket, through its descriptor
     assert session.tenant == "a"
     seen_codes: set[grpc.StatusCode] = set()
     ran = []

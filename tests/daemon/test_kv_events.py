@@ -21,6 +21,7 @@ from s3server import s3_server  # noqa: F401 - a fixture
 from kvtier.client.client import _stage
 from kvtier.daemon import kv_events
 from kvtier.daemon.catalog import Block, Catalog
+from kvtier.daemon.errors import ApiError, ErrorKind
 from kvtier.daemon.events import EventLog
 from kvtier.daemon.kv_events import END_SEQ, EndpointError, ZmqKvEventPublisher, int_block_hash
 from kvtier.proto.v1 import kvtier_pb2 as pb
@@ -81,8 +82,8 @@ class Harness:
     Ready once the publisher saw the subscription (XPUB) and finished its start announcement; recv()
     then returns the batches published from there on (`start_seq`), skipping empty ones."""
 
-    def __init__(self, ring_size=4096, watcher_queue=1024, replay=True, catalog=None, **kwargs):
-        self.log = EventLog(ring_size, watcher_queue, 8)
+    def __init__(self, ring_size=4096, watcher_queue=1024, replay=True, catalog=None, events=None, **kwargs):
+        self.log = events or EventLog(ring_size, watcher_queue, 8)
         self.pub = ZmqKvEventPublisher(self.log, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0" if replay else None,
                                        catalog=catalog, **kwargs)
         self.ctx = zmq.asyncio.Context()
@@ -498,6 +499,65 @@ def test_falling_out_of_the_ring_announces_every_block_again(tmp_path):
                 if b.events[-1].block_hashes == [int_block_hash(key(9999))]:
                     break
     run(scenario())
+
+
+def test_a_tenants_publisher_carries_only_its_own_namespaces(tmp_path):
+    """tenant="a": only the ring of tenant a's namespaces is published, and only its blocks are announced;
+    node-wide sequence numbers leave holes in a's ring, which are not a fall-behind (no resync)."""
+    catalog = catalog_with(tmp_path, [("a/m", key(1), b"", pb.TIER_CPU, tokens(1), ORIGIN),
+                                      ("b/m", key(2), b"", pb.TIER_CPU, tokens(2), ORIGIN)])
+
+    async def scenario():
+        h = Harness(catalog=catalog, tenant="a",
+                    events=EventLog(4096, 1024, 8, tenants=[("a", 1024, 2), ("b", 1024, 2)]))
+        async with h:
+            replayed = [DECODER.decode(p).events for _, _, p in await h.replay(0)]
+            announced = [e for events in replayed for e in events if isinstance(e, vkv.BlockStored)]
+            assert [e.token_ids for e in announced] == [tokens(1)]  # a's block, not b's
+            for i in range(10, 20):
+                h.log.emit(pb.BLOCK_STORED, "b/m", key(i), pb.TIER_CPU)
+                h.log.emit(pb.BLOCK_STORED, "a/m", key(100 + i), pb.TIER_CPU)
+            h.log.emit(pb.BLOCK_STORED, "other", key(99), pb.TIER_CPU)  # an administrators' namespace
+            h.log.emit(pb.BLOCK_STORED, "a/m", key(999), pb.TIER_CPU)
+            hashes = []
+            while int_block_hash(key(999)) not in hashes:
+                [(_, _, b, _)] = await h.recv(1)
+                hashes += [e.block_hashes[0] for e in b.events]
+            assert hashes == [int_block_hash(key(100 + i)) for i in range(10, 20)] + [int_block_hash(key(999))]
+            assert h.pub.resyncs == 0
+    run(scenario())
+
+
+def test_each_tenant_ring_keeps_its_own_resume_point_and_watcher_bound():
+    """One node-wide seq; a tenant's replay and OUT_OF_RANGE depend only on its own ring; watchers of
+    a tenant with a table are bounded by its own bound, the others share the node's."""
+    log = EventLog(1024, 64, 3, tenants=[("a", 1024, 1), ("b", 1024, 2)], untabled_max_watchers=1)
+    log.emit(pb.BLOCK_STORED, "b/m", key(1), pb.TIER_CPU)
+    resume = log.seq + 1
+    for i in range(5000):
+        log.emit(pb.BLOCK_STORED, "a/m", key(i % 200), pb.TIER_CPU)
+    log.emit(pb.BLOCK_STORED, "b/m", key(2), pb.TIER_CPU)
+    replay, queue = log.subscribe(resume, "b")
+    assert [(e.seq, e.key) for e in replay] == [(log.seq, key(2))]
+    with pytest.raises(ApiError) as err:
+        log.subscribe(resume, "a")  # a's own ring dropped its events from there
+    assert err.value.kind is ErrorKind.OUT_OF_RANGE
+    with pytest.raises(ApiError, match="the node event ring"):
+        log.subscribe(resume)  # the administrators' ring holds every event: the churn went through it
+    log.subscribe(0, "a")
+    with pytest.raises(ApiError, match="tenant a has its max_watchers"):
+        log.subscribe(0, "a")
+    log.subscribe(0, "x")  # a tenant without a table: its own bound of 1, in the shared pool of 3
+    with pytest.raises(ApiError, match="untabled_tenant_max_watchers"):
+        log.subscribe(0, "x")
+    log.subscribe(0)
+    log.subscribe(0, "y")
+    with pytest.raises(ApiError, match="raise limits.max_watchers"):
+        log.subscribe(0)
+    log.subscribe(0, "b", internal=True)  # the daemon's own publishers are not counted
+    log.subscribe(0, "b")  # b's second: its own bound, whatever the shared pool holds
+    log.unsubscribe(queue)
+    log.subscribe(0, "b")
 
 
 def test_close_flushes_queued_events_and_frees_the_watcher():

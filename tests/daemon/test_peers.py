@@ -9,6 +9,8 @@ import os
 import random
 import re
 import signal
+import struct
+import subprocess
 import threading
 import time
 import uuid
@@ -441,8 +443,11 @@ def test_the_owners_nixl_metadata_reaches_its_export_window_only(cluster):
     stub = _peer_stub(cluster.ca, "intruder", a.peer_port)
     hello = stub.Hello(pb.PeerHelloRequest(node_id="intruder"), timeout=30)
     window = (hello.arena_address, hello.arena_size)  # Hello's arena_* fields describe the window
-    mappings = _memfd_mappings(a.pid)
-    assert [(start, length) for name, start, length in mappings if "-export" in name] == [window]
+    mappings = _memfd_mappings(a.pid)  # kvtierd maps the window too (Pin copies into it), elsewhere
+    assert [length for name, _, length in mappings if "-export" in name] == [window[1]]
+    agent = _exporter(window)  # the export agent: the window is all the kvtier memory it maps
+    assert agent != a.pid and [(s, n) for name, s, n in _memfd_mappings(agent)] == [window]
+    assert f"peers READ only the export window, in export agent pid {agent}" in a.log()
     arena = [(start, length) for name, start, length in mappings if "-export" not in name]
     assert arena and all(start + length <= window[0] or window[0] + window[1] <= start for start, length in arena)
     assert decode_metadata(hello.nixl_metadata)[1] == (window,)  # the only region the metadata names
@@ -759,3 +764,229 @@ def test_a_peer_with_its_calls_in_flight_is_refused_the_next_one_at_once(make_da
     assert "peer cn:greedy: Has refused: it has 1 calls in flight here" in log
     # At most one line per 10 s (the throttle itself is tested above with a fake clock).
     assert log.count("calls in flight here") <= _metrics(owner)["kvtier_peer_refused_inflight_total"]
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie not yet reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def _exporter(window: tuple[int, int]) -> int:
+    """The pid of the process whose memory the export window's NIXL metadata addresses: the one
+    that maps a kvtier export memfd at the window's address (kvtierd itself before the export agent)."""
+    head = f"{window[0]:x}-{window[0] + window[1]:x} "
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as maps:
+                if any(line.startswith(head) and "/memfd:kvtier-" in line and "-export" in line for line in maps):
+                    return int(entry)
+        except OSError:  # gone, or a kernel thread
+            continue
+    raise AssertionError(f"no process maps the export window at {window[0]:#x}")
+
+
+def _readable(pid: int) -> list[tuple[int, int]]:
+    """(start, length) of the readable memory of `pid` where data lives: anonymous mappings, heap,
+    stack and kvtier's memfds (arena parts, export window). Not files (libraries, a READ past a
+    file's end faults the process: over TCP the target's own thread copies, so it would die)."""
+    out = []
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            data = len(fields) == 5 or fields[5] in ("[heap]", "[stack]") or fields[5].startswith("/memfd:kvtier-")
+            if fields[1].startswith("r") and data:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                out.append((start, end - start))
+    return out
+
+
+class Crafter(Intruder):
+    """A peer that rewrote the window's region in the metadata Hello gave it to the whole user
+    address space, then loaded it: NIXL's check in its own process no longer stands in its way."""
+
+    CHUNK = 16 << 20
+
+    def __init__(self, metadata: bytes, window: tuple[int, int]):
+        self.memory = mmap.mmap(-1, self.CHUNK)
+        self.address, self.size = ctypes.addressof(ctypes.c_char.from_buffer(self.memory)), self.CHUNK
+        self.transport = NixlTransport(f"crafter-{uuid.uuid4().hex[:8]}", [(self.address, self.CHUNK)])
+        self.errors = self.transport._b
+        _, _, nixl_md = decode_metadata(metadata)
+        region = struct.pack("<QQ", *window)
+        assert nixl_md.count(region) == 1, "NIXL's metadata layout changed: revisit this test"
+        name = self.transport._agent.loadRemoteMD(nixl_md.replace(region, struct.pack("<QQ", 4096, (1 << 47) - 8192)))
+        self.owner = name.decode() if isinstance(name, bytes) else name
+
+    def attempt(self, op: str, remote: int, length: int) -> bool:
+        """Whether a READ or WRITE of `length` bytes at the owner's `remote` went through."""
+        try:
+            return raw_transfer(self.transport, self.owner, op, [(self.address, remote, length)]) \
+                == self.errors.NIXL_SUCCESS
+        except self.errors.nixlNotFoundError:  # NIXL dropped the peer after a failed transfer
+            return False
+        except Exception:  # noqa: BLE001 - any NIXL error state: nothing moved
+            return False
+
+    def scan(self, ranges: list[tuple[int, int]]) -> bytes:
+        """Everything of `ranges` that READs through, concatenated."""
+        seen = []
+        for start, length in ranges:
+            for at in range(start, start + length, self.CHUNK):
+                size = min(self.CHUNK, start + length - at)
+                if self.attempt("READ", at, size):
+                    seen.append(self.bytes_at(0, size))
+        return b"".join(seen)
+
+
+@pytest.mark.parametrize("over", ["cma", "tcp"])
+def test_a_peer_crafting_the_window_metadata_reaches_no_memory_of_kvtierd(make_daemon, tmp_path, monkeypatch,
+                                                                          over):
+    """The attack on the NIXL export, end to end: a peer holding the cluster's peer certificate says
+    Hello, rewrites the window's region in the metadata it got (NIXL checks ranges only in the
+    initiator's process) and READs and WRITEs whatever it likes of the process behind the window.
+    The window's agent runs in the export agent process, so that is all it reaches: READing every
+    readable byte of it finds neither a stored block of tenant b nor the cluster key; a READ or
+    WRITE at the addresses of kvtierd's arena part of tenant b moves nothing of kvtierd's, and the
+    block reads back intact."""
+    if over == "tcp":
+        monkeypatch.setenv("UCX_TLS", "tcp")  # the daemon and its agent inherit it, as does our agent
+    ca = Authority(tmp_path / "pki")
+    port = free_port()
+    key_path = key_file(tmp_path, "cluster.key")
+    owner = make_daemon({**peer_overrides(ca, [port], 0, "nixl"), "cluster.key_file": key_path,
+                         "disk.enabled": False, "tenant": [{"name": "b", "uids": [43210], "cpu_capacity": "1MiB"}]},
+                        name="owner")
+    canary = os.urandom(48 << 10)
+    c = owner.client()
+    c.register_namespace("b/m", ATTRS)
+    key = bytes(range(32))
+    assert c.put("b/m", key, canary) == pb.STORED
+    parts = [(start, length) for name, start, length in _memfd_mappings(owner.pid) if name.endswith("-b")]
+    assert len(parts) == 1, _memfd_mappings(owner.pid)
+    part = parts[0]
+    cluster_key = open(key_path, "rb").read()
+
+    hello = _peer_stub(ca, "crafter", port).Hello(pb.PeerHelloRequest(node_id="crafter"), timeout=30)
+    window = (hello.arena_address, hello.arena_size)
+    target = _exporter(window)
+    crafter = Crafter(hello.nixl_metadata, window)
+    try:
+        reachable = _readable(target)
+        if target != owner.pid:  # the arena's addresses mean nothing in the agent (else a WRITE could crash it)
+            assert not any(s < part[0] + part[1] and part[0] < s + n for s, n in reachable)
+        seen = crafter.scan(reachable)
+        print(f"the crafted metadata reaches pid {target} (kvtierd: {owner.pid}): {len(seen) >> 20} MiB readable")
+        assert len(seen) > window[1]  # the scan works: it reads the window and more of that process
+        assert canary[:4096] not in seen and canary[-4096:] not in seen, "a stored block of tenant b was READ"
+        assert cluster_key not in seen, "the cluster key was READ"
+
+        read = crafter.attempt("READ", part[0], part[1])
+        assert not read or canary[:4096] not in crafter.bytes_at(0, part[1]), "tenant b's arena part was READ"
+        if over == "tcp":
+            # Over TCP the agent's own thread copies: an address it has not mapped kills it, and a
+            # dead export agent stops kvtierd. Nothing was read; a crafting peer can stop the node.
+            assert not read
+            owner.proc.wait(60)
+            assert re.search(r"FATAL, stopping kvtierd: .*the NIXL export agent \(pid \d+\) killed by SIG", owner.log())
+            return
+        ctypes.memset(crafter.address, 0xEE, part[1])
+        crafter.attempt("WRITE", part[0], part[1])
+    finally:
+        crafter.close()
+    assert owner.proc.poll() is None and not _gone(target), owner.log()[-3000:]
+    info, data = c.get("b/m", key)
+    assert data == canary, "a crafted WRITE changed a stored block of tenant b"
+
+
+def test_a_dead_export_agent_stops_kvtierd_with_one_fatal_line(make_daemon, tmp_path):
+    """The export agent is supervised like kvtierd's own background tasks: killed, the daemon stops
+    (FATAL, exit status 70) instead of serving a Hello whose window nobody serves. A clean stop
+    (SIGTERM to the daemon and the agent, as systemd sends it) ends the agent after the daemon drained."""
+    ca = Authority(tmp_path / "pki")
+    port = free_port()
+    owner = make_daemon(peer_overrides(ca, [port], 0, "nixl"), name="owner")
+    found = re.search(r"in export agent pid (\d+)", owner.log())
+    assert found, owner.log()
+    agent = int(found.group(1))
+    assert not _gone(agent)
+    os.kill(agent, signal.SIGKILL)
+    assert owner.proc.wait(60) == 70
+    fatal = [line for line in owner.log().splitlines() if "FATAL" in line]
+    assert len(fatal) == 1 and f"the NIXL export agent (pid {agent}) killed by SIGKILL" in fatal[0], fatal
+
+    again = make_daemon(peer_overrides(ca, [port], 0, "nixl"), name="again")
+    agent = int(re.search(r"in export agent pid (\d+)", again.log()).group(1))
+    os.kill(agent, signal.SIGTERM)  # as systemd signals the whole cgroup: the agent waits for kvtierd
+    assert again.stop() == 0
+    assert _gone(agent) and "FATAL" not in again.log()
+
+
+class ReplayingPeer(pb_grpc.KvTierPeerServicer):
+    """A peer (a gRPC server in this process with a certificate of the cluster's CA) that says it
+    holds every key asked for and streams, for each, a block the cluster key really vouches for,
+    but not the one asked for: the MAC of another key (a captured block replayed), of another
+    namespace, or of a longer block (the bytes cut short). Checksums are right for the bytes sent."""
+
+    def __init__(self, cluster_key: bytes, lie: str):
+        self.key, self.lie = cluster_key, lie
+
+    def Hello(self, request, context):
+        return pb.PeerHelloResponse(node_id="liar", generation=1, slot_bytes=64 << 10)
+
+    def Has(self, request, context):
+        return pb.PeerHasResponse(matched=len(request.keys), attributes=ATTRS)
+
+    def Fetch(self, request, context):
+        from kvtier.daemon import mac as macs
+        for index, key in enumerate(request.keys):
+            data = bytes([index + 1]) * 30_000
+            signed_key, namespace, signed = key, request.namespace, data
+            if self.lie == "another key":
+                signed_key = bytes(reversed(key))
+            elif self.lie == "another namespace":
+                namespace = request.namespace + "-other"
+            else:  # "another length": the owner signed a longer block; the tail is not sent
+                signed = data + b"\0" * 100
+            block = pb.PeerBlock(found=True, length=len(data), checksum=block_checksum(data),
+                                 mac=macs.block_mac(self.key, namespace, signed_key, signed))
+            yield pb.PeerFetchChunk(index=index, block=block, data=data)
+
+
+@pytest.mark.parametrize("lie", ["another key", "another namespace", "another length"])
+def test_a_block_is_committed_only_under_the_key_namespace_and_length_its_mac_vouches_for(make_daemon, tmp_path,
+                                                                                         lie):
+    """A requester checks what arrives against what it asked for: the MAC it verifies binds the
+    namespace, the key it asked for and the length, so a genuine signed block offered for another
+    key, namespace or length is dropped, counted and the peer skipped (NIXL pulls run the same
+    verification on the bytes in their slots)."""
+    import concurrent.futures
+    ca = Authority(tmp_path / "pki")
+    key_path = key_file(tmp_path, "cluster.key")
+    ports = [free_port(), free_port()]
+    cert, key = ca.issue("liar")
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+    pb_grpc.add_KvTierPeerServicer_to_server(ReplayingPeer(open(key_path, "rb").read(), lie), server)
+    with open(ca.ca_path, "rb") as root, open(key, "rb") as k, open(cert, "rb") as c:
+        server.add_secure_port(f"127.0.0.1:{ports[1]}", grpc.ssl_server_credentials(
+            [(k.read(), c.read())], root_certificates=root.read(), require_client_auth=True))
+    server.start()
+    try:
+        node = make_daemon({**peer_overrides(ca, ports, 0, "grpc"), "cluster.key_file": key_path,
+                            "metrics.listen": f"127.0.0.1:{(metrics_port := free_port())}"}, name="node")
+        node.metrics_port = metrics_port
+        keys = [k for k, _, _ in chain(3, seed=12)]
+        c = register(node)
+        found = c.lookup("m", keys, consult_peers=True)
+        assert (found.matched, found.from_peers) == (0, 0)
+        assert c.get_blocks("m", keys[:1]) == [None] and c.stats().blocks == 0
+        metrics = _metrics(node)
+        assert metrics["kvtier_peer_mac_rejected_total"] == 1 and metrics["kvtier_peer_fetches_total"] == 1
+        assert "has a missing or wrong MAC" in node.log()
+    finally:
+        server.stop(None)

@@ -67,3 +67,15 @@ def test_the_s3_secret_is_checked_again_when_it_is_read(tmp_path):
     os.chmod(path, 0o644)  # loosened after the config was loaded
     with pytest.raises(config.ConfigError, match="mode 0644"):
         tier_config(cfg.s3)
+
+
+@pytest.mark.parametrize("key", SECRETS)
+def test_a_secret_owned_by_another_user_is_refused(tmp_path, key):
+    """Mode 0600 is no defence when the file is someone else's: its owner reads or rewrites it (and
+    may chmod it wider at any time)."""
+    path = secret_file(tmp_path, 0o600)
+    os.chown(path, 40031, 40031)
+    with pytest.raises(config.ConfigError) as err:
+        load_with(key, path)
+    assert str(err.value) == (f"{key} {path} is owned by uid 40031, not by kvtierd's user (uid {os.geteuid()}) or "
+                              "root: its owner can read or replace it; chown it to kvtierd's user")

@@ -16,8 +16,13 @@ with recovery, and checks the invariants after every step:
 Two principals share the store: seeds above TENANT_SEEDS_FROM go to tenant t's namespace, whose
 blocks live in its own arena part (the store's invariant check asserts that no block and no
 allocation crosses parts, and that the per-tenant disk bytes agree with the catalog). Tenant t has a
-disk_capacity of T_DISK_QUOTA (four blocks): its blocks on disk, in the catalog and in the disk
-index, never exceed it, and the run must have refused some of its writes. It also has an
+disk_capacity of T_DISK_QUOTA (four blocks' records): its blocks on disk, charged by the space
+they take (DiskTier.footprint: header area + payload padded to disk.align), in the catalog and in
+the disk index, never exceed it, the store's count equals the footprints of its blocks on disk,
+and the run must have refused some of its writes. Within its quota its blocks are protected: the
+disk tier (small here: four segments) must never evict one of them, copying them forward instead
+(compaction, under the same disk faults as everything else); disk_pressure makes it evict and
+compact, and the run must have done both. It also has an
 s3_capacity of T_S3_QUOTA (two blocks): the store's invariant check asserts that the S3 counts
 (blocks, each tenant's bytes) agree with the catalog's S3 bits after every step, through uploads,
 adoption by the listing after a crash, deletes and clears; t's bytes in S3 (as the node counts them,
@@ -44,6 +49,7 @@ from kvtier.daemon import store as store_mod
 from kvtier.daemon.errors import ApiError, ErrorKind
 from kvtier.daemon.store import READER, UPLOAD, WRITE
 from kvtier.proto.v1 import kvtier_pb2 as pb
+from kvtier.tiers.disk import record_footprint
 from kvtier.tiers.retention import Retention
 from kvtier.tiers.s3 import S3Config
 
@@ -54,7 +60,9 @@ SEEDS = st.integers(min_value=1, max_value=48)
 EXAMPLES = int(os.environ.get("KVTIER_MODEL_EXAMPLES", "12"))
 DISK = pb.TIER_DISK
 TENANT_SEEDS_FROM = 33  # seeds 33..48 are tenant t's: "t/ns", in its own (smaller) arena part
-T_DISK_QUOTA = 4 * len(blob(TENANT_SEEDS_FROM))  # tenant t's disk_capacity: four of its blocks
+ALIGN = 4096
+T_DISK_QUOTA = 4 * record_footprint(len(blob(TENANT_SEEDS_FROM)), 0, ALIGN)  # t's disk_capacity: four of its blocks
+FILLER_SEEDS_FROM, FILLER_SEEDS = 1000, 96  # disk_pressure's blocks, in the administrators' "ns"
 T_S3_QUOTA = 2 * len(blob(TENANT_SEEDS_FROM))    # tenant t's s3_capacity: two of its blocks
 
 
@@ -85,6 +93,8 @@ class StoreModel(RuleBasedStateMachine):
         self.durable: dict[int, bytes] = {}   # acknowledged durable and not deleted since
         self.s3_refused: set[bytes] = set()   # keys of t's blocks whose upload was refused (until stored again)
         self.s3_leaked: set[bytes] = set()    # keys of t's blocks whose S3 delete failed (object left behind)
+        self.protected_evicted: list = []     # t's blocks evicted from disk while t was within its quota
+        self.filler = 0                       # disk_pressure's next filler block
         self.store = None
 
     def run(self, coro):
@@ -96,12 +106,13 @@ class StoreModel(RuleBasedStateMachine):
                            tenants=[{"name": "t", "uids": [40200], "cpu_capacity": "512KiB",
                                      "disk_capacity": T_DISK_QUOTA, "s3_capacity": T_S3_QUOTA}],
                            cpu={"capacity": "1MiB", "policy": "retention"},
-                           disk={"capacity": "8MiB", "segment_bytes": "1MiB", "batch_blocks": 4,
-                                 "queue_blocks": 8, "durable_wait_ms": 400})
+                           disk={"capacity": "1MiB", "segment_bytes": "256KiB", "batch_blocks": 4,
+                                 "queue_blocks": 8, "durable_wait_ms": 400, "align": ALIGN})
         self.tier = FaultyS3(S3Config(endpoint_url=self.server.endpoint_url, bucket=self.bucket,
                                       connect_timeout_s=1.0, read_timeout_s=5.0, max_attempts=1))
         self.store = make_store(cfg, fs=self.fs, s3_tier=self.tier)
         self.run(self.store.start())
+        self._watch_evictions()
         refuse = self.store.s3sync._refuse
 
         def refused(block, tenant, quota):  # which blocks may stay on disk without S3 copy or obligation
@@ -111,6 +122,21 @@ class StoreModel(RuleBasedStateMachine):
         self.run(self.store.register_namespace("ns", {"model": "m"}))
         self.run(self.store.register_namespace("t/ns", {"model": "m"}))
 
+    def _watch_evictions(self):
+        """Records every block the disk tier evicts while its namespace was protected (tenant t
+        within its disk_capacity): compaction must copy those forward instead, and could always have
+        (the config keeps two segments of headroom beyond the quotas)."""
+        disk = self.store.disk
+        evict = disk._evict
+
+        def watched(ids):
+            protected = {sid: disk._protected_entries(sid) for sid in ids}
+            dropped = evict(ids)
+            for sid in ids:
+                self.protected_evicted += [e for e in protected[sid] if e in dropped]
+            return dropped
+        disk._evict = watched
+
     @initialize()
     def start(self):
         self._open()
@@ -119,6 +145,8 @@ class StoreModel(RuleBasedStateMachine):
         if self.store is not None:
             StoreModel.disk_refused += self.store.counters.tenant_disk_refused
             StoreModel.s3_refused += self.store.counters.tenant_s3_refused
+            StoreModel.disk_evictions += self.store.counters.disk_evictions
+            StoreModel.compacted += self.store.disk.compacted_blocks
             self.run(_bounded(self.store.close(5), "closing the store"))
         self.loop.close()
 
@@ -176,6 +204,29 @@ class StoreModel(RuleBasedStateMachine):
             return set()
         ns = self.store.catalog.namespaces.get("t/ns")
         return {key for key, block in (ns.blocks.items() if ns else ()) if block.tiers & pb.TIER_S3}
+
+    @rule(seed=st.integers(min_value=TENANT_SEEDS_FROM, max_value=48))
+    def disk_pressure(self, seed):
+        """Tenant t stores a block durably (its quota permitting), then the administrators store new
+        blocks until the disk tier has copied a protected block forward, or a disk's worth (the tier
+        is four segments of about 20 records): its eviction takes only uploaded segments, and must
+        keep t's blocks (checked by no_protected_block_was_evicted and durable_blocks_are_readable)."""
+        try:
+            if self.run(commit(self.store, "t/ns", [seed], wait_durable=True)):
+                self.durable[seed] = blob(seed)
+        except ApiError as exc:  # t's quota is full, or the disk is stuck (S3 down, a fault)
+            assert exc.kind in (ErrorKind.UNAVAILABLE, ErrorKind.EXHAUSTED), exc
+        compacted = self.store.disk.compacted_blocks
+        for _ in range(24):
+            seeds = [FILLER_SEEDS_FROM + (self.filler + n) % FILLER_SEEDS for n in range(4)]
+            self.filler += 4
+            try:
+                self.run(commit(self.store, "ns", seeds, wait_durable=True))
+            except ApiError as exc:  # S3 down: segments owed to it cannot go, the disk fills up
+                assert exc.kind in (ErrorKind.UNAVAILABLE, ErrorKind.EXHAUSTED), exc
+                return
+            if self.store.disk.compacted_blocks > compacted:
+                return
 
     @rule(seed=SEEDS)
     def delete(self, seed):
@@ -244,6 +295,8 @@ class StoreModel(RuleBasedStateMachine):
         store = self.store
         StoreModel.disk_refused += store.counters.tenant_disk_refused
         StoreModel.s3_refused += store.counters.tenant_s3_refused
+        StoreModel.disk_evictions += store.counters.disk_evictions
+        StoreModel.compacted += store.disk.compacted_blocks
 
         async def crash():
             store._closing = True
@@ -279,8 +332,22 @@ class StoreModel(RuleBasedStateMachine):
         if self.store is None:
             return
         assert self.store.tenant_disk_bytes["t"] <= T_DISK_QUOTA, self.store.tenant_disk_bytes
-        indexed = sum(entry.length for entry in self.store.disk.entries() if entry.namespace.startswith("t/"))
+        # Charged by the space a block takes (header area + padded payload), as the disk index holds it.
+        indexed = sum(self.store.disk.footprint(entry.header()) for entry in self.store.disk.entries()
+                      if entry.namespace.startswith("t/"))
         assert indexed <= T_DISK_QUOTA, f"tenant t has {indexed} bytes in the disk index"
+        counted = sum(record_footprint(block.length, 0, ALIGN) for block in self._t_blocks() if block.tiers & DISK)
+        assert self.store.tenant_disk_bytes["t"] == counted, (self.store.tenant_disk_bytes, counted)
+
+    @invariant()
+    def no_protected_block_was_evicted(self):
+        """Eviction takes unprotected blocks (the administrators' namespace "ns") first: t's blocks,
+        within its quota, are copied forward, never dropped."""
+        assert not self.protected_evicted, f"protected blocks evicted: {self.protected_evicted[:3]}"
+
+    def _t_blocks(self):
+        ns = self.store.catalog.namespaces.get("t/ns")
+        return list(ns.blocks.values()) if ns else []
 
     @invariant()
     def tenant_t_stays_within_its_s3_quota(self):
@@ -369,6 +436,8 @@ def model_env(tmp_path, monkeypatch):
     StoreModel.tmp = str(tmp_path)
     StoreModel.examples = 0
     StoreModel.disk_refused = 0
+    StoreModel.disk_evictions = 0
+    StoreModel.compacted = 0
     StoreModel.s3_refused = 0
     shared_server().reset()
 
@@ -382,4 +451,6 @@ def test_the_store_keeps_its_promises_under_faults(model_env):
                                 suppress_health_check=list(HealthCheck))
     machine().runTest()
     assert StoreModel.disk_refused, "no write of tenant t ever met its disk_capacity: the quota went unexercised"
+    assert StoreModel.disk_evictions, "the disk tier never evicted: protection went unexercised"
+    assert StoreModel.compacted, "no protected block was ever copied forward: compaction went unexercised"
     assert StoreModel.s3_refused, "no upload of tenant t ever met its s3_capacity: the quota went unexercised"

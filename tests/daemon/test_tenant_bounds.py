@@ -19,7 +19,7 @@ from kvtier.proto.v1 import kvtier_pb2 as pb
 from kvtier.tiers.block import checksum
 from kvtier.tiers.retention import Retention
 
-from store_harness import make_store, store_config
+from store_harness import commit, key_of, make_store, store_config
 from test_security import code_of
 
 KEY_A, KEY_B = b"a" * 32, b"b" * 32
@@ -75,6 +75,31 @@ def test_verification_failures_are_counted_per_principal(tmp_path):
         assert store.verification_failures == {"token t1": 2, "token t2": 1}
         assert store.cpu.available() == store.arena.slot_count  # every slot was returned
         store.check_invariants()
+        await store.close(5)
+        assert not store.fatals
+    asyncio.run(scenario())
+
+
+# -- a tenant without a [[tenant]] table ------------------------------------------------------
+def test_a_tenant_without_a_table_holds_only_the_small_default_of_read_leases(tmp_path):
+    """A TCP token's tenant named in no [[tenant]] table (owner "x") gets
+    limits.untabled_tenant_max_leases read leases, not the node's whole table; a tenant with a
+    table keeps its own bound, an administrator (owner None) the node's."""
+    async def scenario():
+        store = make_store(store_config(tmp_path, tenants=[{"name": "a", "uids": [40001], "cpu_capacity": "1MiB",
+                                                            "max_leases": 70}]))
+        bound = 64  # limits.untabled_tenant_max_leases, by default
+        await store.start()
+        for namespace in ("x/m", "a/m", "ns"):
+            await store.register_namespace(namespace, {})
+            assert await commit(store, namespace, [1]) == [pb.STORED]
+        held = [(await store.acquire("x/m", [key_of(1)], 5000, owner="x"))[0] for _ in range(bound)]
+        with pytest.raises(ApiError, match="too many open read leases for tenant x"):
+            await store.acquire("x/m", [key_of(1)], 5000, owner="x")
+        held += [(await store.acquire("a/m", [key_of(1)], 5000, owner="a"))[0] for _ in range(70)]
+        held += [(await store.acquire("ns", [key_of(1)], 5000))[0] for _ in range(100)]
+        for lease in held:
+            store.release(lease.id)
         await store.close(5)
         assert not store.fatals
     asyncio.run(scenario())

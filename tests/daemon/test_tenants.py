@@ -178,6 +178,7 @@ def test_the_effective_gid_wins_over_supplementary_groups_and_the_uid_over_both(
 
 # A small disk tier (2 MiB; segments of three 60 kB blocks) that tenant a's writes alone overflow.
 BLOCK = 60_000
+RECORD = 65_536  # what a BLOCK takes on disk (what its quota counts): a 4 KiB header area + the payload padded to 4 KiB
 
 
 def small_disk_node(make_daemon, a_disk_capacity: int):
@@ -199,11 +200,11 @@ def on_disk(node, namespace: str, count: int) -> int:
 
 
 def test_a_tenant_filling_its_disk_quota_leaves_the_other_tenants_blocks_on_disk(make_daemon):
-    node = small_disk_node(make_daemon, 4 * BLOCK)
+    node = small_disk_node(make_daemon, 4 * RECORD)
     assert run_as(UID_B, node, "store_durable", "b/m", "3", str(BLOCK))["durable"] == 3
     a = run_as(UID_A, node, "store_durable", "a/fill", "40", str(BLOCK))  # 2.4 MB: more than the whole disk tier
     assert (a["durable"], a["refused"]) == (4, 36)
-    assert "tenant a has its disk_capacity (240000 bytes) of blocks on disk" in a["why"]
+    assert "tenant a has its disk_capacity (262144 bytes) of blocks on disk" in a["why"]
     assert on_disk(node, "b/m", 3) == 3 and on_disk(node, "a/fill", 40) == 4
     metrics = scrape_metrics(node.overrides["metrics.listen"])
     assert metrics["kvtier_tenant_disk_refused_total"] == 36 and metrics["kvtier_disk_evictions_total"] == 0

@@ -914,3 +914,100 @@ def test_an_index_entry_whose_token_ids_disagree_with_the_record_is_quarantined(
     assert tier.get_entry("ns", b"k") == lying
     assert not read_ok(tier, lying, payload) and tier.get_entry("ns", b"k") is None
     assert tier.quarantined_count() == 1
+
+
+# ---------------------------------------------------------------------------------- footprint, compaction
+
+def test_the_footprint_of_a_block_is_its_whole_record_on_disk(tiers):
+    tier, _ = tiers()
+    sizes = {0: ALIGN, 1: 2 * ALIGN, ALIGN: 2 * ALIGN, ALIGN + 1: 3 * ALIGN}
+    for length, expected in sizes.items():
+        (header, view), = make_blocks("ns", [b"k%d" % length], length)
+        assert tier.footprint(header) == expected
+        (entry,), _ = tier.write_batch([(header, view)])
+        assert tier.footprint(entry.header()) == expected
+    long = BlockHeader("ns", b"t", b"", 10, checksum(b"x" * 10), 1, token_ids=bytes(4 * 1100))
+    assert long.encoded_len > ALIGN and tier.footprint(long) == 3 * ALIGN  # two aligns of header, one of payload
+    # What the segments hold: one segment header plus the footprints.
+    assert tier.used_bytes() == ALIGN + sum(sizes.values())
+
+
+def fill(tier: DiskTier, namespace: str, count: int, length: int = 8000, start: int = 0) -> list[DiskEntry]:
+    entries = []
+    for index in range(start, start + count):
+        entries += tier.write_batch(make_blocks(namespace, [b"%s-%d" % (namespace.encode(), index)], length))[0]
+    return entries
+
+
+def test_eviction_copies_protected_blocks_forward_and_drops_the_others(tiers):
+    # Four 64 KiB segments of five 12 KiB records; "b" is protected.
+    tier, _ = tiers(capacity_bytes=256 << 10, protect=lambda namespace: namespace == "b")
+    kept = fill(tier, "b", 3)
+    fill(tier, "a", 60)  # three times the capacity
+    assert tier.compacted_blocks >= 3 and tier.compaction_passes >= 1
+    entries = index_key_map(tier)
+    for old in kept:
+        new = entries[("b", old.key)]
+        assert dataclasses.replace(new, segment=old.segment, offset=old.offset) == old  # every fact kept
+        assert new.segment != old.segment
+        assert read_ok(tier, new, payload_for("b", old.key, 8000))
+        assert read_ok(tier, old, payload_for("b", old.key, 8000))  # a stale entry follows the block
+    assert len([e for e in entries.values() if e.namespace == "a"]) < 60
+    assert tier.used_bytes() <= 256 << 10
+    # The index and the segments agree after a restart, and after a rebuild from the segments alone.
+    tier.close()
+    for rebuild in (False, True):
+        if rebuild:
+            shutil.rmtree(os.path.join(tier._directory, "index.lmdb"))
+        again, report = tiers(capacity_bytes=256 << 10, protect=lambda namespace: namespace == "b")
+        assert {e.key for e in again.entries() if e.namespace == "b"} == {e.key for e in kept}, report.summary()
+        again.close()
+
+
+def test_without_protection_whole_oldest_segments_go(tiers):
+    tier, _ = tiers(capacity_bytes=256 << 10)
+    kept = fill(tier, "b", 3)
+    fill(tier, "a", 60)
+    assert tier.compacted_blocks == 0
+    assert not {e.key for e in tier.entries() if e.namespace == "b"} & {e.key for e in kept}
+
+
+def test_compaction_is_bounded_per_batch_and_then_fails_enospc(tiers):
+    # Everything is protected and the budget is one record: room cannot be made by copying alone.
+    tier, _ = tiers(capacity_bytes=256 << 10, protect=lambda namespace: True, compact_bytes=12 << 10)
+    fill(tier, "b", 19)
+    failures = 0
+    for index in range(40):
+        try:
+            fill(tier, "b", 1, start=100 + index)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC and "compaction bound" in str(exc)
+            failures += 1
+    assert failures and tier.used_bytes() <= (256 << 10) + (12 << 10)
+    assert tier.compacted_blocks <= 40  # at most one copy per batch
+
+
+def test_a_failed_copy_leaves_the_old_copy_indexed(tiers, tmp_path):
+    class FailSync(FileSystem):
+        fail = False
+
+        def fdatasync(self, fd):
+            if self.fail:
+                raise OSError(errno.EIO, "injected")
+            super().fdatasync(fd)
+    fs = FailSync()
+    tier, _ = tiers(capacity_bytes=256 << 10, protect=lambda namespace: namespace == "b", fs=fs)
+    kept = fill(tier, "b", 3)
+    written = 0
+    while tier.used_bytes() + (12 << 10) <= 256 << 10:
+        fill(tier, "a", 1, start=written)
+        written += 1
+    fs.fail = True
+    with pytest.raises(OSError):
+        fill(tier, "a", 1, start=written)
+    fs.fail = False
+    assert {(e.key, e.segment, e.offset) for e in tier.entries() if e.namespace == "b"} == \
+        {(e.key, e.segment, e.offset) for e in kept}
+    fill(tier, "a", 1, start=written)  # the next batch compacts
+    assert {e.key for e in tier.entries() if e.namespace == "b"} == {e.key for e in kept}
+    assert tier.compacted_blocks == 3

@@ -561,3 +561,89 @@ def test_export_window_memory_and_slot_bookkeeping():
     window.close()  # idempotent
     with pytest.raises(TransferFailed):
         window.copying().__enter__()
+
+
+def test_the_export_agent_maps_only_the_window_and_inherits_nothing_else(monkeypatch):
+    """The export agent (tiers/nixl_export.py) is a fresh process: of kvtierd's descriptors it holds
+    only its control socket and the window's memfd (Python's mmap keeps a duplicate), of its environment only
+    what Python, NIXL and UCX read, no new privileges; its metadata names the window at its own
+    address, where the window's bytes are the ones this process writes."""
+    from kvtier.tiers.nixl_export import ExportAgent
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-the-agent")
+    secret_fd = os.open("/etc/hostname", os.O_RDONLY)  # inheritable: close_fds must not pass it
+    os.set_inheritable(secret_fd, True)
+    window = ExportWindow(f"agent-{uuid.uuid4().hex[:6]}", 4, 64 << 10, share=True)
+    agent = ExportAgent(f"agent-{uuid.uuid4().hex[:6]}", window)
+    window.close_fd()
+    local = None
+    try:
+        pid = agent.pid
+        assert decode_metadata(agent.metadata)[1] == ((agent.address, window.size_bytes),)
+        with open(f"/proc/{pid}/maps") as maps:
+            mine = [line for line in maps if "/memfd:kvtier-" in line]
+        assert len(mine) == 1 and mine[0].startswith(f"{agent.address:x}-"), mine
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            assert b"AWS_SECRET_ACCESS_KEY" not in environ.read()
+        with open(f"/proc/{pid}/status") as status:
+            text = status.read()
+        assert "NoNewPrivs:\t1" in text and "Seccomp:\t2" in text  # its filter: no new Unix sockets
+        assert "Landlock ABI" in agent.sandbox, agent.sandbox  # this kernel has it: no filesystem access
+        targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        assert not any("hostname" in t for t in targets), targets
+        assert all(t.endswith("-export (deleted)") for t in targets if "memfd:" in t), targets  # the window's only
+        # A peer READs what kvtierd copied into its mapping of the window, from the agent.
+        with window.copying():
+            source = (ctypes.c_char * 4096).from_buffer_copy(b"\x5a" * 4096)
+            window.copy(2, ctypes.addressof(source), 4096)
+        local = Local("/dev/shm", 4 * MiB)
+        name = local.transport.add_peer(agent.metadata)
+        box = guarded(40, local.transport.read, name, [(local.address, agent.address + 2 * (64 << 10), 4096)], 10)
+        assert "error" not in box, box.get("error")
+        assert local.bytes_at(0, 4096) == b"\x5a" * 4096
+    finally:
+        os.close(secret_fd)
+        if local is not None:
+            local.close()
+        assert agent.stop() == 0  # closing the control socket ends it cleanly
+        window.close()
+
+
+def test_an_export_agent_that_does_not_answer_in_time_fails_its_start_and_is_stopped():
+    from kvtier.tiers.nixl_export import ExportAgent, ExportAgentError
+    window = ExportWindow(f"late-{uuid.uuid4().hex[:6]}", 1, 64 << 10, share=True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ExportAgentError, match=r"export agent \(pid \d+\) sent no metadata within 0.001 s"):
+            ExportAgent("late", window, start_timeout_s=0.001)
+        assert time.monotonic() - started < 30  # stopped (killed at worst) before the error is raised
+    finally:
+        window.close()
+
+
+def test_the_export_agents_sandbox_denies_files_unix_sockets_and_signals_outside():
+    """What code a crafting peer might run in the export agent (by WRITing its memory) is confined:
+    the agent's sandbox, applied in a fresh process exactly as the agent applies it, leaves no
+    file to open (kvtierd's key files, its data dir), no Unix socket to create (kvtierd's session
+    socket would take the agent's uid for kvtierd's own: an administrator) and no signal to send
+    to a process outside it."""
+    script = (
+        "import json, os, socket\n"
+        "from kvtier.tiers import nixl_export as x\n"
+        "x._prctl(x.PR_SET_NO_NEW_PRIVS, 1)\n"
+        "applied = [x._landlock(), x._no_unix_sockets()]\n"
+        "out = {'applied': applied}\n"
+        "def attempt(what, fn):\n"
+        "    try:\n"
+        "        fn(); out[what] = 'allowed'\n"
+        "    except OSError as exc:\n"
+        "        out[what] = exc.errno\n"
+        "attempt('open', lambda: open('/etc/hostname').read())\n"
+        "attempt('unix', lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))\n"
+        "attempt('signal', lambda: os.kill(os.getppid(), 0))\n"
+        "attempt('tcp', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close())\n"
+        "print(json.dumps(out))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["open"] in (13, 1) and out["unix"] == 13 and out["signal"] == 1, out  # EACCES, EACCES, EPERM
+    assert out["tcp"] == "allowed", out  # what UCX serves peers with
