@@ -32,6 +32,15 @@ state change is logged at WARNING (never rate-limited) and counted in ``stats``:
     daemon_timeouts  of those, past their deadline        short_circuited  calls refused while open
     breaker_opened   times it opened                      breaker_closed   times it closed
     breaker_open     1 while open, else 0                 health_probes    health checks sent
+    breaker_trials   trial blocks run while open (below)
+
+Trial calls (half-open). A caller with a reason to think the daemon is back runs its calls inside
+``with session.trial():`` (the vLLM worker does for a load: the scheduler just found the blocks in
+the daemon, e.g. a daemon that was down when the engine started and is up now, before the next
+probe). While the breaker is open, the calls of that block go to the daemon; the first that succeeds
+closes the breaker at once, an outage leaves it open. One trial runs at a time (other threads' calls
+still short-circuit); each is counted in ``breaker_trials``. A trial costs at most its calls'
+deadlines, on the caller's thread.
 
 What a caller sees while it is open: ``BreakerOpen``, a ``grpc.RpcError`` whose ``code()`` is
 UNAVAILABLE, so a connector's existing ``except grpc.RpcError`` turns it into a miss or a dropped
@@ -50,6 +59,7 @@ under the call's deadline) is bounded by the call deadline.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -68,7 +78,7 @@ DEFAULT_PROBE_TIMEOUT_S = 1.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvTier"].full_name  # the health service's name for it
 _OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _STATS = ("daemon_calls", "daemon_failures", "daemon_timeouts", "short_circuited", "breaker_opened",
-          "breaker_closed", "breaker_open", "health_probes")
+          "breaker_closed", "breaker_open", "health_probes", "breaker_trials")
 
 
 class BreakerOpen(grpc.RpcError):
@@ -189,6 +199,8 @@ class DaemonSession:
         self._reason = ""
         self._prober: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._trial_running = False  # a trial() block runs in some thread
+        self._local = threading.local()  # .trial: this thread's calls go through while open
         self._health_channel = None
         self._health_stub = None
         # the first local session, opened under a call's deadline
@@ -215,20 +227,45 @@ class DaemonSession:
 
     def guard(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """fn() under the breaker: BreakerOpen at once while it is open; an outage fn raises opens it.
-        `timeout` bounds opening the first local session (fn's own calls carry their deadlines)."""
+        `timeout` bounds opening the first local session (fn's own calls carry their deadlines).
+        Inside this thread's trial() block, fn runs even while it is open, and closes it by succeeding."""
         with self._lock:
-            if self._open:
+            trial = self._open and getattr(self._local, "trial", False)
+            if self._open and not trial:
                 self.stats["short_circuited"] += 1
                 raise BreakerOpen(f"kvtierd at {self.socket} is not answering ({self._reason}); circuit "
                                   "breaker open, call not sent")
             self.stats["daemon_calls"] += 1
         try:
             self._ensure_session(self.timeout_s if timeout is None else timeout)
-            return fn()
+            result = fn()
         except BaseException as error:
             if is_outage(error):
                 self._trip(error)
             raise
+        if trial:
+            self._close_breaker("answered a trial call (half-open)")
+        return result
+
+    @contextlib.contextmanager
+    def trial(self):
+        """A block whose calls go to the daemon even while the breaker is open (half-open): for a caller
+        with a reason to think the daemon is back. The first call that succeeds closes the breaker; an
+        outage leaves it open. Yields whether this block is a trial (False while closed, or while another
+        thread's trial runs: then its calls short-circuit as usual)."""
+        with self._lock:
+            mine = self._open and not self._trial_running
+            if mine:
+                self._trial_running = True
+                self.stats["breaker_trials"] += 1
+        self._local.trial = mine
+        try:
+            yield mine
+        finally:
+            self._local.trial = False
+            if mine:
+                with self._lock:
+                    self._trial_running = False
 
     def arena(self, generation: str | None = None):
         """The mapped arena (client.arena: remapped when `generation` differs), under the breaker. One
@@ -328,7 +365,7 @@ class DaemonSession:
         except ValueError as error:  # the channel was closed under us (close())
             serving, why = False, repr(error)
         if serving:
-            self._close_breaker()
+            self._close_breaker("answers health checks (SERVING) again")
         else:
             self.logger.debug("kvtier: health check of kvtierd at %s: %s", self.socket, why)
         return serving
@@ -356,7 +393,7 @@ class DaemonSession:
                 self._prober = threading.Thread(target=self._probe_loop, name="kvtier-breaker", daemon=True)
                 self._prober.start()
 
-    def _close_breaker(self) -> None:
+    def _close_breaker(self, why: str) -> None:
         with self._lock:
             if not self._open:
                 return
@@ -364,8 +401,8 @@ class DaemonSession:
             self.stats["breaker_closed"] += 1
             self.stats["breaker_open"] = 0
             self.logger.warning(
-                "kvtier: kvtierd at %s answers health checks (SERVING) again: circuit breaker CLOSED after "
-                "%.1f s open (%d calls short-circuited)", self.socket, self.clock() - self._opened_at,
+                "kvtier: kvtierd at %s %s: circuit breaker CLOSED after %.1f s open (%d calls "
+                "short-circuited)", self.socket, why, self.clock() - self._opened_at,
                 self.stats["short_circuited"] - self._short_at_open)
         self._max_keys = None  # a restarted daemon may have other limits
 

@@ -727,7 +727,12 @@ class KvtierConnector(KVConnectorBase_V1):
             block_ids = [b for i, _ in verified for b in targets[unique[i]]]
             self._copies.run(after, lambda: views.unpack(slots, block_ids))
         try:
-            outcome = load_blocks(self._daemon, self._namespaces[0], unique, layout.block_bytes, consume)
+            # A trial even while this worker's breaker is open: the scheduler has just found these blocks
+            # in the daemon, so it is likely back (e.g. it was down when the engine started, which opened
+            # this breaker, and came up before the next health probe). Short-circuited, the load would
+            # fail, and vLLM would look the request up and load it again at every step until the probe.
+            with self._daemon.trial():
+                outcome = load_blocks(self._daemon, self._namespaces[0], unique, layout.block_bytes, consume)
         except Exception as error:  # noqa: BLE001 - never fail the step: recompute instead
             self._daemon.forget_limits()
             self._load_failed(work.block_ids, None if isinstance(error, BreakerOpen) else _error_text(error))

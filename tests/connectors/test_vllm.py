@@ -306,6 +306,55 @@ def test_the_first_request_after_a_daemon_restart_loads_from_it(make_daemon, mod
     assert first["tokens"] == second["tokens"] == reference["A"]
 
 
+def test_an_engine_started_while_the_daemon_was_down_loads_what_it_holds_once_up(make_daemon, models, reference,
+                                                                                 tmp_path):
+    """An engine started while kvtierd is down (its start neither fails nor waits for the daemon): once
+    the daemon is up, with A's blocks on disk from an earlier engine, the engine's first request loads
+    them, and what it stores then (C) is loaded back, with vLLM's own prefix cache emptied."""
+    daemon = make_daemon(DAEMON)
+    first, stats1, _ = run_engine(tmp_path, models[0], ["A"], daemon.socket, "e1")
+    assert first[0]["num_cached_tokens"] == 0 and stats1["saved_blocks"] == 3
+    assert daemon.stop() == 0                        # drains the write-through: A's blocks are on disk
+    go = tmp_path / "go"
+    prompts = [{"name": "A", "wait_for": str(go)}, "C",
+               {"name": "C", "reset_prefix_cache": True}]
+    # The breaker's health probe is left out of it (60 s): what must bring the connector back is the
+    # daemon answering, not a probe that happens to come first.
+    spec = {"model": models[0], "socket": daemon.socket, "hash_algo": "sha256", "max_tokens": 8,
+            "max_num_batched_tokens": 1024, "prompts": [_prompt(p) for p in prompts],
+            "extra_config": {"breaker_period_s": 60}}
+    (tmp_path / "late.spec.json").write_text(json.dumps(spec))
+    log_path = tmp_path / "late.log"
+    engine = subprocess.Popen([sys.executable, os.path.join(HERE, "_vllm_engine.py"), str(tmp_path / "late.spec.json"),
+                               str(tmp_path / "late.out.json")], env=_engine_env(), cwd=tmp_path,
+                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (tmp_path / "go.waiting").exists() or engine.poll() is not None, timeout=300,
+                 what="the engine to start with the daemon down")
+        assert engine.poll() is None, log_path.read_text()[-4000:]
+        daemon.start()                               # the same data dir
+        go.touch()
+        assert engine.wait(timeout=300) == 0, log_path.read_text()[-4000:]
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+    out = json.loads((tmp_path / "late.out.json").read_text())
+    late_a, c, c_again = out["results"]
+    log = log_path.read_text()
+    assert late_a["num_cached_tokens"] == 3 * BLOCK, log[-6000:]   # A, from what the daemon holds
+    assert late_a["tokens"] == reference["A"]
+    assert c["num_cached_tokens"] == 0 and c_again["num_cached_tokens"] == 3 * BLOCK, log[-6000:]
+    assert c["tokens"] == c_again["tokens"] == reference["C"]
+    worker, scheduler = out["stats"], out["scheduler_stats"]
+    assert worker["saved_blocks"] == 3 and worker["loaded_blocks"] == 6, worker
+    # The worker's breaker opened at start (no arena to map); the scheduler found A in the daemon, so the
+    # load went through as a trial instead of failing until the next health probe (before: every step
+    # a lookup and a failed load, thousands of each, for up to breaker_period_s).
+    assert worker["load_errors"] == 0 and worker["breaker_opened"] == 1 and worker["breaker_open"] == 0, worker
+    assert worker["breaker_trials"] == 1 and worker["health_probes"] == 0, worker
+    assert scheduler["lookups"] < 10 and scheduler["lookup_errors"] == 0, scheduler
+
+
 def test_blocks_saved_while_requests_are_preempted_hold_the_right_kv(make_daemon, models, reference, tmp_path):
     """Seven prompts at once in a KV cache of 34 blocks, each growing to 7: vLLM preempts some
     (their blocks are reused while saves of them may be copying: handle_preemptions stops those), and
