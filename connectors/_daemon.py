@@ -69,7 +69,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvtier.client.client import Client, target_of
-from kvtier.client.session import SessionError
+from kvtier.client.session import LocalSession, SessionError
 from kvtier.proto.v1 import kvtier_pb2 as pb
 
 DEFAULT_MAX_KEYS_PER_CALL = 4096  # until the daemon's ArenaInfo says (limits.max_keys_per_request)
@@ -364,6 +364,8 @@ class DaemonSession:
             serving, why = False, error_text(error)
         except ValueError as error:  # the channel was closed under us (close())
             serving, why = False, repr(error)
+        if not serving and why.startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED")):
+            serving, why = self._probe_own_socket(why)
         if serving:
             self._close_breaker("answers health checks (SERVING) again")
         else:
@@ -418,6 +420,25 @@ class DaemonSession:
         with self._lock:
             if self._prober is me:
                 self._prober = None
+
+    def _probe_own_socket(self, why_not: str) -> tuple[bool, str]:
+        """The health check again, through a session of our own and our principal's socket: the
+        shared socket's connections are bounded for all users together, so another user holding
+        them all must not keep this breaker open (the session socket bounds connections per uid)."""
+        try:
+            session = LocalSession.open(self.socket)
+        except grpc.RpcError as error:
+            return False, f"{why_not}; a session of our own: {error_text(error)}"
+        try:
+            with grpc.insecure_channel(session.target) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=self.probe_timeout_s)
+            return (reply.status == health_pb2.HealthCheckResponse.SERVING,
+                    health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        except grpc.RpcError as error:
+            return False, f"{why_not}; through our own socket: {error_text(error)}"
+        finally:
+            session.close()
 
     def _health(self):
         with self._lock:

@@ -11,10 +11,11 @@ Contract
   (daemon/sessions.py `owner_on`).
 - Every listener has a bound on its connections (gRPC's max_allowed_incoming_connections: past
   it a connection is closed at once), and the session socket bounds connections per uid, so the
-  descriptors all listeners together may hold are known at start: `descriptor_budget`. kvtierd raises
-  its soft RLIMIT_NOFILE to the hard limit and refuses to start when the budget plus
-  RESERVED_DESCRIPTORS (its own files: segments, LMDB, memfds, S3 and ZMQ sockets, peers) does not
-  fit, naming the keys. So no client can take the descriptors the daemon needs for its own work.
+  descriptors all listeners together may hold are known at start: `descriptor_budget`, with the disk
+  tier's segment files and RESERVED_DESCRIPTORS for kvtierd's other files (LMDB, memfds, S3 and ZMQ
+  sockets, peers). kvtierd raises its soft RLIMIT_NOFILE to the hard limit and refuses to start when
+  the budget does not fit, naming the keys. Not bounded here: connections to /metrics (loopback by
+  default) and ZMQ subscribers of the KV-event endpoints.
 Restart: the directory is emptied of stale sockets and re-created at every start; the O_PATH
 descriptors a client holds from before then point at removed sockets (connections fail, and the
 client opens a new session).
@@ -82,8 +83,14 @@ def connection_bounds(cfg: Config) -> list[tuple[str, int]]:
     return bounds
 
 
+def disk_segment_files(cfg: Config) -> int:
+    """The disk tier keeps each segment file open: as many as fit its capacity, plus the active
+    ones and those compaction writes into before it drops an old one."""
+    return cfg.disk.capacity // cfg.disk.segment_bytes + 4 if cfg.disk.enabled else 0
+
+
 def descriptor_budget(cfg: Config) -> int:
-    return RESERVED_DESCRIPTORS + sum(bound for _, bound in connection_bounds(cfg))
+    return RESERVED_DESCRIPTORS + disk_segment_files(cfg) + sum(bound for _, bound in connection_bounds(cfg))
 
 
 def ensure_descriptors(cfg: Config) -> tuple[int, int]:
@@ -97,6 +104,7 @@ def ensure_descriptors(cfg: Config) -> tuple[int, int]:
     if budget > soft:
         named = ", ".join(f"{what} {bound}" for what, bound in connection_bounds(cfg))
         raise LocalSocketError(
-            f"connection bounds need {budget} file descriptors ({named}, plus {RESERVED_DESCRIPTORS} for kvtierd's "
-            f"own files) but the limit is {soft} (RLIMIT_NOFILE): raise LimitNOFILE= in the unit, or lower those bounds")
+            f"connection bounds need {budget} file descriptors ({named}, {disk_segment_files(cfg)} disk segment files, "
+            f"plus {RESERVED_DESCRIPTORS} for kvtierd's other files) but the limit is {soft} (RLIMIT_NOFILE): raise "
+            "LimitNOFILE= in the unit, or lower those bounds (or raise disk.segment_bytes)")
     return soft, budget

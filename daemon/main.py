@@ -319,8 +319,8 @@ async def serve(cfg: config_mod.Config, reloader: "Reloader | None" = None) -> N
              len(store.catalog.namespaces))
     kv_events = await _start_kv_events(cfg, store)
     transport, peers = _start_peers(cfg, store)
+    _not_dumpable()  # before any listener: no peer may reach the export agent while kvtierd is traceable
     servers, health_servicer = await _listen(cfg, store, transport, peers)
-    _not_dumpable()
     metrics = serve_metrics(store, cfg.metrics.listen, cfg.metrics.allow_remote) if cfg.metrics.listen else None
     stop = asyncio.Event()
     store._spawn(_report_health(store, health_servicer, stop), "health")

@@ -105,6 +105,12 @@ class Sessions:
         if part_index is not None and self.part_of(principal) == part_index:
             return principal
         self.misused += 1
+        if part_index is None:
+            if self._due((principal.name, where)):
+                log.warning("a session of %s was presented on the shared socket, which serves no kvtier.v1 calls: "
+                            "refused (a client calling there instead of its own socket, or another process "
+                            "holding that session's id)", principal.name)
+            return None
         if self._due((principal.name, where)):
             log.warning("a session of %s (%s) was presented on %s, which is not its own socket: refused; "
                         "another process holds that session's id", principal.name,

@@ -383,7 +383,9 @@ class DiskTier:
 
         Raises CorruptBlock if a payload does not match its header, ValueError on malformed input,
         OSError(ENOSPC) if the batch cannot fit in capacity (segments with open obligations cannot be
-        evicted), all before any I/O and before any eviction. On a failure after this point nothing of
+        evicted), before any I/O of the batch itself (compaction, which copies protected blocks out of a
+        segment before evicting it, may have written, indexed and evicted by then, and the store reads
+        what was evicted from the error's `evicted`). On a failure after this point nothing of
         the batch is indexed and the segment files are rolled back; if segments had been evicted by then,
         BatchFailed (an OSError with the cause's errno) lists the evicted blocks, otherwise the cause
         propagates unchanged. A full LMDB map fails the batch with OSError(ENOSPC).

@@ -562,11 +562,13 @@ class ExportWindow:
         try:
             self._map = mmap.mmap(fd, self.size_bytes, mmap.MAP_SHARED | mmap.MAP_POPULATE,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            if share:
-                self.fd = fd
-            else:
-                os.close(fd)  # the mapping keeps the memory; nobody else ever gets the descriptor
+        except BaseException:
+            os.close(fd)  # no window: nobody will ever close it otherwise
+            raise
+        if share:
+            self.fd = fd
+        else:
+            os.close(fd)  # the mapping keeps the memory; nobody else ever gets the descriptor
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))  # the export ends here
         self._free = list(range(slot_count - 1, -1, -1))  # a stack: the lowest free slot comes first
         self._used: set[int] = set()

@@ -225,14 +225,26 @@ def _landlock() -> str:
                                                            else "")
 
 
+_NR_IO_URING = (425, 426, 427)  # io_uring_setup, _enter, _register: their socket ops bypass seccomp
+_X32_BIT = 0x40000000
+_RET_ALLOW, _RET_KILL = 0x7FFF0000, 0x80000000
+
+
 def _no_unix_sockets() -> str:
     """seccomp: socket(AF_UNIX, ...) fails with EACCES, so the agent cannot open a session with
-    kvtierd (whose uid it has) on its socket. x86_64 only (the filter names syscall numbers)."""
+    kvtierd (whose uid it has) on its socket; io_uring (whose socket and connect operations seccomp
+    never sees) fails with EACCES; any other syscall ABI (i386 int 0x80, x32 numbers) kills the
+    agent, since the numbers checked here are x86_64's. x86_64 only."""
     if os.uname().machine != "x86_64":
         return "no seccomp filter (not x86_64)"
-    ld, jeq, ret = 0x20, 0x15, 0x06
-    program = [(ld, 0, 0, 4), (jeq, 0, 4, _AUDIT_ARCH_X86_64), (ld, 0, 0, 0), (jeq, 0, 2, _NR_SOCKET),
-               (ld, 0, 0, 16), (jeq, 1, 0, _AF_UNIX), (ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | _EACCES)]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    eacces = 0x00050000 | _EACCES
+    program = [(ld, 0, 0, 4), (jeq, 0, 10, _AUDIT_ARCH_X86_64),          # 0-1: another ABI -> kill
+               (ld, 0, 0, 0), (jge, 8, 0, _X32_BIT),                      # 2-3: x32 -> kill
+               (jeq, 6, 0, _NR_IO_URING[0]), (jeq, 5, 0, _NR_IO_URING[1]),  # 4-6: io_uring -> EACCES
+               (jeq, 4, 0, _NR_IO_URING[2]),
+               (jeq, 0, 2, _NR_SOCKET), (ld, 0, 0, 16), (jeq, 1, 0, _AF_UNIX),  # 7-9: socket(AF_UNIX)
+               (ret, 0, 0, _RET_ALLOW), (ret, 0, 0, eacces), (ret, 0, 0, _RET_KILL)]  # 10-12
     raw = b"".join(struct.pack("<HBBI", *op) for op in program)
     buffer = ctypes.create_string_buffer(raw, len(raw))
     fprog = struct.pack("<HxxxxxxQ", len(program), ctypes.addressof(buffer))
@@ -240,7 +252,7 @@ def _no_unix_sockets() -> str:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), fprog_buffer, 0, 0) != 0:
         return f"no seccomp filter (errno {ctypes.get_errno()})"
-    return "seccomp: no new Unix sockets"
+    return "seccomp: no new Unix sockets, no io_uring, x86_64 syscalls only"
 
 
 def _send(control: socket.socket, message: dict) -> None:

@@ -220,3 +220,23 @@ def test_rate_limited_log_is_thread_safe(caplog):
         thread.join()
     assert [r.getMessage() for r in caplog.records] == ["kvtier: daemon down"]
     assert log.suppressed == {"same": 799}
+
+
+def test_the_probe_answers_through_its_own_socket_when_others_hold_the_shared_one(make_daemon, sessions):
+    """The shared socket's connections are bounded for every user together: another local user
+    holding them all must not keep a connector's breaker open. The probe then checks health through
+    a session of its own, on its principal's socket."""
+    import socket as socket_mod  # noqa: PLC0415 - the plain module, beside this file's socket paths
+    daemon = make_daemon({"server.max_shared_connections": 2})
+    held = []
+    for _ in range(2):  # the shared socket's whole bound, held open by someone else
+        conn = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+        conn.connect(daemon.socket)
+        held.append(conn)
+    try:
+        session = sessions(daemon.socket)
+        assert session.probe() is True
+        assert session.stats["health_probes"] == 1
+    finally:
+        for conn in held:
+            conn.close()
